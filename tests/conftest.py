@@ -1,0 +1,70 @@
+"""Shared fixtures: one ``backend`` fixture parametrized over every usable backend.
+
+Each parameter is made current (float64 unless a test asks otherwise) for the
+duration of the test; a backend that cannot run here is skipped with the
+reason it gave (missing package, no CUDA device and the driver's message).
+"""
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn.backend import BackendUnavailableError, make_backend
+
+# (id, backend name, device): every test that takes ``backend`` runs on each.
+BACKEND_PARAMS = [
+    ("numpy", "cpu", None),
+    ("strict", "array-api-strict", None),
+    ("strict-device1", "array-api-strict", "device1"),
+    ("torch", "torch", None),
+    ("cupy", "gpu", None),
+]
+# The float32-only strict device catches a hidden float64; float32 tests only.
+FLOAT32_ONLY_PARAM = ("strict-no_float64", "array-api-strict", "no_float64")
+
+
+def backend_unavailable_reason(name, device=None, dtype="float64"):
+    """Return why the backend cannot run here, or None when it can."""
+    try:
+        make_backend(name, dtype, device)
+    except BackendUnavailableError as error:
+        return f"{error.reason} (fix: {error.fix})"
+    return None
+
+
+def _use(request, dtype):
+    _, name, device = request.param
+    reason = backend_unavailable_reason(name, device, dtype)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    return xpnn.use_backend(name, dtype=dtype, device=device)
+
+
+@pytest.fixture(params=BACKEND_PARAMS, ids=[p[0] for p in BACKEND_PARAMS])
+def backend(request):
+    """The current backend for this test, float64 (numerical gradient checks need it)."""
+    with _use(request, "float64") as current:
+        np.random.seed(0)
+        yield current
+
+
+@pytest.fixture(params=BACKEND_PARAMS + [FLOAT32_ONLY_PARAM],
+                ids=[p[0] for p in BACKEND_PARAMS + [FLOAT32_ONLY_PARAM]])
+def backend32(request):
+    """The current backend for this test in float32, including strict's float32-only device."""
+    with _use(request, "float32") as current:
+        np.random.seed(0)
+        yield current
+
+
+def assert_close(actual, expected, rtol=1e-12, atol=0.0, err_msg=""):
+    """Compare an array of any backend with a NumPy reference (shape, dtype kind, values)."""
+    actual_host = xpnn.to_numpy(actual)
+    expected_host = np.asarray(expected)
+    assert actual_host.shape == expected_host.shape, (
+        f"{err_msg} shape {actual_host.shape} != expected {expected_host.shape}")
+    np.testing.assert_allclose(actual_host, expected_host, rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def tolerance(backend_obj):
+    """Relative tolerance for comparing against a float64 NumPy reference."""
+    return 1e-12 if backend_obj.dtype_name == "float64" else 1e-5

@@ -1,0 +1,419 @@
+"""The backend object and its registry.
+
+This is the only module in xpnn that knows library names (NumPy, CuPy, PyTorch,
+array-api-strict). Everything else receives a :class:`Backend` and works through
+its ``xp`` namespace, which is an array-api-compat namespace (or
+array-api-strict itself), so layers are written once against the Python array
+API standard.
+
+Names
+-----
+``"cpu"`` (alias ``"numpy"``), ``"gpu"`` (alias ``"cupy"``),
+``"array-api-strict"`` (the standard and nothing more; a test backend) and
+``"torch"`` (PyTorch tensors through array-api-compat, CPU or CUDA).
+"""
+import contextlib
+import os
+import sys
+
+import numpy as np
+
+from xpnn.ops import Ops
+
+#: Canonical backend names, then aliases that map to them.
+BACKEND_NAMES = ("cpu", "gpu", "array-api-strict", "torch")
+ALIASES = {"numpy": "cpu", "cupy": "gpu", "strict": "array-api-strict"}
+FLOAT_DTYPES = ("float32", "float64")
+
+GPU_FIX = (
+    'install CuPy for your CUDA driver: pip install "xpnn[gpu]" (CuPy built for CUDA 12.x, '
+    'driver >= 525) or pip install cupy-cuda13x (driver >= 580); check the driver with '
+    "nvidia-smi, or use set_backend(\"cpu\")"
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for but cannot run on this machine.
+
+    Attributes
+    ----------
+    backend_name : str
+        The backend that was requested.
+    reason : str
+        What failed underneath (import error, driver message, ...).
+    fix : str
+        What the user can do about it.
+    """
+
+    def __init__(self, backend_name, reason, fix):
+        self.backend_name = backend_name
+        self.reason = reason
+        self.fix = fix
+        super().__init__(
+            f"backend {backend_name!r} is unavailable: {reason}. To fix: {fix}"
+        )
+
+
+class Backend:
+    """One array library on one device with a default float dtype.
+
+    Parameters
+    ----------
+    name : str
+        Canonical backend name (see ``BACKEND_NAMES``).
+    xp : module
+        The array-api-compat (or array-api-strict) namespace.
+    device : object
+        The device arrays are created on (pass it as ``device=``).
+    dtype : str
+        Default float dtype name, ``"float32"`` or ``"float64"``.
+    library : module
+        The underlying library (numpy, cupy, torch, array_api_strict).
+    device_spec : str or None
+        What the user asked for as device; kept for pickling and ``repr``.
+
+    Notes
+    -----
+    Backend objects are immutable and cached per (name, dtype, device), so
+    ``layer.backend is other.backend`` tells whether two layers share one.
+    """
+
+    def __init__(self, name, xp, device, dtype, library, device_spec=None):
+        self.name = name
+        self.xp = xp
+        self.device = device
+        self.dtype_name = dtype
+        self.dtype = getattr(xp, dtype)
+        self.library = library
+        self.device_spec = device_spec
+        # Hot paths (im2col, pooling, ...): the generic array-API versions,
+        # overridden per library only where a benchmark shows it pays.
+        self.ops = Ops(self)
+
+    def __repr__(self):
+        spec = f", device={self.device_spec!r}" if self.device_spec else ""
+        return f"Backend({self.name!r}, dtype={self.dtype_name!r}{spec})"
+
+    def __reduce__(self):
+        return (make_backend, (self.name, self.dtype_name, self.device_spec))
+
+    # -- moving data ---------------------------------------------------------
+    def owns(self, x):
+        """Return True when ``x`` is an array of this backend's library and device."""
+        return _library_of(x) is self.library and _same_device(x, self.device)
+
+    def asarray(self, x, dtype=None):
+        """Return ``x`` as an array of this backend (no copy when it already is).
+
+        Parameters
+        ----------
+        x : array of any backend, NumPy array, Python scalar or sequence
+        dtype : str or dtype, optional
+            Cast to this dtype; ``None`` keeps the dtype (Python floats become
+            float64, as in NumPy).
+        """
+        target = None if dtype is None else self._dtype(dtype)
+        if self.owns(x):
+            if target is not None and x.dtype != target:
+                return self.xp.astype(x, target)
+            return x
+        if _library_of(x) is self.library:
+            moved = x.to_device(self.device)
+            return moved if target is None else self.xp.astype(moved, target)
+        host = to_numpy(x)
+        if target is not None:
+            host = host.astype(_numpy_dtype_name(target), copy=False)
+        return self.xp.asarray(host, device=self.device)
+
+    def to_numpy(self, x):
+        """Copy ``x`` (an array of any backend) to a NumPy array on the host."""
+        return to_numpy(x)
+
+    def _dtype(self, dtype):
+        if isinstance(dtype, str):
+            return getattr(self.xp, dtype)
+        if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+            return getattr(self.xp, np.dtype(dtype).name)
+        return dtype
+
+    def synchronize(self):
+        """Block until queued device work is done (for honest timing)."""
+        if self.name == "gpu":
+            self.library.cuda.get_current_stream().synchronize()
+        elif self.name == "torch" and self.device.type == "cuda":
+            self.library.cuda.synchronize(self.device)
+
+    # -- random numbers --------------------------------------------------------
+    def random_uniform(self, shape):
+        """Uniform [0, 1) samples of ``shape`` in the default dtype, on the device.
+
+        Drawn from the library's own global generator (``np.random`` for
+        ``"cpu"``, ``cupy.random`` for ``"gpu"``, ``torch``'s for ``"torch"``);
+        array-api-strict draws on the host. Under :func:`host_random` every
+        backend draws from ``np.random`` on the host and moves the result, so
+        all backends see the same numbers.
+        """
+        shape = tuple(int(n) for n in shape)
+        if _RANDOM_SOURCE == "host" or self.name in ("cpu", "array-api-strict"):
+            host = np.random.random_sample(shape).astype(self.dtype_name)
+            return self.xp.asarray(host, device=self.device)
+        if self.name == "gpu":
+            return self.library.random.random_sample(shape, dtype=self.dtype_name)
+        return self.library.rand(shape, dtype=self.dtype, device=self.device)
+
+
+# -- library helpers (the only place that names libraries) --------------------
+
+def _library_of(x):
+    import array_api_compat as compat
+
+    if compat.is_numpy_array(x):
+        return np
+    if compat.is_cupy_array(x):
+        return sys.modules["cupy"]
+    if compat.is_torch_array(x):
+        return sys.modules["torch"]
+    if "array_api_strict" in sys.modules and isinstance(x, sys.modules["array_api_strict"]._array_object.Array):
+        return sys.modules["array_api_strict"]
+    return None
+
+
+def _same_device(x, device):
+    import array_api_compat as compat
+
+    return compat.device(x) == device
+
+
+def _numpy_dtype_name(dtype):
+    text = str(dtype)
+    for name in ("float64", "float32", "float16", "int64", "int32", "int8", "uint8", "bool"):
+        if name in text:
+            return name
+    raise TypeError(f"unsupported dtype {dtype!r}")
+
+
+def to_numpy(x):
+    """Copy an array of any backend (or a Python scalar/sequence) to NumPy."""
+    library = _library_of(x)
+    if library is None or library is np:
+        return np.asarray(x)
+    if library.__name__ == "cupy":
+        return x.get()
+    if library.__name__ == "torch":
+        return x.detach().cpu().numpy()
+    return np.asarray(x.to_device(library.Device("CPU_DEVICE")))
+
+
+def _make_numpy(dtype, device):
+    import array_api_compat.numpy as xp
+
+    if device not in (None, "cpu"):
+        raise ValueError(f"the cpu backend has only the device 'cpu', not {device!r}")
+    return Backend("cpu", xp, "cpu", dtype, np)
+
+
+def _make_strict(dtype, device):
+    try:
+        import array_api_strict as strict
+    except ImportError as error:
+        raise BackendUnavailableError(
+            "array-api-strict", f"array-api-strict is not installed ({error})",
+            'pip install "xpnn[test]"') from error
+    strict.set_array_api_strict_flags(api_version="2024.12")
+    spec = device or "CPU_DEVICE"
+    if dtype == "float64" and spec == "no_float64":
+        raise ValueError("array-api-strict's 'no_float64' device needs dtype='float32'")
+    return Backend("array-api-strict", strict, strict.Device(spec), dtype, strict,
+                   device_spec=device)
+
+
+def _make_torch(dtype, device):
+    try:
+        import torch
+        import array_api_compat.torch as xp
+    except ImportError as error:
+        raise BackendUnavailableError(
+            "torch", f"PyTorch is not installed ({error})", "pip install torch") from error
+    spec = device or "cpu"
+    torch_device = torch.device(spec)
+    if torch_device.type == "cuda":
+        try:
+            torch.zeros(1, device=torch_device)
+        except Exception as error:  # any driver/runtime failure means: unusable
+            raise BackendUnavailableError(
+                "torch", f"{type(error).__name__}: {error}",
+                "use a CUDA build of PyTorch on a machine with an NVIDIA GPU, or device='cpu'") from error
+    _seed_library_once(torch)
+    return Backend("torch", xp, torch_device, dtype, torch, device_spec=device)
+
+
+def _make_cupy(dtype, device):
+    try:
+        import cupy
+        import array_api_compat.cupy as xp
+    except Exception as error:
+        raise BackendUnavailableError("gpu", f"CuPy cannot be imported ({error})", GPU_FIX) from error
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+        if count == 0:
+            raise RuntimeError("no CUDA device found")
+        cuda_device = cupy.cuda.Device(int(device or 0))
+        with cuda_device:
+            cupy.zeros(1)  # the first allocation is where a bad driver shows up
+    except Exception as error:
+        raise BackendUnavailableError("gpu", f"{type(error).__name__}: {error}", GPU_FIX) from error
+    _seed_library_once(cupy)
+    return Backend("gpu", xp, cuda_device, dtype, cupy,
+                   device_spec=None if device is None else str(device))
+
+
+_FACTORIES = {"cpu": _make_numpy, "gpu": _make_cupy,
+              "array-api-strict": _make_strict, "torch": _make_torch}
+
+# The global state of xpnn: the current backend, the default dtype, and how
+# random numbers are drawn. Nothing else is global.
+_CACHE = {}
+_CURRENT = None
+_DEFAULT_DTYPE = "float64"
+_RANDOM_SOURCE = "native"
+_SEED = None
+_SEEDED = set()
+
+
+def canonical_name(name):
+    """Map an alias to its canonical backend name; unknown names raise ValueError."""
+    if isinstance(name, Backend):
+        return name.name
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in _FACTORIES:
+        valid = ", ".join(BACKEND_NAMES + tuple(ALIASES))
+        raise ValueError(f"unknown backend {name!r}; valid names are: {valid}")
+    return key
+
+
+def _check_dtype(dtype):
+    name = getattr(dtype, "name", None) or str(dtype)
+    name = name.replace("torch.", "").replace("array_api_strict.", "")
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, not {dtype!r}")
+    return name
+
+
+def make_backend(name, dtype=None, device=None):
+    """Return the (cached) backend ``name`` without making it current.
+
+    Parameters
+    ----------
+    name : str or Backend
+        A backend name or alias; a Backend is returned as is.
+    dtype : str, optional
+        Default float dtype; the global default when omitted.
+    device : str or int, optional
+        Library-specific device: ``"cuda"``/``"cuda:1"`` for torch, an index
+        for CuPy, ``"device1"``/``"no_float64"`` for array-api-strict.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or dtype.
+    BackendUnavailableError
+        When the library is missing or no device answers.
+    """
+    if isinstance(name, Backend) and dtype is None and device is None:
+        return name
+    key = canonical_name(name)
+    dtype = _check_dtype(dtype or _DEFAULT_DTYPE)
+    cache_key = (key, dtype, None if device is None else str(device))
+    if cache_key not in _CACHE:
+        _CACHE[cache_key] = _FACTORIES[key](dtype, device)
+    return _CACHE[cache_key]
+
+
+def set_backend(name, dtype=None, device=None):
+    """Make ``name`` the current backend and return it (see :func:`make_backend`)."""
+    global _CURRENT
+    _CURRENT = make_backend(name, dtype, device)
+    return _CURRENT
+
+
+def get_backend():
+    """Return the current backend (from ``XPNN_BACKEND``, default ``"cpu"``, on first use)."""
+    global _CURRENT
+    if _CURRENT is None:
+        _CURRENT = make_backend(os.environ.get("XPNN_BACKEND", "cpu"))
+    return _CURRENT
+
+
+@contextlib.contextmanager
+def use_backend(name, dtype=None, device=None):
+    """Context manager: make a backend current, restore the previous one after."""
+    global _CURRENT
+    previous = _CURRENT
+    try:
+        yield set_backend(name, dtype, device)
+    finally:
+        _CURRENT = previous
+
+
+def set_default_dtype(dtype):
+    """Set the default float dtype; the current backend is switched to it too."""
+    global _DEFAULT_DTYPE, _CURRENT
+    _DEFAULT_DTYPE = _check_dtype(dtype)
+    if _CURRENT is not None:
+        _CURRENT = make_backend(_CURRENT.name, _DEFAULT_DTYPE, _CURRENT.device_spec)
+
+
+def get_default_dtype():
+    """Return the default float dtype name."""
+    return _DEFAULT_DTYPE
+
+
+def _seed_library_once(library):
+    if _SEED is not None and library.__name__ not in _SEEDED:
+        _seed_library(library, _SEED)
+
+
+def _seed_library(library, value):
+    if library.__name__ == "torch":
+        library.manual_seed(value)
+    else:
+        library.random.seed(value)
+    _SEEDED.add(library.__name__)
+
+
+def seed(value):
+    """Seed every random generator xpnn draws from (NumPy's, CuPy's, PyTorch's).
+
+    Libraries not imported yet are seeded when their backend is first created.
+    """
+    global _SEED
+    _SEED = int(value)
+    _SEEDED.clear()
+    _seed_library(np, _SEED)
+    for backend in list(_CACHE.values()):
+        if backend.name in ("gpu", "torch"):
+            _seed_library(backend.library, _SEED)
+
+
+def set_random_source(source):
+    """Choose where random numbers are drawn: ``"native"`` or ``"host"``.
+
+    ``"host"`` draws every random array (dropout masks) from ``np.random`` and
+    moves it to the device, so all backends see the same masks (parity runs).
+    """
+    global _RANDOM_SOURCE
+    if source not in ("native", "host"):
+        raise ValueError(f"random source must be 'native' or 'host', not {source!r}")
+    _RANDOM_SOURCE = source
+
+
+@contextlib.contextmanager
+def host_random():
+    """Context manager: draw all random arrays on the host (see :func:`set_random_source`)."""
+    previous = _RANDOM_SOURCE
+    set_random_source("host")
+    try:
+        yield
+    finally:
+        set_random_source(previous)

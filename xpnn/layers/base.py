@@ -1,0 +1,122 @@
+"""The layer protocol shared by every layer (course-compatible)."""
+import copy
+
+from xpnn.backend import get_backend, make_backend
+
+
+class BaseLayer:
+    """A layer with ``forward``/``backward``, bound to the backend current at construction.
+
+    Attributes
+    ----------
+    trainable : bool
+        True for layers with parameters that an optimizer updates.
+    testing_phase : bool
+        False while training; True switches layers such as Dropout and
+        BatchNormalization to their inference behaviour.
+    backend : xpnn.backend.Backend
+        Where this layer's parameters live and what ``forward`` returns.
+    """
+
+    #: Names of the attributes holding arrays that ``to()`` must move.
+    state_names = ()
+
+    def __init__(self):
+        self.trainable = False
+        self.testing_phase = False
+        self.backend = get_backend()
+
+    @property
+    def name(self):
+        """The layer's class name, used in error messages."""
+        return type(self).__name__
+
+    def _as_input(self, tensor):
+        """Move ``tensor`` (any backend, NumPy or nested lists) here, in the layer's dtype."""
+        return self.backend.asarray(tensor, dtype=self.backend.dtype)
+
+    def to(self, backend, dtype=None):
+        """Move this layer's arrays to ``backend`` (a name or Backend); returns self."""
+        target = make_backend(backend, dtype or self.backend.dtype_name)
+        for attribute in self.state_names:
+            value = getattr(self, attribute, None)
+            if value is not None:
+                setattr(self, attribute, _move(value, target))
+        for attribute in ("_optimizer", "_bias_optimizer"):
+            optimizer = getattr(self, attribute, None)
+            if optimizer is not None:
+                optimizer.to(target)
+        self.backend = target
+        return self
+
+    def forward(self, input_tensor):
+        raise NotImplementedError
+
+    def backward(self, error_tensor):
+        raise NotImplementedError
+
+
+def _move(value, target):
+    """Move an array to ``target`` keeping float arrays in its dtype, other dtypes as they are."""
+    if isinstance(value, (int, float)):
+        return value
+    host = target.to_numpy(value)
+    dtype = target.dtype_name if host.dtype.kind == "f" else None
+    return target.asarray(host, dtype=dtype)
+
+
+class TrainableLayer(BaseLayer):
+    """A layer with ``weights`` (and usually ``bias``) and an optional optimizer.
+
+    ``weights`` and ``bias`` are properties: assigning a NumPy array (or an
+    array of another backend) moves it to this layer's backend and dtype.
+    Each layer owns its optimizer object; :class:`xpnn.NeuralNetwork` gives
+    every trainable layer a deep copy of the network's optimizer.
+    """
+
+    state_names = ("weights", "bias", "gradient_weights", "gradient_bias")
+
+    def __init__(self):
+        super().__init__()
+        self.trainable = True
+        self._weights = None
+        self._bias = None
+        self._optimizer = None
+        self._bias_optimizer = None
+        self.gradient_weights = None
+        self.gradient_bias = None
+
+    @property
+    def weights(self):
+        return self._weights
+
+    @weights.setter
+    def weights(self, value):
+        self._weights = self._as_input(value)
+
+    @property
+    def bias(self):
+        return self._bias
+
+    @bias.setter
+    def bias(self, value):
+        self._bias = self._as_input(value)
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, value):
+        # The bias gets its own deep copy so that stateful optimizers
+        # (momentum, Adam) keep separate state per parameter.
+        self._optimizer = value
+        self._bias_optimizer = None if value is None else copy.deepcopy(value)
+
+    def _update_parameters(self):
+        """Apply the optimizer (if set) to weights and bias after a backward pass."""
+        if self._optimizer is None:
+            return
+        self._weights = self._optimizer.calculate_update(self._weights, self.gradient_weights)
+        if self._bias is not None and self.gradient_bias is not None:
+            self._bias = self._bias_optimizer.calculate_update(self._bias, self.gradient_bias)

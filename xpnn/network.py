@@ -1,0 +1,156 @@
+"""The network container (course API) and the course's pickle save/load."""
+import copy
+import os
+import pickle
+import tempfile
+
+from xpnn.backend import get_backend, make_backend
+
+
+class NeuralNetwork:
+    """A stack of layers trained with one optimizer, loss layer and data layer.
+
+    Parameters
+    ----------
+    optimizer : xpnn.optimizers.Optimizer
+        Every trainable layer gets its own deep copy (state is per layer).
+    weights_initializer, bias_initializer : initializer
+        Used by ``append_layer`` to initialize trainable layers.
+
+    Attributes
+    ----------
+    layers : list
+    loss : list
+        One entry per training iteration: data loss plus regularization loss,
+        kept as a 0-d array of the layers' backend (no host-device sync while
+        training; ``np.sum(net.loss)`` works on the NumPy backend).
+    data_layer : object
+        Anything whose ``next()`` returns ``(input_tensor, one_hot_labels)``.
+    loss_layer : object
+        E.g. :class:`xpnn.losses.CrossEntropyLoss`.
+    """
+
+    def __init__(self, optimizer, weights_initializer, bias_initializer):
+        self.optimizer = optimizer
+        self.weights_initializer = weights_initializer
+        self.bias_initializer = bias_initializer
+        self.layers = []
+        self.loss = []
+        self.data_layer = None
+        self.loss_layer = None
+        self.label_tensor = None
+        self._testing_phase = False
+
+    @property
+    def phase(self):
+        """False while training, True in testing phase; setting it reaches every layer."""
+        return self._testing_phase
+
+    @phase.setter
+    def phase(self, testing_phase):
+        self._testing_phase = bool(testing_phase)
+        for layer in self.layers:
+            layer.testing_phase = self._testing_phase
+
+    def append_layer(self, layer):
+        """Add ``layer``; a trainable one gets a copy of the optimizer and is initialized."""
+        if layer.trainable:
+            layer.optimizer = copy.deepcopy(self.optimizer)
+            layer.initialize(self.weights_initializer, self.bias_initializer)
+        layer.testing_phase = self._testing_phase
+        self.layers.append(layer)
+
+    def _run_layers(self, input_tensor):
+        for layer in self.layers:
+            input_tensor = layer.forward(input_tensor)
+        return input_tensor
+
+    def regularization_loss(self):
+        """Sum of ``regularizer.norm(weights)`` over trainable layers (0 without one)."""
+        total = 0.0
+        for layer in self.layers:
+            regularizer = getattr(layer.optimizer, "regularizer", None) if layer.trainable else None
+            if regularizer is not None:
+                total = total + regularizer.norm(layer.weights)
+        return total
+
+    def forward(self):
+        """Pull the next batch, run every layer and the loss; return data + regularization loss."""
+        input_tensor, self.label_tensor = self.data_layer.next()
+        prediction = self._run_layers(input_tensor)
+        return self.loss_layer.forward(prediction, self.label_tensor) + self.regularization_loss()
+
+    def backward(self):
+        """Propagate the loss gradient down through every layer (updating parameters)."""
+        error_tensor = self.loss_layer.backward(self.label_tensor)
+        for layer in reversed(self.layers):
+            error_tensor = layer.backward(error_tensor)
+
+    def train(self, iterations):
+        """Run ``iterations`` forward/backward passes in training phase, recording the loss."""
+        self.phase = False
+        for _ in range(int(iterations)):
+            self.loss.append(self.forward())
+            self.backward()
+
+    def test(self, input_tensor):
+        """Run the layers in testing phase; returns the last layer's output (SoftMax)."""
+        self.phase = True
+        return self._run_layers(input_tensor)
+
+    def to(self, backend, dtype=None):
+        """Move every layer's parameters and optimizer state to ``backend``; returns self."""
+        target = make_backend(backend, dtype)
+        for layer in self.layers:
+            layer.to(target)
+        if self.loss_layer is not None and hasattr(self.loss_layer, "to"):
+            self.loss_layer.to(target)
+        return self
+
+    @property
+    def backend(self):
+        """The backend of the first layer (the current backend for an empty network)."""
+        return self.layers[0].backend if self.layers else get_backend()
+
+
+def save(filename, net):
+    """Pickle ``net`` without its data layer; arrays are stored as NumPy arrays.
+
+    A network trained on any backend (the GPU included) therefore loads on a
+    CPU-only machine. The file is written to a temporary name and renamed, so
+    an interrupted save never leaves a truncated file behind.
+    """
+    data_layer, net.data_layer = net.data_layer, None
+    try:
+        host_net = copy.deepcopy(net)
+    finally:
+        net.data_layer = data_layer
+    host_net.loss = [float(host_net.backend.to_numpy(value)) for value in host_net.loss]
+    host_net.to(make_backend("cpu", host_net.backend.dtype_name))
+    _atomic_write(filename, pickle.dumps(host_net, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load(filename, data_layer):
+    """Unpickle a network saved by :func:`save`, attach ``data_layer``, move it to the current backend."""
+    with open(filename, "rb") as handle:
+        net = pickle.load(handle)
+    net.data_layer = data_layer
+    current = get_backend()
+    if net.layers and net.backend.name != current.name:
+        net.to(make_backend(current.name, net.backend.dtype_name, current.device_spec))
+    return net
+
+
+def _atomic_write(filename, payload):
+    directory = os.path.dirname(os.path.abspath(filename))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, filename)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

@@ -1,0 +1,122 @@
+"""Optimizers (course API): ``calculate_update(weight_tensor, gradient_tensor)``.
+
+Each returns the updated weights. When a regularizer is set it additionally
+subtracts ``learning_rate * regularizer.calculate_gradient(w)``, evaluated at
+the weights before the step. Hyper-parameters stay Python floats; state arrays
+live on the backend of the weights they belong to. Python scalars and 0-d
+arrays are accepted (``Sgd(1.).calculate_update(1., 1.)`` returns ``0.0``).
+"""
+
+from array_api_compat import array_namespace
+
+from xpnn._checks import finite_float
+from xpnn.backend import get_backend
+
+
+def _as_arrays(weight_tensor, gradient_tensor):
+    """Return (weights, gradient, scalar_input) with Python numbers made 0-d arrays."""
+    if isinstance(weight_tensor, (int, float)):
+        backend = get_backend()
+        weights = backend.asarray(float(weight_tensor), dtype=backend.dtype)
+        gradient = backend.asarray(float(gradient_tensor), dtype=backend.dtype)
+        return weights, gradient, True
+    if isinstance(gradient_tensor, (int, float)):
+        xp = array_namespace(weight_tensor)
+        gradient_tensor = xp.full(weight_tensor.shape, float(gradient_tensor),
+                                  dtype=weight_tensor.dtype, device=weight_tensor.device)
+    return weight_tensor, gradient_tensor, False
+
+
+class Optimizer:
+    """Base class: holds the regularizer and applies its gradient."""
+
+    #: Names of the attributes holding state arrays (moved by ``to``).
+    state_names = ()
+
+    def __init__(self):
+        self.regularizer = None
+
+    def add_regularizer(self, regularizer):
+        """Attach a regularizer (e.g. ``L2_Regularizer(4e-4)``) to every later update."""
+        self.regularizer = regularizer
+
+    def calculate_update(self, weight_tensor, gradient_tensor):
+        weights, gradient, scalar_input = _as_arrays(weight_tensor, gradient_tensor)
+        updated = self._step(weights, gradient)
+        if self.regularizer is not None:
+            updated = updated - self.learning_rate * self.regularizer.calculate_gradient(weights)
+        return float(updated) if scalar_input else updated
+
+    def _step(self, weights, gradient):
+        raise NotImplementedError
+
+    def to(self, backend):
+        """Move the optimizer's state arrays to ``backend`` (used by ``NeuralNetwork.to``)."""
+        for attribute in self.state_names:
+            value = getattr(self, attribute)
+            if value is not None:
+                setattr(self, attribute, backend.asarray(backend.to_numpy(value), dtype=backend.dtype))
+        return self
+
+
+class Sgd(Optimizer):
+    """Plain gradient descent: ``w - learning_rate * g``."""
+
+    def __init__(self, learning_rate):
+        super().__init__()
+        self.learning_rate = finite_float("Sgd", "learning_rate", learning_rate, positive=True)
+
+    def _step(self, weights, gradient):
+        return weights - self.learning_rate * gradient
+
+
+class SgdWithMomentum(Optimizer):
+    """Momentum: ``v <- momentum_rate * v - learning_rate * g``; ``w <- w + v``."""
+
+    state_names = ("velocity",)
+
+    def __init__(self, learning_rate, momentum_rate):
+        super().__init__()
+        self.learning_rate = finite_float("SgdWithMomentum", "learning_rate", learning_rate, positive=True)
+        self.momentum_rate = finite_float("SgdWithMomentum", "momentum_rate", momentum_rate)
+        self.velocity = None
+
+    def _step(self, weights, gradient):
+        step = -self.learning_rate * gradient
+        self.velocity = step if self.velocity is None else self.momentum_rate * self.velocity + step
+        return weights + self.velocity
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (step count k from 1) and epsilon 1e-8.
+
+    ``m <- mu m + (1-mu) g``; ``r <- rho r + (1-rho) g^2``;
+    ``w <- w - learning_rate * m_hat / (sqrt(r_hat) + eps)``.
+    """
+
+    state_names = ("first_moment", "second_moment")
+    epsilon = 1e-8
+
+    def __init__(self, learning_rate, mu, rho):
+        super().__init__()
+        self.learning_rate = finite_float("Adam", "learning_rate", learning_rate, positive=True)
+        self.mu = finite_float("Adam", "mu", mu)
+        self.rho = finite_float("Adam", "rho", rho)
+        self.first_moment = None
+        self.second_moment = None
+        self.step_count = 0
+
+    def _step(self, weights, gradient):
+        xp = array_namespace(weights)
+        if self.first_moment is None:
+            self.first_moment = xp.zeros_like(weights)
+            self.second_moment = xp.zeros_like(weights)
+        self.step_count += 1
+        self.first_moment = self.mu * self.first_moment + (1.0 - self.mu) * gradient
+        self.second_moment = self.rho * self.second_moment + (1.0 - self.rho) * (gradient * gradient)
+        # Bias corrections are Python floats computed on the host: no device sync.
+        first_correction = 1.0 - self.mu ** self.step_count
+        second_correction = 1.0 - self.rho ** self.step_count
+        first_hat = self.first_moment / first_correction
+        second_hat = self.second_moment / second_correction
+        return weights - self.learning_rate * first_hat / (xp.sqrt(second_hat) + self.epsilon)

@@ -1,0 +1,6 @@
+"""Layers with explicit forward/backward passes (course API).
+
+Every layer is written once against the array API standard and binds to the
+backend that is current when it is constructed.
+"""
+from xpnn.layers.base import BaseLayer, TrainableLayer

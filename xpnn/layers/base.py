@@ -38,6 +38,8 @@ class BaseLayer:
     def to(self, backend, dtype=None):
         """Move this layer's arrays to ``backend`` (a name or Backend); returns self."""
         target = make_backend(backend, dtype or self.backend.dtype_name)
+        # Switch first: the weights/bias setters convert to ``self.backend``.
+        self.backend = target
         for attribute in self.state_names:
             value = getattr(self, attribute, None)
             if value is not None:
@@ -46,7 +48,6 @@ class BaseLayer:
             optimizer = getattr(self, attribute, None)
             if optimizer is not None:
                 optimizer.to(target)
-        self.backend = target
         return self
 
     def forward(self, input_tensor):

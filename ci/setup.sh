@@ -42,7 +42,9 @@ pip_install() {
   # torch; looking there first avoids downloading a multi-GB CUDA build.
   local links=()
   [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
-  .venv/bin/python -m pip install -q --disable-pip-version-check "${links[@]}" "$@"
+  # (pip warns about index folders of this machine that do not exist: noise, dropped.)
+  .venv/bin/python -m pip install -q --disable-pip-version-check "${links[@]}" "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
 install_fashion_mnist

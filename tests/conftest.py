@@ -10,6 +10,8 @@ import pytest
 import xpnn
 from xpnn.backend import BackendUnavailableError, make_backend
 
+import parity_table
+
 # (id, backend name, device): every test that takes ``backend`` runs on each.
 BACKEND_PARAMS = [
     ("numpy", "cpu", None),
@@ -68,3 +70,45 @@ def assert_close(actual, expected, rtol=1e-12, atol=0.0, err_msg=""):
 def tolerance(backend_obj):
     """Relative tolerance for comparing against a float64 NumPy reference."""
     return 1e-12 if backend_obj.dtype_name == "float64" else 1e-5
+
+
+# -- backend parity ------------------------------------------------------------
+# (id, backend name, device, dtype): every parity check runs on each and is
+# compared with the NumPy float64 reference at the dtype's tolerance.
+PARITY_PARAMS = [
+    ("numpy", "cpu", None, "float64"),
+    ("numpy-f32", "cpu", None, "float32"),
+    ("strict", "array-api-strict", None, "float64"),
+    ("strict-device1", "array-api-strict", "device1", "float64"),
+    ("strict-no_float64", "array-api-strict", "no_float64", "float32"),
+    ("torch", "torch", None, "float64"),
+    ("torch-f32", "torch", None, "float32"),
+    ("torch-cuda", "torch", "cuda", "float64"),
+    ("cupy", "gpu", None, "float64"),
+    ("cupy-f32", "gpu", None, "float32"),
+]
+#: Relative tolerances against the float64 reference, by dtype, for single
+#: operations (layers, optimizer steps). Whole-training checks state their own.
+PARITY_RTOL = {"float64": 1e-12, "float32": 1e-5}
+
+
+@pytest.fixture(params=PARITY_PARAMS, ids=[p[0] for p in PARITY_PARAMS])
+def parity_backend(request):
+    """A backend to compare against the NumPy float64 reference; made current for the test."""
+    _, name, device, dtype = request.param
+    reason = backend_unavailable_reason(name, device, dtype)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    with xpnn.use_backend(name, dtype=dtype, device=device) as current:
+        np.random.seed(0)
+        yield current
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    parity_table.record(item, outcome.get_result())
+
+
+def pytest_terminal_summary(terminalreporter):
+    parity_table.write(terminalreporter)

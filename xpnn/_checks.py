@@ -19,6 +19,10 @@ def finite_float(owner, name, value, positive=False, at_most=None):
 
 def positive_int(owner, name, value):
     """Return ``value`` as a positive int, or raise ValueError naming ``owner`` and ``name``."""
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+    try:
+        valid = not isinstance(value, bool) and int(value) == value and int(value) >= 1
+    except (TypeError, ValueError):  # None, "abc", ...: same message as any bad value
+        valid = False
+    if not valid:
         raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
     return int(value)

@@ -118,7 +118,8 @@ class Backend:
                 return self.xp.astype(x, target)
             return x
         if _library_of(x) is self.library:
-            moved = x.to_device(self.device)
+            # array_api_compat.to_device: torch tensors have no .to_device method.
+            moved = _to_device(x, self.device)
             return moved if target is None else self.xp.astype(moved, target)
         host = to_numpy(x)
         if target is not None:
@@ -182,6 +183,36 @@ def _same_device(x, device):
     import array_api_compat as compat
 
     return compat.device(x) == device
+
+
+def _to_device(x, device):
+    import array_api_compat as compat
+
+    return compat.to_device(x, device)
+
+
+def asarray_like(x, reference):
+    """Return ``x`` as an array of ``reference``'s library, device and dtype.
+
+    No copy is made when ``x`` already is one. Used where an operand must
+    follow another array rather than a layer's backend (e.g. labels follow
+    the prediction in a loss).
+
+    Parameters
+    ----------
+    x : array of any backend, NumPy array, Python scalar or sequence
+    reference : array of any backend
+    """
+    import array_api_compat as compat
+
+    xp = compat.array_namespace(reference)
+    device = compat.device(reference)
+    if _library_of(x) is _library_of(reference):
+        if not _same_device(x, device):
+            x = _to_device(x, device)
+        return x if x.dtype == reference.dtype else xp.astype(x, reference.dtype)
+    host = to_numpy(x).astype(_numpy_dtype_name(reference.dtype), copy=False)
+    return xp.asarray(host, device=device)
 
 
 def _numpy_dtype_name(dtype):
@@ -306,7 +337,8 @@ def make_backend(name, dtype=None, device=None):
     Parameters
     ----------
     name : str or Backend
-        A backend name or alias; a Backend is returned as is.
+        A backend name or alias; a Backend is returned as is unless ``dtype``
+        or ``device`` is given, and otherwise keeps its device and dtype.
     dtype : str, optional
         Default float dtype; the global default when omitted.
     device : str or int, optional
@@ -320,8 +352,12 @@ def make_backend(name, dtype=None, device=None):
     BackendUnavailableError
         When the library is missing or no device answers.
     """
-    if isinstance(name, Backend) and dtype is None and device is None:
-        return name
+    if isinstance(name, Backend):
+        if dtype is None and device is None:
+            return name
+        # A Backend given with only a new dtype keeps its device (and vice versa).
+        device = name.device_spec if device is None else device
+        dtype = name.dtype_name if dtype is None else dtype
     key = canonical_name(name)
     dtype = _check_dtype(dtype or _DEFAULT_DTYPE)
     cache_key = (key, dtype, None if device is None else str(device))

@@ -4,7 +4,7 @@ import os
 import pickle
 import tempfile
 
-from xpnn.backend import get_backend, make_backend
+from xpnn.backend import Backend, get_backend, make_backend
 
 
 class NeuralNetwork:
@@ -99,7 +99,13 @@ class NeuralNetwork:
         return self._run_layers(input_tensor)
 
     def to(self, backend, dtype=None):
-        """Move every layer's parameters and optimizer state to ``backend``; returns self."""
+        """Move every layer's parameters and optimizer state to ``backend``; returns self.
+
+        A backend name keeps the network's dtype unless ``dtype`` is given; a
+        Backend object is used with its own device and dtype.
+        """
+        if not isinstance(backend, Backend) and dtype is None:
+            dtype = self.backend.dtype_name
         target = make_backend(backend, dtype)
         for layer in self.layers:
             layer.to(target)
@@ -126,6 +132,8 @@ def save(filename, net):
     finally:
         net.data_layer = data_layer
     host_net.loss = [float(host_net.backend.to_numpy(value)) for value in host_net.loss]
+    # The last batch's labels may be device arrays (a GPU data layer): not model state.
+    host_net.label_tensor = None
     host_net.to(make_backend("cpu", host_net.backend.dtype_name))
     _atomic_write(filename, pickle.dumps(host_net, protocol=pickle.HIGHEST_PROTOCOL))
 

@@ -1,7 +1,9 @@
 """The layer protocol shared by every layer (course-compatible)."""
 import copy
 
-from xpnn.backend import get_backend, make_backend
+from array_api_compat import is_array_api_obj
+
+from xpnn.backend import Backend, get_backend, make_backend
 
 
 class BaseLayer:
@@ -36,13 +38,26 @@ class BaseLayer:
         return self.backend.asarray(tensor, dtype=self.backend.dtype)
 
     def to(self, backend, dtype=None):
-        """Move this layer's arrays to ``backend`` (a name or Backend); returns self."""
-        target = make_backend(backend, dtype or self.backend.dtype_name)
+        """Move this layer's arrays to ``backend`` (a name or Backend); returns self.
+
+        A name keeps the layer's dtype unless ``dtype`` is given; a Backend
+        object is used as it is (its device and dtype). Besides the attributes
+        in ``state_names``, every other array attribute (forward caches,
+        running statistics) moves too, so that a pickled layer holds no array
+        of the old backend (``network.save`` relies on this).
+        """
+        if isinstance(backend, Backend) and dtype is None:
+            target = backend
+        else:
+            target = make_backend(backend, dtype or self.backend.dtype_name)
         # Switch first: the weights/bias setters convert to ``self.backend``.
         self.backend = target
         for attribute in self.state_names:
             value = getattr(self, attribute, None)
             if value is not None:
+                setattr(self, attribute, _move(value, target))
+        for attribute, value in list(vars(self).items()):
+            if is_array_api_obj(value) and not target.owns(value):
                 setattr(self, attribute, _move(value, target))
         for attribute in ("_optimizer", "_bias_optimizer"):
             optimizer = getattr(self, attribute, None)
@@ -76,6 +91,11 @@ class TrainableLayer(BaseLayer):
     """
 
     state_names = ("weights", "bias", "gradient_weights", "gradient_bias")
+    # Class-level defaults rather than assignments in __init__, so that a
+    # subclass may expose a gradient as a read-only property
+    # (FullyConnected's gradient_bias is a row of gradient_weights).
+    gradient_weights = None
+    gradient_bias = None
 
     def __init__(self):
         super().__init__()
@@ -84,8 +104,6 @@ class TrainableLayer(BaseLayer):
         self._bias = None
         self._optimizer = None
         self._bias_optimizer = None
-        self.gradient_weights = None
-        self.gradient_bias = None
 
     @property
     def weights(self):

@@ -5,6 +5,9 @@ that overrides a method with a library-specific fast path, but only where a
 benchmark shows it pays, and always with a test that compares it against the
 generic method here (the reference).
 """
+from xpnn.ops import conv as _conv
+from xpnn.ops import pooling as _pooling
+from xpnn.ops import windows as _windows
 
 
 class Ops:
@@ -19,3 +22,44 @@ class Ops:
     def __init__(self, backend):
         self.backend = backend
         self.xp = backend.xp
+
+    # -- sliding windows (shared by convolution and pooling) -------------------
+    def extract_windows(self, x, window_shape, strides, padding):
+        """Every window of ``x``: see :func:`xpnn.ops.windows.extract_windows`."""
+        return _windows.extract_windows(self.xp, self.backend.device, x, tuple(window_shape),
+                                        tuple(strides), tuple(padding))
+
+    def accumulate_windows(self, windows, spatial_shape, window_shape, strides, padding):
+        """Adjoint of :meth:`extract_windows`: see :func:`xpnn.ops.windows.accumulate_windows`."""
+        return _windows.accumulate_windows(self.xp, self.backend.device, windows,
+                                           tuple(spatial_shape), tuple(window_shape),
+                                           tuple(strides), tuple(padding))
+
+    # -- convolution ("same" padding, strides) --------------------------------
+    def im2col(self, x, kernel_shape, strides):
+        """``(b, c, *spatial)`` -> columns ``(b, c*K, P)``: see :func:`xpnn.ops.conv.im2col`."""
+        return _conv.im2col(self.xp, self.backend.device, x, tuple(kernel_shape), tuple(strides))
+
+    def col2im(self, columns, spatial_shape, kernel_shape, strides):
+        """Adjoint of :meth:`im2col`: see :func:`xpnn.ops.conv.col2im`."""
+        return _conv.col2im(self.xp, self.backend.device, columns, tuple(spatial_shape),
+                            tuple(kernel_shape), tuple(strides))
+
+    def conv_forward(self, x, weights, bias, strides):
+        """Convolution output and an opaque cache: see :func:`xpnn.ops.conv.conv_forward`."""
+        return _conv.conv_forward(self.xp, self.backend.device, x, weights, bias, tuple(strides))
+
+    def conv_backward(self, error, weights, cache, input_gradient=True):
+        """(input, weights, bias) gradients: see :func:`xpnn.ops.conv.conv_backward`."""
+        return _conv.conv_backward(self.xp, self.backend.device, error, weights, cache,
+                                   input_gradient)
+
+    # -- max pooling ("valid") ------------------------------------------------
+    def max_pool_forward(self, x, pool_shape, strides):
+        """Pooled output and an opaque cache: see :func:`xpnn.ops.pooling.max_pool_forward`."""
+        return _pooling.max_pool_forward(self.xp, self.backend.device, x, tuple(pool_shape),
+                                         tuple(strides))
+
+    def max_pool_backward(self, error, cache):
+        """Error routed to each window's first maximum: see :func:`xpnn.ops.pooling.max_pool_backward`."""
+        return _pooling.max_pool_backward(self.xp, self.backend.device, error, cache)

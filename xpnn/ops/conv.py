@@ -1,0 +1,127 @@
+"""Convolution ("same"-padded cross-correlation with strides) as im2col + one matmul.
+
+Column layout (channel-first, batch outermost)
+----------------------------------------------
+``columns`` has shape ``(b, c*K, P)`` where ``K = prod(kernel_shape)`` and
+``P = prod(output_shape)``: row ``ch*K + w`` holds channel ``ch`` at kernel
+offset ``w`` (row-major over the kernel), column ``p`` is output position
+``p`` (row-major over the output). It is a free reshape of the stacked windows
+``(b, c, K, *output_shape)`` and matches ``weights`` reshaped to
+``(num_kernels, c*K)``, so
+
+* forward:          ``(k, c*K) @ (b, c*K, P) -> (b, k, P)``, reshaped to
+  ``(b, k, *output_shape)`` with no transpose;
+* weight gradient:  ``(b, k, P) @ (b, P, c*K) -> (b, k, c*K)``, summed over b;
+* column gradient:  ``(c*K, k) @ (b, k, P) -> (b, c*K, P)``, then col2im.
+
+Each is a single (batched) ``xp.matmul``; no Python loop over the batch or
+over output positions. A backend may override these functions (through
+:class:`xpnn.ops.Ops`) with another internal layout, e.g. batch-innermost.
+"""
+import math
+
+from xpnn.ops.windows import (
+    accumulate_windows,
+    extract_windows,
+    same_padding,
+    window_output_shape,
+)
+
+
+def same_output_shape(spatial_shape, kernel_shape, strides):
+    """Output spatial shape of a "same" convolution with strides: ``ceil(n / s)`` per axis."""
+    return window_output_shape(spatial_shape, kernel_shape, strides, same_padding(kernel_shape))
+
+
+def im2col(xp, device, x, kernel_shape, strides):
+    """Columns of a "same"-padded strided cross-correlation.
+
+    Parameters
+    ----------
+    x : array, shape ``(b, c, *spatial_shape)``
+    kernel_shape, strides : tuple of int, one per spatial axis
+
+    Returns
+    -------
+    array, shape ``(b, c*prod(kernel_shape), prod(output_shape))``
+        See the module docstring for the layout.
+    """
+    windows = extract_windows(xp, device, x, kernel_shape, strides, same_padding(kernel_shape))
+    batch, channels = x.shape[0], x.shape[1]
+    positions = math.prod(windows.shape[3:])
+    return xp.reshape(windows, (batch, channels * math.prod(kernel_shape), positions))
+
+
+def col2im(xp, device, columns, spatial_shape, kernel_shape, strides):
+    """Adjoint of :func:`im2col`: sum column entries back into a ``(b, c, *spatial_shape)`` array."""
+    kernel_size = math.prod(kernel_shape)
+    batch, rows = columns.shape[0], columns.shape[1]
+    output_shape = same_output_shape(spatial_shape, kernel_shape, strides)
+    windows = xp.reshape(columns, (batch, rows // kernel_size, kernel_size) + output_shape)
+    return accumulate_windows(xp, device, windows, spatial_shape, kernel_shape, strides,
+                              same_padding(kernel_shape))
+
+
+def conv_forward(xp, device, x, weights, bias, strides):
+    """"Same"-padded strided cross-correlation plus bias.
+
+    Parameters
+    ----------
+    x : array, shape ``(b, c, *spatial_shape)``
+    weights : array, shape ``(k, c, *kernel_shape)``
+    bias : array, shape ``(k,)``
+    strides : tuple of int, one per spatial axis
+
+    Returns
+    -------
+    output : array, shape ``(b, k, *output_shape)``
+    cache : tuple
+        What :func:`conv_backward` needs (the columns and the input's shape);
+        opaque to callers.
+    """
+    kernels = weights.shape[0]
+    kernel_shape = tuple(weights.shape[2:])
+    spatial_shape = tuple(x.shape[2:])
+    columns = im2col(xp, device, x, kernel_shape, strides)
+    flat_weights = xp.reshape(weights, (kernels, columns.shape[1]))
+    output_shape = same_output_shape(spatial_shape, kernel_shape, strides)
+    products = xp.matmul(flat_weights, columns)
+    output = xp.reshape(products, (x.shape[0], kernels) + output_shape)
+    output = output + xp.reshape(bias, (1, kernels) + (1,) * len(kernel_shape))
+    return output, (columns, spatial_shape, tuple(strides))
+
+
+def conv_backward(xp, device, error, weights, cache, input_gradient=True):
+    """Gradients of :func:`conv_forward`.
+
+    Parameters
+    ----------
+    error : array, shape ``(b, k, *output_shape)``
+        Gradient of the loss with respect to the forward output.
+    weights : array, shape ``(k, c, *kernel_shape)``
+        The weights the forward pass used.
+    cache : tuple
+        The cache :func:`conv_forward` returned.
+    input_gradient : bool
+        Compute the gradient with respect to the input (a first layer does
+        not need it).
+
+    Returns
+    -------
+    gradient_input : array ``(b, c, *spatial_shape)`` or None
+    gradient_weights : array ``(k, c, *kernel_shape)``
+    gradient_bias : array ``(k,)``
+    """
+    columns, spatial_shape, strides = cache
+    batch, kernels = error.shape[0], error.shape[1]
+    flat_error = xp.reshape(error, (batch, kernels, columns.shape[2]))
+    gradient_bias = xp.sum(flat_error, axis=(0, 2))
+    per_sample = xp.matmul(flat_error, xp.permute_dims(columns, (0, 2, 1)))
+    gradient_weights = xp.reshape(xp.sum(per_sample, axis=0), tuple(weights.shape))
+    if not input_gradient:
+        return None, gradient_weights, gradient_bias
+    flat_weights = xp.reshape(weights, (kernels, columns.shape[1]))
+    column_gradient = xp.matmul(xp.permute_dims(flat_weights, (1, 0)), flat_error)
+    gradient_input = col2im(xp, device, column_gradient, spatial_shape,
+                            tuple(weights.shape[2:]), strides)
+    return gradient_input, gradient_weights, gradient_bias

@@ -1,0 +1,150 @@
+"""Sliding windows over the trailing (spatial) axes, and their adjoint.
+
+These are the building blocks of im2col/col2im (convolution) and of max
+pooling, written against the array API standard only: the standard has no
+``pad``, no ``as_strided``/``sliding_window_view`` and no scatter-add, so
+
+* padding allocates a zero buffer and assigns the interior slice,
+* window extraction loops over the (few) window offsets, takes one strided
+  slice of the padded input per offset and stacks them,
+* the adjoint (accumulation) adds each offset's values back with ``+=`` into
+  the same strided slice of a zero buffer, which sums where windows overlap.
+
+The loops run over window offsets (e.g. 25 for a 5x5 kernel), never over the
+batch or over output positions.
+
+Arrays have ``lead`` leading axes (batch, channels) followed by the spatial
+axes; ``window_shape``, ``strides`` and ``padding`` have one entry per spatial
+axis, ``padding`` as ``(before, after)`` pairs.
+"""
+import itertools
+import math
+
+
+def same_padding(kernel_shape):
+    """Zero padding per spatial axis that keeps the size at stride 1 ("same").
+
+    Parameters
+    ----------
+    kernel_shape : tuple of int
+
+    Returns
+    -------
+    tuple of (int, int)
+        ``(before, after)`` per axis, ``before + after = k - 1``; an even kernel
+        pads one more at the end than at the start.
+    """
+    return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_shape)
+
+
+def no_padding(window_shape):
+    """``(0, 0)`` per spatial axis ("valid")."""
+    return tuple((0, 0) for _ in window_shape)
+
+
+def window_output_shape(spatial_shape, window_shape, strides, padding):
+    """Number of window positions per axis: ``(n + before + after - k) // s + 1``.
+
+    With "same" padding this is ``ceil(n / s)``; with none, ``(n - k) // s + 1``.
+    """
+    return tuple((n + before + after - k) // s + 1
+                 for n, k, s, (before, after) in zip(spatial_shape, window_shape, strides, padding))
+
+
+def _is_unpadded(padding):
+    return all(before == 0 and after == 0 for before, after in padding)
+
+
+def _interior(lead, spatial_shape, padding):
+    """Index of the unpadded region inside a padded array."""
+    return (slice(None),) * lead + tuple(
+        slice(before, before + n) for n, (before, _) in zip(spatial_shape, padding))
+
+
+def _padded_shape(shape, padding):
+    lead = len(shape) - len(padding)
+    return tuple(shape[:lead]) + tuple(
+        n + before + after for n, (before, after) in zip(shape[lead:], padding))
+
+
+def zero_pad(xp, device, x, padding):
+    """Return ``x`` zero-padded on its trailing axes (``x`` itself when no padding).
+
+    The standard has no ``pad``: allocate zeros and assign the interior.
+    """
+    if _is_unpadded(padding):
+        return x
+    padded = xp.zeros(_padded_shape(tuple(x.shape), padding), dtype=x.dtype, device=device)
+    padded[_interior(x.ndim - len(padding), tuple(x.shape[x.ndim - len(padding):]), padding)] = x
+    return padded
+
+
+def _offset_slices(window_shape, strides, output_shape):
+    """Spatial index per window offset, offsets in row-major order.
+
+    The slice for offset ``o`` picks ``o, o + s, ..., o + s*(m - 1)``; its stop
+    is the tight ``o + s*(m - 1) + 1`` because strict indexing requires stops
+    within the axis length.
+    """
+    for offset in itertools.product(*(range(k) for k in window_shape)):
+        yield tuple(slice(o, o + s * (m - 1) + 1, s)
+                    for o, s, m in zip(offset, strides, output_shape))
+
+
+def extract_windows(xp, device, x, window_shape, strides, padding):
+    """Gather every window of ``x`` (zero-padded by ``padding``).
+
+    Parameters
+    ----------
+    xp, device : the backend's namespace and device
+    x : array, shape ``lead_shape + spatial_shape``
+    window_shape, strides : tuple of int, one per spatial axis
+    padding : tuple of (int, int), one per spatial axis
+
+    Returns
+    -------
+    array, shape ``lead_shape + (prod(window_shape),) + output_shape``
+        Entry ``[..., w, p...]`` is the input at window offset ``w`` (row-major
+        over ``window_shape``) of the window at output position ``p``.
+    """
+    rank = len(window_shape)
+    lead = x.ndim - rank
+    output_shape = window_output_shape(tuple(x.shape[lead:]), window_shape, strides, padding)
+    padded = zero_pad(xp, device, x, padding)
+    keep = (slice(None),) * lead
+    slices = [padded[keep + spatial]
+              for spatial in _offset_slices(window_shape, strides, output_shape)]
+    return xp.stack(slices, axis=lead)
+
+
+def accumulate_windows(xp, device, windows, spatial_shape, window_shape, strides, padding):
+    """Adjoint of :func:`extract_windows`: add every window entry back where it came from.
+
+    Parameters
+    ----------
+    windows : array, shape ``lead_shape + (prod(window_shape),) + output_shape``
+    spatial_shape : tuple of int
+        The unpadded spatial shape of the input that was windowed.
+
+    Returns
+    -------
+    array, shape ``lead_shape + spatial_shape``
+        Sums where windows overlap; entries that fell into the padding are
+        dropped.
+    """
+    rank = len(window_shape)
+    lead = windows.ndim - rank - 1
+    lead_shape = tuple(windows.shape[:lead])
+    output_shape = tuple(windows.shape[lead + 1:])
+    if len(output_shape) != rank or windows.shape[lead] != math.prod(window_shape):
+        raise ValueError(f"windows of shape {tuple(windows.shape)} do not match "
+                         f"window_shape {tuple(window_shape)}")
+    padded = xp.zeros(_padded_shape(lead_shape + tuple(spatial_shape), padding),
+                      dtype=windows.dtype, device=device)
+    keep = (slice(None),) * lead
+    for offset, spatial in enumerate(_offset_slices(window_shape, strides, output_shape)):
+        # Slices of different offsets overlap when windows do: += sums them.
+        padded[keep + spatial] += windows[keep + (offset, ...)]
+    if _is_unpadded(padding):
+        return padded
+    return padded[_interior(lead, tuple(spatial_shape), padding)]

@@ -1,0 +1,405 @@
+"""IDX reading/writing, the MNIST/Fashion-MNIST loaders, the download path and the data layer.
+
+Nothing here touches the internet: downloads go to an HTTP server on
+127.0.0.1 that serves files the tests generate.
+"""
+import functools
+import gzip
+import hashlib
+import http.server
+import os
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn import datasets
+from xpnn.datasets import (DataLayer, DatasetNotFoundError, IdxError, load_mnist_format,
+                           read_idx, write_idx)
+
+
+def idx_bytes(type_code, shape, data_bytes):
+    """An IDX file built by hand from the format description (independent of write_idx)."""
+    return bytes([0, 0, type_code, len(shape)]) + struct.pack(f">{len(shape)}I", *shape) + data_bytes
+
+
+def write_bytes(path, payload, gz=False):
+    with open(path, "wb") as stream:
+        stream.write(gzip.compress(payload) if gz else payload)
+    return str(path)
+
+
+# -- IDX round trips -------------------------------------------------------------------
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_read_hand_made_uint8_images(tmp_path, gz):
+    values = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = write_bytes(tmp_path / "images", idx_bytes(0x08, (2, 3, 4), values.tobytes()), gz)
+    result = read_idx(path)
+    assert result.dtype == np.uint8 and result.shape == (2, 3, 4)
+    np.testing.assert_array_equal(result, values)
+
+
+def test_read_hand_made_big_endian_int32(tmp_path):
+    # 258 = 0x00000102 big-endian, -1 = 0xffffffff: byte order must be honoured.
+    payload = idx_bytes(0x0C, (2,), b"\x00\x00\x01\x02\xff\xff\xff\xff")
+    result = read_idx(write_bytes(tmp_path / "ints", payload))
+    assert result.dtype == np.int32
+    np.testing.assert_array_equal(result, [258, -1])
+
+
+def test_write_matches_hand_made_bytes(tmp_path):
+    labels = np.array([7, 0, 9], dtype=np.uint8)
+    write_idx(tmp_path / "labels", labels)
+    assert (tmp_path / "labels").read_bytes() == idx_bytes(0x08, (3,), b"\x07\x00\x09")
+    write_idx(tmp_path / "labels.gz", labels)
+    assert gzip.decompress((tmp_path / "labels.gz").read_bytes()) == idx_bytes(0x08, (3,), b"\x07\x00\x09")
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "int32", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(5,), (4, 3, 2)], ids=["1d", "3d"])
+@pytest.mark.parametrize("name", ["data", "data.gz"], ids=["raw", "gz"])
+def test_round_trip(tmp_path, dtype, shape, name):
+    rng = np.random.default_rng(3)
+    values = (rng.normal(size=shape) * 50).astype(dtype)
+    write_idx(tmp_path / name, values)
+    raw = (tmp_path / name).read_bytes()
+    assert (raw[:2] == b"\x1f\x8b") == name.endswith(".gz")
+    result = read_idx(tmp_path / name)
+    assert result.dtype == np.dtype(dtype) and result.shape == shape
+    np.testing.assert_array_equal(result, values)
+
+
+def test_write_rejects_unsupported_dtype(tmp_path):
+    with pytest.raises(ValueError, match="not an IDX type"):
+        write_idx(tmp_path / "x", np.zeros(3, dtype=np.int64))
+
+
+# -- corrupt files -------------------------------------------------------------------
+
+def expect_idx_error(path, *fragments):
+    with pytest.raises(IdxError) as info:
+        read_idx(path)
+    message = str(info.value)
+    assert str(path) in message and "To fix" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_empty_file(tmp_path):
+    expect_idx_error(write_bytes(tmp_path / "empty", b""), "empty")
+
+
+def test_bad_magic(tmp_path):
+    path = write_bytes(tmp_path / "page.gz", b"<!DOCTYPE html><html>Not Found</html>", gz=False)
+    expect_idx_error(path, "not an IDX file", "0x3c 0x21")
+
+
+def test_unsupported_type(tmp_path):
+    expect_idx_error(write_bytes(tmp_path / "t", idx_bytes(0x07, (1,), b"\x00")), "unsupported IDX value type 0x07")
+
+
+def test_zero_dimensions(tmp_path):
+    expect_idx_error(write_bytes(tmp_path / "z", bytes([0, 0, 8, 0])), "0 dimensions")
+
+
+def test_wrong_ndim_truncated_header(tmp_path):
+    # A header that claims 3 dimensions but holds the sizes of only one.
+    expect_idx_error(write_bytes(tmp_path / "h", bytes([0, 0, 8, 3]) + struct.pack(">I", 2)),
+                     "truncated header", "3 dimensions need 16 header bytes")
+
+
+def test_wrong_ndim_for_labels(tmp_path):
+    # A valid 2-D IDX file in the labels slot: the loader names the file and the shape it wanted.
+    make_mnist_dir(tmp_path, n_train=4, n_test=2)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((4, 2), dtype=np.uint8))
+    with pytest.raises(IdxError, match=r"train-labels-idx1-ubyte.gz: expected uint8 labels of shape \(n,\)"):
+        load_mnist_format(tmp_path)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_truncated_data(tmp_path, gz):
+    payload = idx_bytes(0x08, (10, 28, 28), bytes(10 * 28 * 28))[:-100]
+    expect_idx_error(write_bytes(tmp_path / "cut", payload, gz), "truncated", "7840 data bytes", "only 7740")
+
+
+def test_truncated_gzip_stream(tmp_path):
+    compressed = gzip.compress(idx_bytes(0x08, (10, 28, 28), os.urandom(10 * 28 * 28)))
+    path = tmp_path / "cut.gz"
+    path.write_bytes(compressed[: len(compressed) // 2])
+    expect_idx_error(path, "gzip data is truncated or corrupt")
+
+
+def test_trailing_bytes(tmp_path):
+    payload = idx_bytes(0x08, (3,), b"\x01\x02\x03") + b"\x00\x00"
+    expect_idx_error(write_bytes(tmp_path / "long", payload), "2 unexpected trailing bytes")
+
+
+# -- MNIST-format directories -----------------------------------------------------------
+
+def make_mnist_dir(directory, n_train=12, n_test=6, gz=True, seed=0):
+    """Write four small MNIST-format files; return the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train_images": rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
+        "train_labels": rng.integers(0, 10, size=n_train, dtype=np.uint8),
+        "test_images": rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
+        "test_labels": rng.integers(0, 10, size=n_test, dtype=np.uint8),
+    }
+    suffix = ".gz" if gz else ""
+    for role, stem in datasets.MNIST_FILES.items():
+        write_idx(os.path.join(directory, stem + suffix), arrays[role])
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_load_mnist_format(tmp_path, gz):
+    arrays = make_mnist_dir(tmp_path, gz=gz)
+    data = load_mnist_format(tmp_path)
+    for role, expected in arrays.items():
+        np.testing.assert_array_equal(getattr(data, role), expected)
+    assert data.directory == str(tmp_path)
+
+
+def test_label_count_mismatch(tmp_path):
+    make_mnist_dir(tmp_path, n_train=12)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(11, dtype=np.uint8))
+    with pytest.raises(IdxError, match="holds 12 images but .*train-labels-idx1-ubyte.gz holds 11 labels"):
+        load_mnist_format(tmp_path)
+
+
+def test_label_out_of_range(tmp_path):
+    make_mnist_dir(tmp_path, n_test=6)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 3, 4, 12], dtype=np.uint8))
+    with pytest.raises(IdxError, match=r"label 12 is out of range"):
+        load_mnist_format(tmp_path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    make_mnist_dir(tmp_path)
+    os.remove(tmp_path / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(DatasetNotFoundError, match=r"lacks t10k-images-idx3-ubyte\[.gz\].*--data-dir"):
+        load_mnist_format(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        load_mnist_format(tmp_path / "nowhere")
+
+
+def test_fashion_mnist_missing_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist.*--data-dir"):
+        datasets.fashion_mnist()
+
+
+@pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_DIR),
+                    reason=f"{datasets.FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_installed():
+    data = datasets.fashion_mnist()
+    assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
+    # Fashion-MNIST is balanced: 6000 training and 1000 test images per class.
+    np.testing.assert_array_equal(np.bincount(data.train_labels, minlength=10), [6000] * 10)
+    np.testing.assert_array_equal(np.bincount(data.test_labels, minlength=10), [1000] * 10)
+
+
+# -- download against a local server -------------------------------------------------------
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """Serve two directories on 127.0.0.1: yields (root dir, base URL); mirrors are subdirectories."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = type("Handler", (_QuietHandler,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}", handler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def publish(directory, seed=0):
+    """Write the four gz files into ``directory``; return their SHA-256 and the arrays."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = make_mnist_dir(directory, seed=seed)
+    sums = {stem + ".gz": hashlib.sha256((directory / (stem + ".gz")).read_bytes()).hexdigest()
+            for stem in datasets.MNIST_FILES.values()}
+    return sums, arrays
+
+
+def leftovers(directory):
+    return sorted(name for name in os.listdir(directory) if name.startswith(".tmp-")) if directory.exists() else []
+
+
+def test_download_good_files(file_server, tmp_path):
+    root, url, requests = file_server
+    sums, arrays = publish(root / "m1")
+    cache = tmp_path / "cache"
+    data = datasets.mnist(cache_dir=str(cache), mirrors=[url + "/m1/"], checksums=sums)
+    np.testing.assert_array_equal(data.train_images, arrays["train_images"])
+    for name, digest in sums.items():
+        assert hashlib.sha256((cache / name).read_bytes()).hexdigest() == digest
+    assert leftovers(cache) == []
+    count = len(requests)
+    datasets.mnist(cache_dir=str(cache), mirrors=[url + "/m1/"], checksums=sums)
+    assert len(requests) == count, "verified cached files must not be downloaded again"
+
+
+def test_download_wrong_checksum_leaves_nothing(file_server, tmp_path):
+    root, url, _ = file_server
+    sums, _ = publish(root / "m1")
+    sums["train-images-idx3-ubyte.gz"] = "0" * 64
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetNotFoundError) as info:
+        datasets.mnist(cache_dir=str(cache), mirrors=[url + "/m1/"], checksums=sums)
+    message = str(info.value)
+    assert "checksum mismatch" in message and "--data-dir" in message
+    assert not (cache / "train-images-idx3-ubyte.gz").exists()
+    assert leftovers(cache) == []
+
+
+def test_download_falls_back_to_next_mirror(file_server, tmp_path):
+    root, url, requests = file_server
+    sums, arrays = publish(root / "m2")
+    (root / "m1").mkdir()  # the first mirror answers 404 for everything
+    data = datasets.mnist(cache_dir=str(tmp_path / "cache"),
+                          mirrors=[url + "/m1/", url + "/m2/"], checksums=sums)
+    np.testing.assert_array_equal(data.test_labels, arrays["test_labels"])
+    assert "/m1/train-images-idx3-ubyte.gz" in requests and "/m2/train-images-idx3-ubyte.gz" in requests
+
+
+def test_download_missing_everywhere(file_server, tmp_path):
+    root, url, _ = file_server
+    sums, _ = publish(root / "m1")
+    os.remove(root / "m1" / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(DatasetNotFoundError) as info:
+        datasets.mnist(cache_dir=str(tmp_path / "cache"), mirrors=[url + "/m1/"], checksums=sums)
+    message = str(info.value)
+    assert "t10k-labels-idx1-ubyte.gz" in message and "404" in message and "--data-dir" in message
+
+
+def test_download_unreachable_and_download_off(tmp_path):
+    # A port nobody listens on: the "offline" case, without touching the internet.
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DatasetNotFoundError, match="could not be downloaded.*--data-dir"):
+        datasets.mnist(cache_dir=str(tmp_path / "c"), mirrors=[f"http://127.0.0.1:{port}/"], timeout=5)
+    with pytest.raises(DatasetNotFoundError, match="download=False"):
+        datasets.mnist(cache_dir=str(tmp_path / "c"), download=False)
+
+
+def test_cache_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("XPNN_CACHE_DIR", str(tmp_path / "xc"))
+    assert datasets.default_cache_dir() == str(tmp_path / "xc")
+    cache = tmp_path / "xc" / "mnist"
+    cache.mkdir(parents=True)
+    make_mnist_dir(cache)
+    # Cached files whose checksums match are used without any download.
+    sums = {name: datasets.sha256_of(cache / name) for name in os.listdir(cache)}
+    data = datasets.mnist(download=False, checksums=sums)
+    assert data.train_images.shape == (12, 28, 28)
+
+
+def test_mnist_from_directory(tmp_path):
+    arrays = make_mnist_dir(tmp_path, gz=False)
+    np.testing.assert_array_equal(datasets.mnist(root=str(tmp_path)).test_images, arrays["test_images"])
+
+
+# -- the data layer ---------------------------------------------------------------------
+
+def indexed_images(count):
+    """Float images whose every pixel holds the sample's index (floats are not rescaled)."""
+    return np.repeat(np.arange(count, dtype=np.float64), 4).reshape(count, 2, 2)
+
+
+def batch_indices(images):
+    return np.rint(xpnn.to_numpy(images)[:, 0, 0, 0]).astype(int)
+
+
+def test_batches_shapes_one_hot_and_scaling(backend32):
+    images = np.full((10, 28, 28), 255, dtype=np.uint8)
+    images[:, 0, 0] = 51
+    labels = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], dtype=np.uint8)
+    layer = DataLayer(images, labels, 4, shuffle=False)
+    batch_images, one_hot = layer.next()
+    assert batch_images.shape == (4, 1, 28, 28) and one_hot.shape == (4, 10)
+    assert batch_images.dtype == backend32.dtype and one_hot.dtype == backend32.dtype
+    assert layer.backend.owns(batch_images) and layer.backend.owns(one_hot)
+    host = xpnn.to_numpy(batch_images)
+    np.testing.assert_allclose(host[:, 0, 0, 0], 0.2, rtol=1e-6)
+    np.testing.assert_allclose(host[:, 0, 1, 1], 1.0)
+    np.testing.assert_array_equal(xpnn.to_numpy(one_hot), np.eye(10)[labels[:4]])
+
+
+def test_each_epoch_covers_every_sample_once(backend):
+    count, labels = 23, np.arange(23) % 10
+    layer = DataLayer(indexed_images(count), labels, 5, seed=7)
+    assert layer.batches_per_epoch == 5
+    orders = []
+    for epoch in range(3):
+        seen = []
+        for images, one_hot in layer.epoch_batches():
+            indices = batch_indices(images)
+            np.testing.assert_array_equal(np.argmax(xpnn.to_numpy(one_hot), axis=1), labels[indices])
+            seen.extend(indices)
+        assert sorted(seen) == list(range(count)) and layer.epoch == epoch + 1
+        orders.append(seen)
+    assert orders[0] != orders[1] != orders[2], "every epoch must be reshuffled"
+    assert orders[0] != list(range(count))
+
+
+def test_same_seed_same_batches_and_resume_mid_epoch(backend):
+    first = DataLayer(indexed_images(20), np.zeros(20, dtype=int), 6, seed=11)
+    second = DataLayer(indexed_images(20), np.zeros(20, dtype=int), 6, seed=11)
+    other = DataLayer(indexed_images(20), np.zeros(20, dtype=int), 6, seed=12)
+    stream = [batch_indices(first.next()[0]).tolist() for _ in range(6)]
+    assert stream == [batch_indices(second.next()[0]).tolist() for _ in range(6)]
+    assert stream != [batch_indices(other.next()[0]).tolist() for _ in range(6)]
+    # Resume from a state taken mid-epoch: the remaining batches are the same.
+    replay = DataLayer(indexed_images(20), np.zeros(20, dtype=int), 6, seed=99)
+    probe = DataLayer(indexed_images(20), np.zeros(20, dtype=int), 6, seed=11)
+    for _ in range(5):
+        probe.next()
+    replay.load_state_dict(probe.state_dict())
+    assert (replay.epoch, replay.position) == (1, 6)
+    assert batch_indices(replay.next()[0]).tolist() == stream[5]
+
+
+def test_default_seed_follows_numpy_global_seed():
+    np.random.seed(5)
+    first = DataLayer(indexed_images(8), np.zeros(8, dtype=int), 8).next()[0]
+    np.random.seed(5)
+    second = DataLayer(indexed_images(8), np.zeros(8, dtype=int), 8).next()[0]
+    np.testing.assert_array_equal(batch_indices(first), batch_indices(second))
+
+
+def test_test_set_and_bad_input(backend):
+    layer = DataLayer(indexed_images(4), [0, 1, 2, 3], 2,
+                      test_images=np.zeros((3, 28, 28), np.uint8), test_labels=[9, 8, 7])
+    images, one_hot = layer.get_test_set()
+    assert images.shape == (3, 1, 28, 28)
+    np.testing.assert_array_equal(xpnn.to_numpy(one_hot), np.eye(10)[[9, 8, 7]])
+    with pytest.raises(ValueError, match="no test split"):
+        DataLayer(indexed_images(4), [0, 1, 2, 3], 2).get_test_set()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        DataLayer(indexed_images(2), [0, 10], 2)
+    with pytest.raises(ValueError, match="expected 2 labels"):
+        DataLayer(indexed_images(2), [0, 1, 2], 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        DataLayer(indexed_images(2), [0, 1], 0)

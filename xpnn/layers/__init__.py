@@ -4,3 +4,6 @@ Every layer is written once against the array API standard and binds to the
 backend that is current when it is constructed.
 """
 from xpnn.layers.base import BaseLayer, TrainableLayer
+from xpnn.layers.fully_connected import FullyConnected
+from xpnn.layers.activations import ReLU, SoftMax, Sigmoid, TanH
+from xpnn.layers.flatten import Flatten

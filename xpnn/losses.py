@@ -1,0 +1,71 @@
+"""Loss layers (course API)."""
+from array_api_compat import array_namespace, is_array_api_obj
+
+from xpnn.backend import Backend, asarray_like, get_backend, make_backend
+
+
+class CrossEntropyLoss:
+    """Cross-entropy of a probability prediction (e.g. SoftMax output) and one-hot labels.
+
+    ``forward(prediction, label) = -sum(label * log(prediction + eps))`` summed
+    over the whole batch (not averaged), with ``eps`` the machine epsilon of
+    the prediction's dtype, returned as a 0-d array of the prediction's
+    backend (no host-device sync). ``backward(label) = -label / (prediction + eps)``.
+
+    Labels may come from any backend (or NumPy, or integer one-hot arrays):
+    they are moved to the prediction's backend and dtype at entry.
+
+    Attributes
+    ----------
+    backend : xpnn.backend.Backend
+        Used only for a prediction that is not an array (e.g. nested lists);
+        bound at construction, changed by :meth:`to`.
+    """
+
+    def __init__(self):
+        self.backend = get_backend()
+        self.prediction_tensor = None
+
+    def _operands(self, prediction_tensor, label_tensor):
+        """Return (prediction, label) on the prediction's backend, checking their shapes."""
+        if not is_array_api_obj(prediction_tensor):
+            prediction_tensor = self.backend.asarray(prediction_tensor, dtype=self.backend.dtype)
+        label_tensor = asarray_like(label_tensor, prediction_tensor)
+        if tuple(label_tensor.shape) != tuple(prediction_tensor.shape):
+            raise ValueError(
+                f"CrossEntropyLoss: label shape {tuple(label_tensor.shape)} does not match the "
+                f"prediction shape {tuple(prediction_tensor.shape)} (expected (batch, classes) both)")
+        return prediction_tensor, label_tensor
+
+    @staticmethod
+    def _epsilon(prediction_tensor):
+        xp = array_namespace(prediction_tensor)
+        # A Python float: NumPy scalars must not meet other libraries' arrays.
+        return float(xp.finfo(prediction_tensor.dtype).eps)
+
+    def forward(self, prediction_tensor, label_tensor):
+        """Return ``-sum(label * log(prediction + eps))`` as a 0-d array."""
+        prediction_tensor, label_tensor = self._operands(prediction_tensor, label_tensor)
+        xp = array_namespace(prediction_tensor)
+        self.prediction_tensor = prediction_tensor
+        epsilon = self._epsilon(prediction_tensor)
+        return -xp.sum(label_tensor * xp.log(prediction_tensor + epsilon))
+
+    def backward(self, label_tensor):
+        """Return ``-label / (prediction + eps)`` for the prediction of the last forward."""
+        if self.prediction_tensor is None:
+            raise RuntimeError("CrossEntropyLoss: backward called before forward")
+        prediction_tensor, label_tensor = self._operands(self.prediction_tensor, label_tensor)
+        return -label_tensor / (prediction_tensor + self._epsilon(prediction_tensor))
+
+    def to(self, backend, dtype=None):
+        """Rebind to ``backend`` (name or Backend) and move the cached prediction; returns self."""
+        if isinstance(backend, Backend) and dtype is None:
+            target = backend
+        else:
+            target = make_backend(backend, dtype or self.backend.dtype_name)
+        self.backend = target
+        if self.prediction_tensor is not None:
+            host = target.to_numpy(self.prediction_tensor)
+            self.prediction_tensor = target.asarray(host, dtype=target.dtype)
+        return self

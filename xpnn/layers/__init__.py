@@ -7,3 +7,5 @@ from xpnn.layers.base import BaseLayer, TrainableLayer
 from xpnn.layers.fully_connected import FullyConnected
 from xpnn.layers.activations import ReLU, SoftMax, Sigmoid, TanH
 from xpnn.layers.flatten import Flatten
+from xpnn.layers.dropout import Dropout
+from xpnn.layers.batch_normalization import BatchNormalization

@@ -1,0 +1,100 @@
+"""CrossEntropyLoss: -sum over the batch of y log(yhat + eps), eps the dtype's machine epsilon."""
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn.backend import make_backend
+from xpnn.layers import SoftMax
+from xpnn.losses import CrossEntropyLoss
+from xpnn.testing import gradient_check
+from conftest import assert_close
+
+EPS64 = np.finfo(np.float64).eps
+
+
+def _batch(seed=0, batch=5, classes=4):
+    rng = np.random.default_rng(seed)
+    prediction = rng.random((batch, classes)) + 0.05
+    prediction /= prediction.sum(axis=1, keepdims=True)
+    labels = np.eye(classes)[rng.integers(0, classes, batch)]
+    return prediction, labels
+
+
+def test_forward_is_batch_sum_as_0d_array(backend):
+    prediction, labels = _batch()
+    loss = CrossEntropyLoss().forward(backend.asarray(prediction), labels)
+    assert backend.owns(loss) and loss.ndim == 0
+    expected = -np.sum(labels * np.log(prediction + EPS64))
+    assert_close(loss, expected, rtol=1e-13)
+    # a sum, not a mean: the same batch twice gives twice the loss
+    doubled = CrossEntropyLoss().forward(np.vstack([prediction] * 2), np.vstack([labels] * 2))
+    assert_close(doubled, 2 * expected, rtol=1e-13)
+
+
+def test_backward_is_minus_label_over_prediction(backend):
+    prediction, labels = _batch(seed=1)
+    loss_layer = CrossEntropyLoss()
+    loss_layer.forward(backend.asarray(prediction), labels)
+    error = loss_layer.backward(labels)
+    assert backend.owns(error)
+    assert_close(error, -labels / (prediction + EPS64), rtol=1e-14)
+
+
+def test_epsilon_is_the_dtype_machine_epsilon(backend32):
+    # yhat = 0 where y = 1: the loss is exactly -log(eps) of the dtype (not of float64).
+    prediction = backend32.asarray(np.array([[0.0, 1.0]]), dtype="float32")
+    loss = CrossEntropyLoss().forward(prediction, np.array([[1.0, 0.0]]))
+    assert loss.dtype == backend32.dtype
+    eps32 = float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(xpnn.to_numpy(loss), -np.log(eps32), rtol=1e-6)
+
+
+def test_labels_follow_the_prediction(backend):
+    """Integer NumPy labels and labels on another backend's device are moved to the prediction's."""
+    prediction, labels = _batch(seed=2)
+    expected = -np.sum(labels * np.log(prediction + EPS64))
+    other = make_backend("array-api-strict", "float32", device="device1").asarray(labels)
+    for label_tensor in (labels.astype(np.int64), other, labels.tolist()):
+        loss_layer = CrossEntropyLoss()
+        loss = loss_layer.forward(backend.asarray(prediction), label_tensor)
+        assert backend.owns(loss) and loss.dtype == backend.dtype
+        assert_close(loss, expected, rtol=1e-13)
+        assert backend.owns(loss_layer.backward(label_tensor))
+
+
+def test_gradient_check_through_softmax(backend):
+    rng = np.random.default_rng(3)
+    input_tensor = rng.standard_normal((4, 5))
+    labels = np.eye(5)[[0, 3, 2, 4]]
+    difference = gradient_check([SoftMax(), CrossEntropyLoss()], input_tensor, labels)
+    assert np.max(difference) < 1e-6
+
+
+def test_softmax_then_loss_gradient_is_p_minus_y(backend):
+    """SoftMax.backward(CE.backward(y)) = p - y (up to eps), the fused gradient a network may use."""
+    rng = np.random.default_rng(4)
+    input_tensor = rng.standard_normal((6, 3))
+    labels = np.eye(3)[[0, 1, 2, 2, 1, 0]]
+    softmax, loss_layer = SoftMax(), CrossEntropyLoss()
+    loss_layer.forward(softmax.forward(input_tensor), labels)
+    exponentials = np.exp(input_tensor - input_tensor.max(axis=1, keepdims=True))
+    probabilities = exponentials / exponentials.sum(axis=1, keepdims=True)
+    assert_close(softmax.backward(loss_layer.backward(labels)), probabilities - labels,
+                 rtol=1e-9, atol=1e-14)
+
+
+def test_shape_mismatch_names_layer_and_shapes(backend):
+    prediction, labels = _batch()
+    with pytest.raises(ValueError) as info:
+        CrossEntropyLoss().forward(prediction, labels[:, :3])
+    message = str(info.value)
+    assert "CrossEntropyLoss" in message and "(5, 3)" in message and "(5, 4)" in message
+    loss_layer = CrossEntropyLoss()
+    loss_layer.forward(prediction, labels)
+    with pytest.raises(ValueError, match="CrossEntropyLoss"):
+        loss_layer.backward(labels[:4])
+
+
+def test_backward_before_forward():
+    with pytest.raises(RuntimeError, match="CrossEntropyLoss"):
+        CrossEntropyLoss().backward(np.eye(2))

@@ -9,3 +9,5 @@ from xpnn.layers.activations import ReLU, SoftMax, Sigmoid, TanH
 from xpnn.layers.flatten import Flatten
 from xpnn.layers.dropout import Dropout
 from xpnn.layers.batch_normalization import BatchNormalization
+from xpnn.layers.conv import Conv
+from xpnn.layers.pooling import Pooling

@@ -61,5 +61,8 @@ class Ops:
                                          tuple(strides))
 
     def max_pool_backward(self, error, cache):
-        """Error routed to each window's first maximum: see :func:`xpnn.ops.pooling.max_pool_backward`."""
+        """Error routed to each window's first maximum.
+
+        See :func:`xpnn.ops.pooling.max_pool_backward`.
+        """
         return _pooling.max_pool_backward(self.xp, self.backend.device, error, cache)

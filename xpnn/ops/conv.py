@@ -53,7 +53,7 @@ def im2col(xp, device, x, kernel_shape, strides):
 
 
 def col2im(xp, device, columns, spatial_shape, kernel_shape, strides):
-    """Adjoint of :func:`im2col`: sum column entries back into a ``(b, c, *spatial_shape)`` array."""
+    """Adjoint of :func:`im2col`: sum column entries back into ``(b, c, *spatial_shape)``."""
     kernel_size = math.prod(kernel_shape)
     batch, rows = columns.shape[0], columns.shape[1]
     output_shape = same_output_shape(spatial_shape, kernel_shape, strides)

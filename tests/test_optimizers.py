@@ -1,0 +1,204 @@
+"""Optimizers and regularizers: two update steps against values derived by hand.
+
+Common setting: w0 = [1, -2, 0.5], g1 = [0.5, 0.25, -1], g2 = [-0.5, 1, 2],
+learning rate 0.1, regularizer alpha 0.5 (so lr * alpha = 0.05). Per DESIGN.md
+a regularizer subtracts lr * regularizer_gradient(w) at the weights *before*
+the step, on top of the optimizer's own step (which sees only g).
+"""
+import math
+
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn.optimizers import Adam, Sgd, SgdWithMomentum
+from xpnn.regularizers import L1_Regularizer, L2_Regularizer
+from conftest import assert_close
+
+W0 = [1.0, -2.0, 0.5]
+G1 = [0.5, 0.25, -1.0]
+G2 = [-0.5, 1.0, 2.0]
+
+
+def _two_steps(backend, optimizer, regularizer=None):
+    if regularizer is not None:
+        optimizer.add_regularizer(regularizer)
+    weights = backend.asarray(np.array(W0))
+    first = optimizer.calculate_update(weights, backend.asarray(np.array(G1)))
+    assert backend.owns(first)
+    second = optimizer.calculate_update(first, backend.asarray(np.array(G2)))
+    assert backend.owns(second)
+    return first, second
+
+
+# Sgd: w <- w - 0.1 g
+#   w1 = [1 - 0.05, -2 - 0.025, 0.5 + 0.1]        = [0.95, -2.025, 0.6]
+#   w2 = [0.95 + 0.05, -2.025 - 0.1, 0.6 - 0.2]    = [1.0, -2.125, 0.4]
+# Sgd + L2: w <- w - 0.1 g - 0.05 w = 0.95 w - 0.1 g
+#   w1 = [0.95 - 0.05, -1.9 - 0.025, 0.475 + 0.1]  = [0.9, -1.925, 0.575]
+#   w2 = [0.855 + 0.05, -1.82875 - 0.1, 0.54625 - 0.2] = [0.905, -1.92875, 0.34625]
+# Sgd + L1: w <- w - 0.1 g - 0.05 sign(w)
+#   w1 = [1 - 0.05 - 0.05, -2 - 0.025 + 0.05, 0.5 + 0.1 - 0.05] = [0.9, -1.975, 0.55]
+#   w2 = [0.9 + 0.05 - 0.05, -1.975 - 0.1 + 0.05, 0.55 - 0.2 - 0.05] = [0.9, -2.025, 0.3]
+SGD_EXPECTED = {
+    None: ([0.95, -2.025, 0.6], [1.0, -2.125, 0.4]),
+    "L2": ([0.9, -1.925, 0.575], [0.905, -1.92875, 0.34625]),
+    "L1": ([0.9, -1.975, 0.55], [0.9, -2.025, 0.3]),
+}
+
+# SgdWithMomentum(0.1, 0.9): v <- 0.9 v - 0.1 g; w <- w + v (v0 = 0)
+#   v1 = -0.1 g1 = [-0.05, -0.025, 0.1];          w1 = [0.95, -2.025, 0.6]
+#   v2 = 0.9 v1 - 0.1 g2 = [0.005, -0.1225, -0.11]; w2 = [0.955, -2.1475, 0.49]
+# + L2 (velocity unchanged, extra -0.05 w_before):
+#   w1 = w0 + v1 - 0.05 w0 = [0.9, -1.925, 0.575]
+#   w2 = w1 + v2 - 0.05 w1 = [0.9 + 0.005 - 0.045, -1.925 - 0.1225 + 0.09625, 0.575 - 0.11 - 0.02875]
+#      = [0.86, -1.95125, 0.43625]
+# + L1 (extra -0.05 sign(w_before)):
+#   w1 = [0.95 - 0.05, -2.025 + 0.05, 0.6 - 0.05] = [0.9, -1.975, 0.55]
+#   w2 = [0.9 + 0.005 - 0.05, -1.975 - 0.1225 + 0.05, 0.55 - 0.11 - 0.05] = [0.855, -2.0475, 0.39]
+MOMENTUM_EXPECTED = {
+    None: ([0.95, -2.025, 0.6], [0.955, -2.1475, 0.49]),
+    "L2": ([0.9, -1.925, 0.575], [0.86, -1.95125, 0.43625]),
+    "L1": ([0.9, -1.975, 0.55], [0.855, -2.0475, 0.39]),
+}
+
+
+def _adam_expected(regularizer):
+    """Adam(0.1, mu=0.9, rho=0.999), eps 1e-8, derived element by element.
+
+    Step 1: m1 = 0.1 g1, r1 = 0.001 g1^2; the bias corrections divide by
+    1 - 0.9 = 0.1 and 1 - 0.999 = 0.001, so m1_hat = g1, r1_hat = g1^2 and
+    w1 = w0 - 0.1 g1 / (|g1| + 1e-8).
+    Step 2: m2 = 0.09 g1 + 0.1 g2, r2 = 0.000999 g1^2 + 0.001 g2^2,
+    m2_hat = m2 / (1 - 0.81) = m2 / 0.19, r2_hat = r2 / (1 - 0.998001) = r2 / 0.001999,
+    w2 = w1 - 0.1 m2_hat / (sqrt(r2_hat) + 1e-8).
+    E.g. element 0 (g1 = 0.5, g2 = -0.5): r2_hat = 0.25, m2_hat = -0.005 / 0.19, so
+    w2 = w1 + 0.1 * (0.005 / 0.19) / 0.5 = w1 + 1/190.
+    A regularizer adds -0.1 * alpha * grad_R(w_before) to each step (alpha = 0.5).
+    """
+    def penalty(w):
+        if regularizer == "L2":
+            return 0.05 * w
+        if regularizer == "L1":
+            return 0.05 * math.copysign(1.0, w)
+        return 0.0
+
+    first, second = [], []
+    for w0, g1, g2 in zip(W0, G1, G2):
+        w1 = w0 - 0.1 * g1 / (abs(g1) + 1e-8) - penalty(w0)
+        m2_hat = (0.09 * g1 + 0.1 * g2) / 0.19
+        r2_hat = (0.000999 * g1 * g1 + 0.001 * g2 * g2) / 0.001999
+        w2 = w1 - 0.1 * m2_hat / (math.sqrt(r2_hat) + 1e-8) - penalty(w1)
+        first.append(w1)
+        second.append(w2)
+    return first, second
+
+
+def _regularizer(name):
+    return {None: None, "L2": L2_Regularizer(0.5), "L1": L1_Regularizer(0.5)}[name]
+
+
+REGULARIZERS = [None, "L2", "L1"]
+
+
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+def test_sgd_two_steps(backend, regularizer):
+    first, second = _two_steps(backend, Sgd(0.1), _regularizer(regularizer))
+    assert_close(first, SGD_EXPECTED[regularizer][0], rtol=1e-14)
+    assert_close(second, SGD_EXPECTED[regularizer][1], rtol=1e-14)
+
+
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+def test_momentum_two_steps(backend, regularizer):
+    first, second = _two_steps(backend, SgdWithMomentum(0.1, 0.9), _regularizer(regularizer))
+    assert_close(first, MOMENTUM_EXPECTED[regularizer][0], rtol=1e-14)
+    assert_close(second, MOMENTUM_EXPECTED[regularizer][1], rtol=1e-14)
+
+
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+def test_adam_two_steps(backend, regularizer):
+    first, second = _two_steps(backend, Adam(0.1, 0.9, 0.999), _regularizer(regularizer))
+    expected_first, expected_second = _adam_expected(regularizer)
+    assert_close(first, expected_first, rtol=1e-13)
+    assert_close(second, expected_second, rtol=1e-13)
+    if regularizer is None:   # the worked element of the docstring, as a literal (eps ignored)
+        assert_close(xpnn.to_numpy(second)[0], 0.9 + 1 / 190, rtol=1e-7)
+
+
+def test_python_scalars(backend):
+    # Sgd(1): 1 - 1 * 1 = 0 (the course's own example)
+    assert Sgd(1.0).calculate_update(1.0, 1.0) == 0.0
+    assert isinstance(Sgd(1.0).calculate_update(1.0, 1.0), float)
+    # momentum(1, 0.9), g = 1 twice: v1 = -1, w1 = 0; v2 = -0.9 - 1 = -1.9, w2 = -1.9
+    momentum = SgdWithMomentum(1.0, 0.9)
+    assert momentum.calculate_update(1.0, 1.0) == pytest.approx(0.0, abs=1e-15)
+    assert momentum.calculate_update(0.0, 1.0) == pytest.approx(-1.9, rel=1e-14)
+    # Adam(1, 0.9, 0.999), g = 1 twice: both bias-corrected moments are 1, so each
+    # step subtracts 1 / (1 + 1e-8)
+    adam = Adam(1.0, 0.9, 0.999)
+    step = 1.0 / (1.0 + 1e-8)
+    first = adam.calculate_update(1.0, 1.0)
+    assert first == pytest.approx(1.0 - step, abs=1e-15)
+    assert adam.calculate_update(first, 1.0) == pytest.approx(1.0 - 2 * step, abs=1e-14)
+    # L2(0.5) with Sgd(0.1) on scalars: 2 - 0.1 * 1 - 0.1 * 0.5 * 2 = 1.8
+    regularized = Sgd(0.1)
+    regularized.add_regularizer(L2_Regularizer(0.5))
+    assert regularized.calculate_update(2, 1) == pytest.approx(1.8, rel=1e-15)
+
+
+def test_zero_d_arrays_and_scalar_gradient(backend):
+    weights = backend.asarray(np.array(3.0))
+    updated = Sgd(0.5).calculate_update(weights, backend.asarray(np.array(2.0)))
+    assert backend.owns(updated) and updated.ndim == 0
+    assert_close(updated, 2.0, rtol=0)
+    # a Python-scalar gradient next to an array of weights: w - 0.5 * 1
+    updated = Sgd(0.5).calculate_update(backend.asarray(np.array(W0)), 1.0)
+    assert_close(updated, [0.5, -2.5, 0.0], rtol=0)
+
+
+def test_regularizer_norms_and_gradients(backend):
+    weights = backend.asarray(np.array(W0))
+    # L2: 0.5 * (1 + 4 + 0.25) = 2.625, gradient 0.5 w; L1: 0.5 * 3.5 = 1.75, gradient 0.5 sign(w)
+    assert_close(L2_Regularizer(0.5).norm(weights), 2.625, rtol=1e-15)
+    assert_close(L2_Regularizer(0.5).calculate_gradient(weights), [0.5, -1.0, 0.25], rtol=0)
+    assert_close(L1_Regularizer(0.5).norm(weights), 1.75, rtol=1e-15)
+    assert_close(L1_Regularizer(0.5).calculate_gradient(weights), [0.5, -0.5, 0.5], rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: Sgd(0.1), lambda: SgdWithMomentum(0.1, 0.9),
+                                  lambda: Adam(0.1, 0.9, 0.999)])
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+def test_float32_stays_float32(backend32, make, regularizer):
+    optimizer = make()
+    if regularizer is not None:
+        optimizer.add_regularizer(_regularizer(regularizer))
+    weights = backend32.asarray(np.array(W0), dtype="float32")
+    for gradient in (G1, G2):
+        weights = optimizer.calculate_update(weights, backend32.asarray(np.array(gradient), dtype="float32"))
+        assert weights.dtype == backend32.dtype and backend32.owns(weights)
+
+
+NON_FINITE = [float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.mark.parametrize("bad", NON_FINITE)
+@pytest.mark.parametrize("make", [
+    lambda bad: Sgd(bad),
+    lambda bad: SgdWithMomentum(bad, 0.9),
+    lambda bad: SgdWithMomentum(0.1, bad),
+    lambda bad: Adam(bad, 0.9, 0.999),
+    lambda bad: Adam(0.1, bad, 0.999),
+    lambda bad: Adam(0.1, 0.9, bad),
+    lambda bad: L1_Regularizer(bad),
+    lambda bad: L2_Regularizer(bad),
+], ids=["Sgd.lr", "Momentum.lr", "Momentum.rate", "Adam.lr", "Adam.mu", "Adam.rho", "L1", "L2"])
+def test_non_finite_hyper_parameters_rejected(make, bad):
+    with pytest.raises(ValueError, match="finite"):
+        make(bad)
+
+
+@pytest.mark.parametrize("make", [lambda: Sgd("fast"), lambda: Sgd(None), lambda: Sgd(0.0),
+                                  lambda: Sgd(-1.0), lambda: Adam(-0.1, 0.9, 0.999)])
+def test_bad_learning_rates_rejected(make):
+    with pytest.raises(ValueError, match="learning_rate"):
+        make()

@@ -1,0 +1,271 @@
+"""Conv: forward against a NumPy loop reference, numerical gradients, PyTorch parity, errors."""
+import math
+
+import numpy as np
+import pytest
+
+import xpnn
+import conv_reference as ref
+from conftest import assert_close
+from xpnn.initializers import Constant
+from xpnn.layers.conv import Conv
+from xpnn.optimizers import Sgd
+from xpnn.testing import L2Loss, gradient_check, gradient_check_weights
+
+# (stride_shape, convolution_shape, num_kernels, input shape); gradient checks use them too,
+# so they stay small.
+CASES = {
+    "1d": ((1,), (2, 3), 3, (2, 2, 7)),
+    "1d-stride2-even": ((2,), (2, 4), 2, (2, 2, 9)),
+    "2d": ((1, 1), (2, 3, 3), 3, (2, 2, 5, 4)),
+    "2d-stride2": ((2, 2), (2, 3, 3), 2, (2, 2, 7, 5)),
+    "2d-uneven-stride": ((2, 3), (1, 3, 3), 2, (2, 1, 7, 5)),
+    "2d-even-kernel": ((1, 1), (2, 2, 4), 2, (2, 2, 7, 5)),
+    "2d-1x1": ((1, 1), (3, 1, 1), 2, (2, 3, 4, 3)),
+    "2d-1x1-stride2": ((2, 2), (3, 1, 1), 2, (2, 3, 5, 4)),
+}
+
+
+def _layer_and_data(case):
+    stride_shape, convolution_shape, num_kernels, input_shape = CASES[case]
+    layer = Conv(stride_shape, convolution_shape, num_kernels)
+    weights = np.random.standard_normal((num_kernels,) + convolution_shape)
+    bias = np.random.standard_normal(num_kernels)
+    layer.weights, layer.bias = weights, bias
+    strides = layer.stride_shape
+    return layer, np.random.standard_normal(input_shape), weights, bias, strides
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_matches_reference(backend, case):
+    layer, x, weights, bias, strides = _layer_and_data(case)
+    output = layer.forward(x)
+    assert backend.owns(output)
+    assert_close(output, ref.conv_forward(x, weights, bias, strides), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backward_matches_reference(backend, case):
+    layer, x, weights, bias, strides = _layer_and_data(case)
+    output = xpnn.to_numpy(layer.forward(x))
+    error = np.random.standard_normal(output.shape)
+    gradient_input = layer.backward(error)
+    expected = ref.conv_backward(x, weights, strides, error)
+    actual = (gradient_input, layer.gradient_weights, layer.gradient_bias)
+    for name, value, wanted in zip(("input", "weights", "bias"), actual, expected):
+        assert backend.owns(value), name
+        assert ref.relative_error(xpnn.to_numpy(value), wanted) <= 1e-12, name
+
+
+@pytest.mark.parametrize("case", ["1d-stride2-even", "2d-stride2", "2d-even-kernel", "2d-1x1"])
+def test_output_shape_is_ceil_of_size_over_stride(backend, case):
+    layer, x, _, _, strides = _layer_and_data(case)
+    output = layer.forward(x)
+    expected = (x.shape[0], layer.num_kernels) + tuple(
+        math.ceil(n / s) for n, s in zip(x.shape[2:], strides))
+    assert tuple(output.shape) == expected
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradient_check_input(backend, case):
+    layer, x, _, _, _ = _layer_and_data(case)
+    label = np.random.standard_normal(tuple(layer.forward(x).shape))
+    assert np.max(gradient_check([layer, L2Loss()], x, label)) < 1e-5
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("bias", [False, True], ids=["weights", "bias"])
+def test_gradient_check_parameters(backend, case, bias):
+    layer, x, _, _, _ = _layer_and_data(case)
+    label = np.random.standard_normal(tuple(layer.forward(x).shape))
+    difference = gradient_check_weights([layer, L2Loss()], x, label, bias=bias)
+    assert np.max(difference) < 1e-5
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_pytorch_autograd(backend, case):
+    torch = pytest.importorskip("torch", reason="PyTorch is the reference for parity tests")
+    functional = torch.nn.functional
+    layer, x, weights, bias, strides = _layer_and_data(case)
+    output = layer.forward(x)
+    error = np.random.standard_normal(tuple(output.shape))
+    gradient_input = layer.backward(error)
+
+    x_t, w_t, b_t = (torch.tensor(a, dtype=torch.float64, requires_grad=True)
+                     for a in (x, weights, bias))
+    # F.pad takes (before, after) pairs starting from the LAST axis.
+    pads = [p for pair in reversed(ref.same_pads(weights.shape[2:])) for p in pair]
+    convolve = functional.conv1d if weights.ndim == 3 else functional.conv2d
+    expected = convolve(functional.pad(x_t, pads), w_t, b_t, stride=tuple(strides))
+    expected.backward(torch.tensor(error, dtype=torch.float64))
+    pairs = [(output, expected.detach()), (gradient_input, x_t.grad),
+             (layer.gradient_weights, w_t.grad), (layer.gradient_bias, b_t.grad)]
+    for actual, wanted in pairs:
+        assert ref.relative_error(xpnn.to_numpy(actual), wanted.numpy()) <= 1e-10
+
+
+@pytest.mark.parametrize("case", ["1d-stride2-even", "2d-stride2"])
+def test_result_does_not_depend_on_position_in_batch(backend, case):
+    layer, _, _, _, _ = _layer_and_data(case)
+    input_shape = CASES[case][3]
+    x = np.random.standard_normal((4,) + input_shape[1:])
+    order = np.array([2, 0, 3, 1])
+    output = xpnn.to_numpy(layer.forward(x))
+    error = np.random.standard_normal(output.shape)
+    gradient = xpnn.to_numpy(layer.backward(error))
+    gradient_weights = xpnn.to_numpy(layer.gradient_weights)
+    assert_close(layer.forward(x[order]), output[order], rtol=1e-13, atol=1e-14)
+    assert_close(layer.backward(error[order]), gradient[order], rtol=1e-13, atol=1e-14)
+    assert_close(layer.gradient_weights, gradient_weights, rtol=1e-12)
+    for sample in range(4):
+        single = layer.forward(x[sample:sample + 1])
+        assert_close(single, output[sample:sample + 1], rtol=1e-13, atol=1e-14)
+
+
+def test_forward_and_backward_leave_their_inputs_unchanged(backend):
+    layer, x, _, _, _ = _layer_and_data("2d-stride2")
+    x_device = backend.asarray(x)
+    output = layer.forward(x_device)
+    error_device = backend.asarray(np.random.standard_normal(tuple(output.shape)))
+    error = xpnn.to_numpy(error_device).copy()
+    layer.backward(error_device)
+    np.testing.assert_array_equal(xpnn.to_numpy(x_device), x)
+    np.testing.assert_array_equal(xpnn.to_numpy(error_device), error)
+
+
+def test_optimizer_updates_weights_and_bias_after_computing_the_input_gradient(backend):
+    layer, x, weights, bias, strides = _layer_and_data("2d")
+    layer.optimizer = Sgd(0.5)
+    error = np.random.standard_normal(tuple(layer.forward(x).shape))
+    gradient_input = layer.backward(error)
+    expected_input, expected_weights, expected_bias = ref.conv_backward(x, weights, strides, error)
+    assert ref.relative_error(xpnn.to_numpy(gradient_input), expected_input) <= 1e-12
+    assert_close(layer.weights, weights - 0.5 * expected_weights, rtol=1e-12, atol=1e-13)
+    assert_close(layer.bias, bias - 0.5 * expected_bias, rtol=1e-12, atol=1e-13)
+
+
+def test_no_update_without_optimizer(backend):
+    layer, x, weights, bias, _ = _layer_and_data("2d")
+    layer.backward(np.ones(tuple(layer.forward(x).shape)))
+    assert_close(layer.weights, weights, rtol=0)
+    assert_close(layer.bias, bias, rtol=0)
+
+
+class RecordingInitializer:
+    """Records the arguments it was called with and returns a constant."""
+
+    def __init__(self, value):
+        self.value, self.calls = value, []
+
+    def initialize(self, weights_shape, fan_in, fan_out):
+        self.calls.append((tuple(weights_shape), fan_in, fan_out))
+        return np.full(tuple(weights_shape), self.value)
+
+
+@pytest.mark.parametrize("convolution_shape, fan_in, fan_out", [
+    ((3, 5, 4), 3 * 5 * 4, 7 * 5 * 4), ((2, 3), 2 * 3, 7 * 3)])
+def test_initialize_shapes_and_fans(backend, convolution_shape, fan_in, fan_out):
+    layer = Conv(1, convolution_shape, 7)
+    weights_init, bias_init = RecordingInitializer(0.25), RecordingInitializer(-1.0)
+    layer.initialize(weights_init, bias_init)
+    assert weights_init.calls == [((7,) + convolution_shape, fan_in, fan_out)]
+    assert bias_init.calls == [((7,), fan_in, fan_out)]
+    assert backend.owns(layer.weights) and backend.owns(layer.bias)
+    assert_close(layer.weights, np.full((7,) + convolution_shape, 0.25), rtol=0)
+    assert_close(layer.bias, np.full(7, -1.0), rtol=0)
+
+
+def test_default_parameters_are_uniform_on_host_and_same_on_every_backend(backend):
+    np.random.seed(7)
+    layer = Conv((1, 1), (2, 3, 3), 4)
+    np.random.seed(7)
+    expected_weights = np.random.uniform(0.0, 1.0, (4, 2, 3, 3))
+    expected_bias = np.random.uniform(0.0, 1.0, (4,))
+    assert_close(layer.weights, expected_weights, rtol=0)
+    assert_close(layer.bias, expected_bias, rtol=0)
+
+
+def test_works_with_constant_initializer_and_numpy_weights(backend):
+    layer = Conv((1,), (1, 3), 1)
+    layer.initialize(Constant(1.0), Constant(0.5))
+    x = np.arange(5, dtype=np.float64).reshape(1, 1, 5)
+    # sums of 3 neighbours with zero padding, plus 0.5
+    assert_close(layer.forward(x), np.array([[[1.5, 3.5, 6.5, 9.5, 7.5]]]), rtol=0)
+
+
+def test_accepts_arrays_of_another_backend(backend):
+    layer, x, weights, bias, strides = _layer_and_data("2d")
+    with xpnn.use_backend("array-api-strict"):
+        other = xpnn.get_backend().asarray(x)
+    assert_close(layer.forward(other), ref.conv_forward(x, weights, bias, strides),
+                 rtol=1e-12, atol=1e-13)
+
+
+def test_float32_forward_and_backward(backend32):
+    layer = Conv((2, 1), (2, 3, 3), 3)
+    x = np.random.standard_normal((2, 2, 6, 5))
+    output = layer.forward(x)
+    gradient = layer.backward(np.ones(tuple(output.shape)))
+    for array in (output, gradient, layer.gradient_weights, layer.gradient_bias):
+        assert array.dtype == backend32.dtype
+    expected = ref.conv_forward(x, xpnn.to_numpy(layer.weights).astype(np.float64),
+                                xpnn.to_numpy(layer.bias).astype(np.float64), (2, 1))
+    assert_close(output, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("convolution_shape, input_shape", [
+    ((3, 3, 3), (2, 2, 5, 5)),     # wrong channel count, 2-D
+    ((2, 3), (2, 3, 5)),           # wrong channel count, 1-D
+    ((2, 3, 3), (2, 2, 5)),        # rank 3 for a 2-D layer
+    ((2, 3), (2, 2, 5, 5)),        # rank 4 for a 1-D layer
+    ((2, 3, 3), (5, 5)),           # no batch nor channel axis
+])
+def test_bad_input_raises_value_error_naming_layer_and_shapes(backend, convolution_shape,
+                                                             input_shape):
+    layer = Conv(1, convolution_shape, 2)
+    with pytest.raises(ValueError) as info:
+        layer.forward(np.zeros(input_shape))
+    message = str(info.value)
+    assert "Conv" in message and str(input_shape) in message
+    assert f"(batch, {convolution_shape[0]}, y" in message
+
+
+def test_bad_error_shape_raises(backend):
+    layer = Conv((2, 2), (1, 3, 3), 2)
+    layer.forward(np.zeros((2, 1, 5, 5)))
+    with pytest.raises(ValueError, match=r"Conv.*\(2, 2, 3, 3\).*\(2, 2, 5, 5\)"):
+        layer.backward(np.zeros((2, 2, 5, 5)))
+
+
+def test_backward_before_forward_raises(backend):
+    with pytest.raises(RuntimeError, match="Conv"):
+        Conv(1, (1, 3, 3), 2).backward(np.zeros((1, 2, 3, 3)))
+
+
+@pytest.mark.parametrize("stride_shape", [2, (2,), [2], (2, 2)])
+def test_stride_forms(stride_shape):
+    with xpnn.use_backend("cpu"):
+        assert Conv(stride_shape, (1, 3, 3), 1).stride_shape == (2, 2)
+        if not (isinstance(stride_shape, tuple) and len(stride_shape) == 2):
+            assert Conv(stride_shape, (1, 3), 1).stride_shape == (2,)
+
+
+@pytest.mark.parametrize("arguments", [
+    ((0, 1), (1, 3, 3), 1), ((1, 1, 1), (1, 3, 3), 1), ((1, 2), (1, 3), 1), ((1.5,), (1, 3), 1),
+    (1, (1, 3, 3, 3), 1), (1, (3,), 1), (1, (1, 0, 3), 1), (1, (1, 3, 3), 0), (1, (1, 3, 3), 2.5),
+    ((True,), (1, 3), 1),
+])
+def test_constructor_rejects_bad_arguments(arguments):
+    with xpnn.use_backend("cpu"), pytest.raises(ValueError, match="Conv"):
+        Conv(*arguments)
+
+
+def test_move_to_another_backend_drops_the_forward_cache():
+    with xpnn.use_backend("cpu"):
+        layer = Conv(1, (1, 3, 3), 2)
+        layer.forward(np.ones((1, 1, 4, 4)))
+    layer.to("array-api-strict")
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones((1, 2, 4, 4)))
+    output = layer.forward(np.ones((1, 1, 4, 4)))
+    assert layer.backend.owns(output) and layer.backend.owns(layer.backward(np.ones((1, 2, 4, 4))))

@@ -121,7 +121,7 @@ class Backend:
             # array_api_compat.to_device: torch tensors have no .to_device method.
             moved = _to_device(x, self.device)
             return moved if target is None else self.xp.astype(moved, target)
-        host = to_numpy(x)
+        host = _positive_strides(to_numpy(x))
         if target is not None:
             host = host.astype(_numpy_dtype_name(target), copy=False)
         return self.xp.asarray(host, device=self.device)
@@ -211,8 +211,15 @@ def asarray_like(x, reference):
         if not _same_device(x, device):
             x = _to_device(x, device)
         return x if x.dtype == reference.dtype else xp.astype(x, reference.dtype)
-    host = to_numpy(x).astype(_numpy_dtype_name(reference.dtype), copy=False)
+    host = _positive_strides(to_numpy(x)).astype(_numpy_dtype_name(reference.dtype), copy=False)
     return xp.asarray(host, device=device)
+
+
+def _positive_strides(host):
+    """Copy a NumPy view with negative strides (``x[::-1]``): torch.asarray rejects those."""
+    if any(stride < 0 for stride in host.strides):
+        return np.ascontiguousarray(host)
+    return host
 
 
 def _numpy_dtype_name(dtype):

@@ -1,0 +1,279 @@
+"""NeuralNetwork: regularization loss, phase, per-layer optimizers, Iris training, save/load, to()."""
+import functools
+import pickle
+
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn import NeuralNetwork
+from xpnn.initializers import Constant, He
+from xpnn.layers import FullyConnected, ReLU, SoftMax, TanH
+from xpnn.losses import CrossEntropyLoss
+from xpnn.network import load, save
+from xpnn.optimizers import Adam, Sgd, SgdWithMomentum
+from xpnn.regularizers import L1_Regularizer, L2_Regularizer
+from conftest import assert_close
+
+EPS64 = np.finfo(np.float64).eps
+
+
+@functools.lru_cache(maxsize=None)
+def iris():
+    """Iris (shipped with scikit-learn): fixed shuffle, 100 train / 50 test, standardized.
+
+    Features are standardized with the training part's mean and deviation.
+    Returns (train_x, train_one_hot, test_x, test_classes).
+    """
+    datasets = pytest.importorskip("sklearn.datasets", reason="Iris comes from scikit-learn")
+    bunch = datasets.load_iris()
+    order = np.random.default_rng(0).permutation(len(bunch.target))
+    features, classes = bunch.data[order], bunch.target[order]
+    train, test = features[:100], features[100:]
+    mean, deviation = train.mean(axis=0), train.std(axis=0)
+    one_hot = np.eye(3)[classes[:100]]
+    return (train - mean) / deviation, one_hot, (test - mean) / deviation, classes[100:]
+
+
+class IrisData:
+    """Course-style data layer: ``next()`` cycles through the training set in batches of 25."""
+
+    def __init__(self, batch_size=25):
+        self.inputs, self.labels, _, _ = iris()
+        self.batch_size = batch_size
+        self.position = 0
+
+    def next(self):
+        batch = slice(self.position, self.position + self.batch_size)
+        self.position = (self.position + self.batch_size) % len(self.labels)
+        return self.inputs[batch], self.labels[batch]
+
+
+class FixedData:
+    """Always returns the same batch."""
+
+    def __init__(self, inputs, labels):
+        self.inputs, self.labels = inputs, labels
+
+    def next(self):
+        return self.inputs, self.labels
+
+
+def build(optimizer, hidden=8, data_layer=None):
+    """4 -> hidden -> 3 classifier with He weights and 0.1 biases (seeded by the caller)."""
+    net = NeuralNetwork(optimizer, He(), Constant(0.1))
+    net.data_layer = data_layer if data_layer is not None else IrisData()
+    net.loss_layer = CrossEntropyLoss()
+    for layer in (FullyConnected(4, hidden), ReLU(), FullyConnected(hidden, 3), SoftMax()):
+        net.append_layer(layer)
+    return net
+
+
+def accuracy(net):
+    _, _, test_inputs, test_classes = iris()
+    predicted = np.argmax(xpnn.to_numpy(net.test(test_inputs)), axis=1)
+    return np.mean(predicted == test_classes)
+
+
+OPTIMIZERS = {
+    "sgd": lambda: Sgd(1e-2),
+    "momentum": lambda: SgdWithMomentum(5e-3, 0.9),
+    "adam": lambda: Adam(1e-2, 0.9, 0.999),
+}
+
+
+# -- training on real data --------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_iris_reaches_90_percent(backend, optimizer):
+    np.random.seed(0)
+    net = build(OPTIMIZERS[optimizer]())
+    net.train(300)   # 75 epochs of 4 batches
+    assert accuracy(net) >= 0.9
+    assert all(layer.backend is backend for layer in net.layers)
+
+
+def test_loss_entries_stay_backend_arrays(backend):
+    net = build(Sgd(1e-2))
+    net.train(3)
+    assert len(net.loss) == 3
+    assert all(backend.owns(value) and value.ndim == 0 for value in net.loss)
+
+
+def test_np_sum_of_loss_on_numpy():
+    with xpnn.use_backend("cpu"):
+        net = build(Sgd(1e-2))
+        net.train(4)
+    total = np.sum(net.loss)
+    assert np.isfinite(total)
+    assert total == pytest.approx(sum(float(value) for value in net.loss), rel=1e-14)
+
+
+# -- the container ------------------------------------------------------------------
+
+def _reference_losses(net, inputs, labels):
+    """Data loss and (weights incl. bias rows) sums of squares/absolutes, by hand in NumPy."""
+    first, second = (xpnn.to_numpy(net.layers[i].weights) for i in (0, 2))
+    hidden = np.maximum(np.hstack([inputs, np.ones((len(inputs), 1))]) @ first, 0.0)
+    scores = np.hstack([hidden, np.ones((len(inputs), 1))]) @ second
+    exponentials = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probabilities = exponentials / exponentials.sum(axis=1, keepdims=True)
+    data_loss = -np.sum(labels * np.log(probabilities + EPS64))
+    squares = np.sum(first ** 2) + np.sum(second ** 2)
+    absolutes = np.sum(np.abs(first)) + np.sum(np.abs(second))
+    return data_loss, squares, absolutes
+
+
+@pytest.mark.parametrize("regularizer", [None, "L2", "L1"])
+def test_regularization_loss_present_iff_regularizer(backend, regularizer):
+    inputs, labels, _, _ = iris()
+    optimizer = Sgd(1e-2)
+    if regularizer == "L2":
+        optimizer.add_regularizer(L2_Regularizer(0.01))
+    elif regularizer == "L1":
+        optimizer.add_regularizer(L1_Regularizer(0.02))
+    net = build(optimizer, data_layer=FixedData(inputs[:10], labels[:10]))
+    loss = net.forward()
+    assert backend.owns(loss) and loss.ndim == 0
+    data_loss, squares, absolutes = _reference_losses(net, inputs[:10], labels[:10])
+    extra = {None: 0.0, "L2": 0.01 * squares, "L1": 0.02 * absolutes}[regularizer]
+    assert extra > 1e-3 or regularizer is None   # the term is large enough to be seen
+    assert_close(loss, data_loss + extra, rtol=1e-12)
+
+
+def test_phase_reaches_every_layer(backend):
+    net = build(Sgd(1e-2))
+    net.phase = True
+    assert all(layer.testing_phase for layer in net.layers)
+    net.append_layer(TanH())   # a layer added later joins the current phase
+    assert net.layers[-1].testing_phase
+    net.phase = False
+    assert not any(layer.testing_phase for layer in net.layers)
+    net.layers.pop()
+    net.test(iris()[2])
+    assert net.phase and all(layer.testing_phase for layer in net.layers)
+    net.train(1)
+    assert not net.phase and not any(layer.testing_phase for layer in net.layers)
+
+
+def test_each_trainable_layer_has_its_own_optimizer(backend):
+    net = build(SgdWithMomentum(5e-3, 0.9), hidden=6)
+    first, second = net.layers[0], net.layers[2]
+    assert first.optimizer is not second.optimizer
+    assert net.optimizer not in (first.optimizer, second.optimizer)
+    assert type(first.optimizer) is SgdWithMomentum
+    net.train(2)
+    # state is per layer: each velocity has its own layer's weight shape
+    assert tuple(first.optimizer.velocity.shape) == (5, 6)
+    assert tuple(second.optimizer.velocity.shape) == (7, 3)
+    assert net.optimizer.velocity is None
+
+
+def test_fully_connected_initialized_on_append(backend):
+    np.random.seed(5)
+    net = NeuralNetwork(Sgd(1.0), Constant(0.3), Constant(-0.2))
+    layer = FullyConnected(2, 2)
+    net.append_layer(layer)
+    assert_close(layer.weights, [[0.3, 0.3], [0.3, 0.3], [-0.2, -0.2]], rtol=0)
+
+
+# -- save / load ----------------------------------------------------------------------
+
+def _trained(backend_steps=20):
+    np.random.seed(1)
+    optimizer = Adam(1e-2, 0.9, 0.999)
+    optimizer.add_regularizer(L2_Regularizer(1e-3))
+    net = build(optimizer)
+    net.train(backend_steps)
+    return net
+
+
+def test_save_load_round_trip_same_backend(backend, tmp_path):
+    net = _trained()
+    test_inputs = iris()[2]
+    before = xpnn.to_numpy(net.test(test_inputs))
+    path = tmp_path / "model.pkl"
+    save(str(path), net)
+    assert net.data_layer is not None   # saving does not detach the caller's data layer
+    restored = load(str(path), IrisData())
+    assert all(layer.backend.name == backend.name for layer in restored.layers)
+    np.testing.assert_array_equal(xpnn.to_numpy(restored.test(test_inputs)), before)
+    restored.train(2)   # optimizer state came along and lives on this backend
+
+
+def test_saved_file_holds_only_numpy_arrays(backend, tmp_path):
+    net = _trained(5)
+    path = tmp_path / "model.pkl"
+    save(str(path), net)
+    payload = path.read_bytes()
+    assert b"torch" not in payload and b"array_api_strict" not in payload and b"cupy" not in payload
+    with xpnn.use_backend("cpu"):
+        restored = pickle.loads(payload)
+    assert all(isinstance(value, float) for value in restored.loss)
+
+
+def test_save_on_any_backend_load_on_numpy(backend, tmp_path):
+    net = _trained()
+    test_inputs = iris()[2]
+    before = xpnn.to_numpy(net.test(test_inputs))
+    path = tmp_path / "model.pkl"
+    save(str(path), net)
+    with xpnn.use_backend("cpu") as cpu:
+        restored = load(str(path), IrisData())
+        assert all(cpu.owns(layer.weights) for layer in restored.layers if layer.trainable)
+        after = xpnn.to_numpy(restored.test(test_inputs))
+    np.testing.assert_array_equal(np.argmax(after, axis=1), np.argmax(before, axis=1))
+    np.testing.assert_allclose(after, before, rtol=1e-12, atol=1e-300)
+
+
+# -- moving a network -------------------------------------------------------------------
+
+def test_to_moves_layers_and_optimizer_state(backend):
+    """Train 3 steps on NumPy, move, train 3 more: same weights as 6 steps on NumPy."""
+    with xpnn.use_backend("cpu"):
+        np.random.seed(2)
+        reference = build(Adam(1e-2, 0.9, 0.999))
+        reference.train(6)
+        np.random.seed(2)
+        net = build(Adam(1e-2, 0.9, 0.999))
+        net.train(3)
+    net.to(backend)
+    for layer in net.layers:
+        assert layer.backend is backend   # a Backend object keeps its device (strict device1)
+    for layer in (net.layers[0], net.layers[2]):
+        assert backend.owns(layer.weights) and backend.owns(layer.optimizer.first_moment)
+    net.train(3)
+    for moved, expected in zip(net.layers, reference.layers):
+        if moved.trainable:
+            assert_close(moved.weights, xpnn.to_numpy(expected.weights), rtol=1e-10)
+    net.to("cpu")
+    assert all(layer.backend.name == "cpu" and layer.backend.dtype_name == "float64"
+               for layer in net.layers)
+
+
+def test_to_by_name_keeps_the_network_dtype():
+    with xpnn.use_backend("cpu", dtype="float32"):
+        net = build(Sgd(1e-2))
+    net.to("array-api-strict")
+    assert all(layer.backend.dtype_name == "float32" for layer in net.layers)
+    assert net.layers[0].weights.dtype == net.layers[0].backend.xp.float32
+    net.train(1)
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+def test_wrong_input_width_names_layer_and_shapes(backend):
+    net = build(Sgd(1e-2))
+    with pytest.raises(ValueError) as info:
+        net.test(np.ones((2, 5)))
+    message = str(info.value)
+    assert "FullyConnected" in message and "(batch, 4)" in message and "(2, 5)" in message
+
+
+def test_unknown_backend_lists_valid_names():
+    net = build(Sgd(1e-2))
+    for action in (lambda: xpnn.set_backend("tpu"), lambda: net.to("tpu")):
+        with pytest.raises(ValueError) as info:
+            action()
+        for name in ("cpu", "gpu", "array-api-strict", "torch"):
+            assert name in str(info.value)

@@ -165,11 +165,19 @@ def write_idx(path, array, compress=None):
     atomic_write_bytes(path, payload)
 
 
+def _current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, payload):
     """Write ``payload`` to ``path`` through a temporary file in the same directory and a rename."""
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
+        # mkstemp creates the file private (0600); give it the usual umask-based mode.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             stream.flush()
@@ -347,6 +355,7 @@ def _fetch(url, destination, expected_sha256, timeout):
     """Download ``url`` to ``destination`` atomically if its SHA-256 matches; raise DownloadError otherwise."""
     directory = os.path.dirname(os.path.abspath(destination))
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    os.chmod(temporary, 0o666 & ~_current_umask())
     digest = hashlib.sha256()
     try:
         with os.fdopen(handle, "wb") as stream, urllib.request.urlopen(url, timeout=timeout) as response:

@@ -148,6 +148,14 @@ def test_reformat_round_trip(backend):
     assert_close(back, images, rtol=0)
 
 
+def test_reformat_back_after_an_image_forward(backend):
+    images = np.random.standard_normal(IMAGE_SHAPE)
+    layer = _layer(backend, IMAGE_SHAPE[1])
+    output = layer.forward(images)
+    rows = np.transpose(xpnn.to_numpy(output), (0, 2, 3, 1)).reshape(-1, IMAGE_SHAPE[1])
+    assert_close(layer.reformat(rows), output, rtol=0)
+
+
 def test_reformat_of_a_matrix_needs_an_image_first(backend):
     with pytest.raises(ValueError, match="BatchNormalization"):
         _layer(backend, 4).reformat(np.zeros((10, 4)))

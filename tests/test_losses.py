@@ -98,3 +98,12 @@ def test_shape_mismatch_names_layer_and_shapes(backend):
 def test_backward_before_forward():
     with pytest.raises(RuntimeError, match="CrossEntropyLoss"):
         CrossEntropyLoss().backward(np.eye(2))
+
+
+def test_confident_predictions_limits(backend):
+    """Perfect prediction: loss -batch * log(1 + eps) ~ 0; zero prediction: batch * -log(eps)."""
+    labels = np.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1, 2]]
+    assert abs(float(xpnn.to_numpy(CrossEntropyLoss().forward(backend.asarray(labels), labels)))) < 1e-10
+    high = CrossEntropyLoss().forward(backend.asarray(np.zeros_like(labels)), labels)
+    # 9 * -log(2.220446049250313e-16) = 9 * 36.04365338911715
+    assert_close(high, 324.39288050205435, rtol=1e-14)

@@ -151,8 +151,8 @@ def test_reformat_round_trip(backend):
 def test_reformat_back_after_an_image_forward(backend):
     images = np.random.standard_normal(IMAGE_SHAPE)
     layer = _layer(backend, IMAGE_SHAPE[1])
-    output = layer.forward(images)
-    rows = np.transpose(xpnn.to_numpy(output), (0, 2, 3, 1)).reshape(-1, IMAGE_SHAPE[1])
+    output = xpnn.to_numpy(layer.forward(images))
+    rows = np.transpose(output, (0, 2, 3, 1)).reshape(-1, IMAGE_SHAPE[1])
     assert_close(layer.reformat(rows), output, rtol=0)
 
 

@@ -273,3 +273,10 @@ def test_usage_errors(data_dir, tmp_path, capsys):
     assert "valid names" in capsys.readouterr().err
     assert main(["--resume", "--out", str(tmp_path / "nothing")]) == 1
     assert "model.npz does not exist" in capsys.readouterr().err
+
+
+def test_device_label_is_one_token():
+    from xpnn.backend import make_backend
+
+    assert ckpt.device_label(make_backend("cpu", "float32")) == "cpu"
+    assert ckpt.device_label(make_backend("array-api-strict", "float32", "device1")) == "device1"

@@ -22,6 +22,7 @@ keep the course's pickle API.
 import io
 import json
 import os
+import re
 
 import numpy as np
 
@@ -152,7 +153,9 @@ def device_label(backend):
     device = backend.device
     if backend.name == "gpu" and hasattr(device, "id"):
         return f"cuda:{device.id}"
-    return str(device).replace(" ", "")
+    text = str(device)
+    quoted = re.fullmatch(r"[\w.]*Device\('([^']+)'\)", text)  # array-api-strict's Device('CPU_DEVICE')
+    return (quoted.group(1) if quoted else text).replace(" ", "")
 
 
 def model_metadata(net, model, options):

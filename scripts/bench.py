@@ -24,6 +24,9 @@ import time
 
 import numpy as np
 
+# Run from a checkout without installing: the repository root holds the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 VARIANTS = {"lenet": dict(batch_norm=False, dropout=False),
             "lenet-bn-dropout": dict(batch_norm=True, dropout=True)}
 INFERENCE_IMAGES = 10_000

@@ -104,11 +104,19 @@ def parity_backend(request):
         yield current
 
 
+#: Outcomes of the parity tests of this run, printed as the backend x check table.
+PARITY_TABLE = parity_table.ParityTable([p[0] for p in PARITY_PARAMS])
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    parity_table.record(item, outcome.get_result())
+    parity_table.tag(item, outcome.get_result())
+
+
+def pytest_runtest_logreport(report):
+    PARITY_TABLE.record(report)
 
 
 def pytest_terminal_summary(terminalreporter):
-    parity_table.write(terminalreporter)
+    PARITY_TABLE.write(terminalreporter)

@@ -50,7 +50,7 @@ Checks:
   device) trained in float32 and in float64, at the float32 bounds.
   strict's float32-only device has no float64; it is compared with strict's
   default device in float64.
-* ``test_save_on_numpy_load_on_backend`` / ``test_save_on_backend_load_on_numpy``:
+* ``test_save_on_cpu_load_on_backend`` / ``test_save_on_backend_load_on_cpu``:
   a trained model saved with :func:`xpnn.network.save` and loaded with
   :func:`xpnn.network.load` on the other side predicts the same classes and
   probabilities (``PARITY_RTOL`` of the dtype, 1e-12 / 1e-5: one forward pass)
@@ -271,7 +271,7 @@ def _load_and_predict(path, backend):
     return predictions
 
 
-def test_save_on_numpy_load_on_backend(parity_backend, tmp_path):
+def test_save_on_cpu_load_on_backend(parity_backend, tmp_path):
     numpy_run = trained("cpu", parity_backend.dtype_name)
     path = tmp_path / "lenet-numpy.pkl"
     network.save(str(path), numpy_run["net"])
@@ -280,7 +280,7 @@ def test_save_on_numpy_load_on_backend(parity_backend, tmp_path):
                              PARITY_RTOL[parity_backend.dtype_name])
 
 
-def test_save_on_backend_load_on_numpy(parity_backend, tmp_path):
+def test_save_on_backend_load_on_cpu(parity_backend, tmp_path):
     backend_run = trained(*_config(parity_backend))
     path = tmp_path / "lenet-backend.pkl"
     network.save(str(path), backend_run["net"])

@@ -10,17 +10,19 @@ identical everywhere). Each backend configuration is trained once per session
 and shared by the checks below.
 
 What is compared, and the bounds (``TRAINING_TOLERANCE``; "measured" is the
-worst over numpy, strict (all devices) and torch-CPU on the development machine):
+worst over numpy, strict (all devices) and torch-CPU on the development machine;
+``python tests/test_parity_training.py`` prints the figures for every usable
+backend, e.g. to check them on a GPU):
 
-============================  ==================  ==================================
-quantity                      float64             float32
-============================  ==================  ==================================
-loss at every step, relative  1e-9 (meas. 3e-15)  5e-3 (meas. 6.7e-4 numpy, 4e-5 torch)
-test-phase probabilities      1e-6 (meas. 9e-9)   3e-2 (meas. 4.3e-3)
-parameters, element-wise      1e-9·max|ref|       1e-2·max|ref| + 2·STEPS·lr
-                              + 1e-6 (meas. 8e-9)  (meas. 1.6e-2 abs., bound ≥ 2e-2)
-parameter displacement        1e-6 (meas. 1e-8)   0.2 (meas. 0.047)
-============================  ==================  ==================================
+==============================  ======================  ======================================
+quantity                        float64                 float32
+==============================  ======================  ======================================
+loss at every step, relative    1e-9 (meas. 3e-15)      5e-3 (meas. 6.7e-4 numpy, 4e-5 torch)
+test-phase probabilities        1e-6 (meas. 9e-9)       3e-2 (meas. 6.1e-3)
+parameters, element-wise        1e-9·max|ref| + 1e-6    2e-2·max|ref| + 2·STEPS·lr
+                                (meas. 8e-9 abs.)       (meas. ≤ 0.31 of the bound)
+parameter displacement          1e-6 (meas. 1e-8)       0.2 (meas. 0.048)
+==============================  ======================  ======================================
 
 "Parameters" are every weight, bias, batch-norm γ/β and running statistic;
 "displacement" is ``||θ - θ_ref|| / ||θ_ref - θ_initial||`` over all trainable
@@ -96,7 +98,7 @@ class TrainingTolerance:
 TRAINING_TOLERANCE = {
     "float64": TrainingTolerance(loss=1e-9, predictions=1e-6, parameters=1e-9,
                                  free_parameters=1e-6, displacement=1e-6),
-    "float32": TrainingTolerance(loss=5e-3, predictions=3e-2, parameters=1e-2,
+    "float32": TrainingTolerance(loss=5e-3, predictions=3e-2, parameters=2e-2,
                                  free_parameters=ADAM_REACH, displacement=0.2),
 }
 
@@ -290,14 +292,17 @@ def test_save_on_backend_load_on_cpu(parity_backend, tmp_path):
                              PARITY_RTOL[parity_backend.dtype_name])
 
 
-def measured_errors(actual, expected):
+def measured_errors(actual, expected, tolerance):
     """The quantities the bounds limit, as measured (for re-deriving the bounds)."""
     loss = float(np.max(np.abs(actual["losses"] / expected["losses"] - 1.0)))
-    parameters = max(float(np.max(np.abs(value.astype(np.float64) - expected["state"][key])))
-                     for key, value in actual["state"].items())
-    return {"loss": loss, "predictions": parity_error(actual["predictions"],
-                                                      expected["predictions"]),
-            "parameters (absolute)": parameters,
+    used = {key: float(np.max(np.abs(value.astype(np.float64) - expected["state"][key]))
+                       / (tolerance.parameters * np.max(np.abs(expected["state"][key]))
+                          + tolerance.free_parameters))
+            for key, value in actual["state"].items()}
+    worst = max(used, key=used.get)
+    return {"loss": loss,
+            "predictions": parity_error(actual["predictions"], expected["predictions"]),
+            f"parameters (fraction of bound, worst: {worst})": used[worst],
             "displacement": _displacement_error(actual, expected)}
 
 
@@ -307,5 +312,6 @@ if __name__ == "__main__":
 
     for backend_id, name, device, dtype in PARITY_PARAMS:
         if backend_unavailable_reason(name, device, dtype) is None:
-            errors = measured_errors(trained(name, dtype, device), trained(*REFERENCE))
+            errors = measured_errors(trained(name, dtype, device), trained(*REFERENCE),
+                                     TRAINING_TOLERANCE[dtype])
             print(backend_id, {key: f"{value:.2g}" for key, value in errors.items()})

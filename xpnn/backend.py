@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from xpnn.ops import Ops
+from xpnn.ops.numpy_ops import NumpyOps
 
 #: Canonical backend names, then aliases that map to them.
 BACKEND_NAMES = ("cpu", "gpu", "array-api-strict", "torch")
@@ -87,8 +88,9 @@ class Backend:
         self.library = library
         self.device_spec = device_spec
         # Hot paths (im2col, pooling, ...): the generic array-API versions,
-        # overridden per library only where a benchmark shows it pays.
-        self.ops = Ops(self)
+        # overridden per library only where a benchmark shows it pays
+        # (NumPy: batch-innermost convolution and pooling, scripts/bench.py).
+        self.ops = _OPS_CLASSES.get(name, Ops)(self)
 
     def __repr__(self):
         spec = f", device={self.device_spec!r}" if self.device_spec else ""
@@ -304,6 +306,9 @@ def _make_cupy(dtype, device):
     return Backend("gpu", xp, cuda_device, dtype, cupy,
                    device_spec=None if device is None else str(device))
 
+
+#: Backends whose hot paths have a library-specific implementation.
+_OPS_CLASSES = {"cpu": NumpyOps}
 
 _FACTORIES = {"cpu": _make_numpy, "gpu": _make_cupy,
               "array-api-strict": _make_strict, "torch": _make_torch}

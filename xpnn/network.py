@@ -83,8 +83,16 @@ class NeuralNetwork:
     def backward(self):
         """Propagate the loss gradient down through every layer (updating parameters)."""
         error_tensor = self.loss_layer.backward(self.label_tensor)
-        for layer in reversed(self.layers):
+        for layer in reversed(self.layers[1:]):
             error_tensor = layer.backward(error_tensor)
+        if self.layers:
+            # Nothing below the first layer needs its input gradient: let it skip that work.
+            first = self.layers[0]
+            first.skip_input_gradient = True
+            try:
+                first.backward(error_tensor)
+            finally:
+                first.skip_input_gradient = False
 
     def train(self, iterations):
         """Run ``iterations`` forward/backward passes in training phase, recording the loss."""

@@ -22,6 +22,11 @@ class BaseLayer:
 
     #: Names of the attributes holding arrays that ``to()`` must move.
     state_names = ()
+    #: When True, ``backward`` may skip the input gradient and return None.
+    #: :class:`xpnn.NeuralNetwork` sets it on its first layer for the
+    #: duration of that layer's ``backward`` (nothing below it needs the
+    #: gradient); a layer used on its own always computes it.
+    skip_input_gradient = False
 
     def __init__(self):
         self.trainable = False

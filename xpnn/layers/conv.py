@@ -86,14 +86,15 @@ class Conv(TrainableLayer):
         """Compute the gradients, update the parameters (if an optimizer is set).
 
         Sets ``gradient_weights`` and ``gradient_bias`` and returns the
-        gradient with respect to the forward input, ``(b, c, y[, x])``.
+        gradient with respect to the forward input, ``(b, c, y[, x])`` (None
+        while ``skip_input_gradient`` is set, as a network does for its first layer).
         """
         if self._cache is None:
             raise RuntimeError("Conv: backward called before forward")
         error_tensor = self._as_input(error_tensor)
         self._check_error(tuple(error_tensor.shape))
         gradient_input, self.gradient_weights, self.gradient_bias = self.backend.ops.conv_backward(
-            error_tensor, self.weights, self._cache)
+            error_tensor, self.weights, self._cache, input_gradient=not self.skip_input_gradient)
         # The input gradient above used the weights of the forward pass; only now update them.
         self._update_parameters()
         return gradient_input

@@ -54,6 +54,25 @@ class Ops:
         return _conv.conv_backward(self.xp, self.backend.device, error, weights, cache,
                                    input_gradient)
 
+    # -- ReLU -------------------------------------------------------------------
+    def relu_forward(self, x):
+        """``max(x, 0)`` (NaN and negative inputs give +0) and what :meth:`relu_backward` needs.
+
+        Returns
+        -------
+        output : array, the shape of ``x``
+        mask : array
+            Opaque to callers; has the shape of ``x``.
+        """
+        mask = x > 0.0
+        return self.xp.where(mask, x, 0.0), mask
+
+    def relu_backward(self, error, mask):
+        """``error`` where the forward input was positive, +0 elsewhere."""
+        if mask.dtype != self.xp.bool:
+            mask = mask != 0  # another backend's mask form (the layer was moved)
+        return self.xp.where(mask, error, 0.0)
+
     # -- max pooling ("valid") ------------------------------------------------
     def max_pool_forward(self, x, pool_shape, strides):
         """Pooled output and an opaque cache: see :func:`xpnn.ops.pooling.max_pool_forward`."""

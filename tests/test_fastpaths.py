@@ -1,0 +1,284 @@
+"""Backend-specific fast paths against the generic array-API reference (xpnn.ops.Ops).
+
+Each fast path (``backend.ops`` of the NumPy backend is a
+:class:`xpnn.ops.numpy_ops.NumpyOps`) must give the generic path's results on
+random inputs of several shapes (odd sizes, strides, even kernels, 1-D and 2-D),
+in float32 and float64, whatever the memory layout of its inputs. Where the
+result is a selection (ReLU, max pooling) it must be bit for bit the same.
+"""
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn.backend import make_backend
+from xpnn.models import lenet
+from xpnn.ops import Ops
+from xpnn.ops.numpy_ops import NumpyOps
+
+DTYPES = ["float32", "float64"]
+RTOL = {"float32": 2e-5, "float64": 1e-12}
+
+CONV_CASES = [
+    # (input shape, kernel (spatial), strides)
+    ((2, 3, 7, 5), (3, 3), (1, 1)),
+    ((3, 2, 8, 6), (2, 4), (2, 3)),       # even kernels pad one more at the end
+    ((1, 1, 4, 4), (1, 1), (2, 2)),
+    ((4, 6, 14, 14), (5, 5), (1, 1)),     # LeNet's second convolution, small batch
+    ((2, 3, 9, 7), (5, 5), (3, 2)),
+    ((5, 1, 11, 3), (3, 1), (1, 2)),
+    ((3, 2, 9), (4,), (2,)),              # 1-D
+    ((2, 1, 6), (5,), (1,)),
+]
+CONV_IDS = ["x".join(map(str, shape)) + f"-k{kernel}-s{strides}" for shape, kernel, strides in CONV_CASES]
+
+
+@pytest.fixture(params=DTYPES)
+def numpy_pair(request):
+    """(fast ops, generic ops, dtype name) on the NumPy backend."""
+    backend = make_backend("cpu", request.param)
+    assert isinstance(backend.ops, NumpyOps)
+    return backend.ops, Ops(backend), request.param
+
+
+def _random(shape, dtype, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _layouts(x):
+    """The same values in three memory layouts: C order, batch innermost, reversed last axis."""
+    batch_innermost = np.transpose(
+        np.ascontiguousarray(np.moveaxis(x, 0, -1)), (x.ndim - 1,) + tuple(range(x.ndim - 1)))
+    reversed_last = np.flip(np.flip(x, axis=-1).copy(), axis=-1)
+    return {"c-order": x, "batch-innermost": batch_innermost, "negative-strides": reversed_last}
+
+
+def _close(actual, expected, dtype):
+    assert actual.dtype == expected.dtype == np.dtype(dtype)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype])
+
+
+# -- convolution ------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, kernel_shape, strides", CONV_CASES, ids=CONV_IDS)
+def test_conv_forward_and_backward_match_generic(numpy_pair, shape, kernel_shape, strides):
+    fast, generic, dtype = numpy_pair
+    kernels = 4
+    weights = _random((kernels, shape[1]) + kernel_shape, dtype, seed=1)
+    bias = _random((kernels,), dtype, seed=2)
+    x = _random(shape, dtype)
+    expected, generic_cache = generic.conv_forward(x, weights, bias, strides)
+    error = _random(expected.shape, dtype, seed=3)
+    expected_gradients = generic.conv_backward(error, weights, generic_cache)
+    for layout, x_in in _layouts(x).items():
+        for error_layout, error_in in _layouts(error).items():
+            output, cache = fast.conv_forward(x_in, weights, bias, strides)
+            _close(output, expected, dtype)
+            gradients = fast.conv_backward(error_in, weights, cache)
+            for name, actual, reference in zip(("input", "weights", "bias"), gradients,
+                                               expected_gradients):
+                assert actual.shape == reference.shape, (layout, error_layout, name)
+                _close(actual, reference, dtype)
+
+
+@pytest.mark.parametrize("shape, kernel_shape, strides", CONV_CASES[:3] + CONV_CASES[-1:],
+                         ids=CONV_IDS[:3] + CONV_IDS[-1:])
+def test_conv_backward_without_input_gradient(numpy_pair, shape, kernel_shape, strides):
+    fast, generic, dtype = numpy_pair
+    weights = _random((3, shape[1]) + kernel_shape, dtype, seed=1)
+    bias = _random((3,), dtype, seed=2)
+    x = _random(shape, dtype)
+    output, cache = fast.conv_forward(x, weights, bias, strides)
+    error = _random(output.shape, dtype, seed=3)
+    _, generic_cache = generic.conv_forward(x, weights, bias, strides)
+    _, expected_weights, expected_bias = generic.conv_backward(error, weights, generic_cache)
+    gradient_input, gradient_weights, gradient_bias = fast.conv_backward(
+        error, weights, cache, input_gradient=False)
+    assert gradient_input is None
+    _close(gradient_weights, expected_weights, dtype)
+    _close(gradient_bias, expected_bias, dtype)
+
+
+def test_conv_leaves_its_inputs_unchanged(numpy_pair):
+    fast, _, dtype = numpy_pair
+    x, weights, bias = (_random((2, 3, 6, 5), dtype), _random((4, 3, 3, 3), dtype, 1),
+                        _random((4,), dtype, 2))
+    copies = [a.copy() for a in (x, weights, bias)]
+    output, cache = fast.conv_forward(x, weights, bias, (1, 1))
+    error = _random(output.shape, dtype, 3)
+    error_copy = error.copy()
+    fast.conv_backward(error, weights, cache)
+    for array, copy in zip((x, weights, bias, error), copies + [error_copy]):
+        np.testing.assert_array_equal(array, copy)
+
+
+# -- max pooling --------------------------------------------------------------------
+
+POOL_SHAPES = [(2, 3, 8, 6), (3, 2, 7, 5), (1, 1, 2, 2), (4, 6, 28, 28), (2, 1, 3, 9)]
+
+
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=["x".join(map(str, s)) for s in POOL_SHAPES])
+@pytest.mark.parametrize("values", ["random", "ties"])
+def test_max_pool_2x2_matches_generic_bit_for_bit(numpy_pair, shape, values):
+    fast, generic, dtype = numpy_pair
+    x = _random(shape, dtype)
+    if values == "ties":  # few distinct values and zero borders: many tied maxima
+        x = np.round(x).astype(dtype)
+        x[..., :1, :] = 0.0
+    expected, generic_cache = generic.max_pool_forward(x, (2, 2), (2, 2))
+    error = _random(expected.shape, dtype, seed=3)
+    expected_gradient = generic.max_pool_backward(error, generic_cache)
+    for layout, x_in in _layouts(x).items():
+        for error_in in _layouts(error).values():
+            output, cache = fast.max_pool_forward(x_in, (2, 2), (2, 2))
+            assert output.dtype == expected.dtype and output.shape == expected.shape
+            np.testing.assert_array_equal(output, expected, err_msg=layout)
+            gradient = fast.max_pool_backward(error_in, cache)
+            assert gradient.dtype == expected_gradient.dtype
+            np.testing.assert_array_equal(gradient, expected_gradient, err_msg=layout)
+
+
+@pytest.mark.parametrize("pool_shape, strides", [((3, 3), (2, 2)), ((2, 2), (1, 1)),
+                                                 ((2, 3), (2, 3))])
+def test_other_pooling_windows_use_the_generic_path(numpy_pair, pool_shape, strides):
+    fast, generic, dtype = numpy_pair
+    x = _random((2, 3, 7, 9), dtype)
+    output, cache = fast.max_pool_forward(x, pool_shape, strides)
+    expected, generic_cache = generic.max_pool_forward(x, pool_shape, strides)
+    np.testing.assert_array_equal(output, expected)
+    error = _random(expected.shape, dtype, seed=3)
+    np.testing.assert_array_equal(fast.max_pool_backward(error, cache),
+                                  generic.max_pool_backward(error, generic_cache))
+
+
+# -- ReLU -------------------------------------------------------------------------------
+
+def _special_values(shape, dtype):
+    x = _random(shape, dtype)
+    flat = x.reshape(-1)
+    flat[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, np.finfo(dtype).tiny]
+    return x
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4, 5)])
+def test_relu_matches_generic_bit_for_bit(numpy_pair, shape):
+    fast, generic, dtype = numpy_pair
+    x = _special_values(shape, dtype)
+    error = _special_values(shape, dtype)[::-1].copy() if len(shape) == 1 else _special_values(shape, dtype)
+    expected, generic_mask = generic.relu_forward(x)
+    expected_error = generic.relu_backward(error, generic_mask)
+    for x_in in _layouts(x).values():
+        for error_in in _layouts(error).values():
+            output, mask = fast.relu_forward(x_in)
+            assert output.dtype == expected.dtype
+            # Bit patterns: +0.0 where the generic path gives +0.0, NaN handled alike.
+            np.testing.assert_array_equal(output.view(f"u{output.itemsize}"),
+                                          expected.view(f"u{expected.itemsize}"))
+            backward = fast.relu_backward(error_in, mask)
+            np.testing.assert_array_equal(backward.view(f"u{backward.itemsize}"),
+                                          expected_error.view(f"u{expected_error.itemsize}"))
+    # A mask of the generic form (a layer moved here from another backend) works too.
+    np.testing.assert_array_equal(fast.relu_backward(error, generic_mask), expected_error)
+
+
+def test_generic_relu_backward_accepts_the_numpy_mask():
+    backend = make_backend("cpu", "float64")
+    x, error = _random((4, 5), "float64"), _random((4, 5), "float64", 1)
+    _, fast_mask = backend.ops.relu_forward(x)
+    np.testing.assert_array_equal(Ops(backend).relu_backward(error, fast_mask),
+                                  np.where(x > 0, error, 0.0))
+
+
+# -- the whole network ------------------------------------------------------------------
+
+class _Batches:
+    def __init__(self, images, labels, batch_size):
+        self.images, self.labels, self.batch_size, self.position = images, labels, batch_size, 0
+
+    def next(self):
+        start = self.position % len(self.images)
+        self.position += self.batch_size
+        return (self.images[start:start + self.batch_size],
+                self.labels[start:start + self.batch_size])
+
+
+def _train_lenet(batch_norm, dtype, steps):
+    np.random.seed(5)
+    rng = np.random.default_rng(5)
+    images = rng.random((8, 1, 28, 28)).astype(dtype)
+    images[:, :, :4, :] = 0.0
+    labels = np.eye(10, dtype=dtype)[rng.integers(0, 10, 8)]
+    net = lenet.build(batch_norm=batch_norm, dropout=batch_norm, batch_norm_eps=1e-5)
+    net.data_layer = _Batches(images, labels, 4)
+    net.train(steps)
+    trainable = [layer for layer in net.layers if layer.trainable]
+    return {"loss": np.array([float(value) for value in net.loss]),
+            "weights": [xpnn.to_numpy(layer.weights) for layer in trainable],
+            "gradients": [xpnn.to_numpy(layer.gradient_weights) for layer in trainable],
+            "prediction": xpnn.to_numpy(net.test(images))}
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "bn-dropout"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lenet_training_matches_the_generic_path(monkeypatch, batch_norm, dtype):
+    # float64: three steps agree to rounding. float32: one step, because a bias
+    # in front of batch normalization has a zero gradient up to rounding noise,
+    # which Adam scales up to a full learning-rate step (either sign).
+    steps = 3 if dtype == "float64" else 1
+    with xpnn.use_backend("cpu", dtype=dtype) as backend:
+        fast = _train_lenet(batch_norm, dtype, steps)
+        monkeypatch.setattr(backend, "ops", Ops(backend))
+        generic = _train_lenet(batch_norm, dtype, steps)
+    # (In float64 that noise is ~1e-17, below Adam's epsilon, but with batch
+    # normalization it still shows in the eighth digit after three steps.)
+    rtol = 1e-4 if dtype == "float32" else (1e-6 if batch_norm else 1e-9)
+    np.testing.assert_allclose(fast["loss"], generic["loss"], rtol=rtol)
+    if dtype == "float64" or not batch_norm:
+        # (Testing phase uses the running mean, which does not follow that noisy bias step.)
+        np.testing.assert_allclose(fast["prediction"], generic["prediction"], rtol=rtol,
+                                   atol=rtol * 1e-2)
+    for actual, expected in zip(fast["gradients"], generic["gradients"]):
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.max(np.abs(expected)))
+    if dtype == "float64":
+        for actual, expected in zip(fast["weights"], generic["weights"]):
+            np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_network_lets_its_first_layer_skip_the_input_gradient():
+    with xpnn.use_backend("cpu", dtype="float64"):
+        net = lenet.build()
+        rng = np.random.default_rng(0)
+        images = rng.random((4, 1, 28, 28))
+        net.data_layer = _Batches(images, np.eye(10)[rng.integers(0, 10, 4)], 2)
+        first = net.layers[0]
+        seen = []
+        backward = first.backward
+
+        def spy(error_tensor):
+            seen.append(first.skip_input_gradient)
+            result = backward(error_tensor)
+            seen.append(result)
+            return result
+
+        first.backward = spy
+        net.train(1)
+        assert seen[0] is True and seen[1] is None
+        assert first.skip_input_gradient is False      # reset after the network's pass
+        # Used on its own, the same layer computes the input gradient.
+        output = first.forward(images[:2])
+        gradient = backward(np.ones(output.shape))
+        assert gradient is not None and gradient.shape == (2, 1, 28, 28)
+
+
+def test_caches_survive_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    backend = make_backend("cpu", "float32")
+    x = _random((2, 3, 6, 6), "float32")
+    _, conv_cache = backend.ops.conv_forward(x, _random((2, 3, 3, 3), "float32"),
+                                             _random((2,), "float32"), (1, 1))
+    _, pool_cache = backend.ops.max_pool_forward(x, (2, 2), (2, 2))
+    for cache in (conv_cache, pool_cache):
+        for clone in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+            assert type(clone) is type(cache) and len(clone) == len(cache)

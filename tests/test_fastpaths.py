@@ -282,3 +282,73 @@ def test_caches_survive_deepcopy_and_pickle():
     for cache in (conv_cache, pool_cache):
         for clone in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
             assert type(clone) is type(cache) and len(clone) == len(cache)
+
+
+# -- fused SoftMax + cross-entropy gradient ------------------------------------------------
+
+@pytest.mark.parametrize("labels", ["one-hot", "soft"])
+def test_fused_softmax_cross_entropy_gradient_equals_the_composition(backend32, labels):
+    from xpnn.layers import SoftMax
+    from xpnn.losses import CrossEntropyLoss
+
+    rng = np.random.default_rng(7)
+    # Spread logits: some probabilities far below the dtype's eps (the eps terms matter there).
+    logits = (rng.standard_normal((6, 10)) * 12.0).astype(np.float32)
+    label = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 6)]
+    label[0] = np.eye(10, dtype=np.float32)[int(np.argmin(logits[0]))]  # a hopeless sample
+    if labels == "soft":
+        label = rng.dirichlet(np.ones(10), 6).astype(np.float32)
+    softmax, loss = SoftMax(), CrossEntropyLoss()
+    loss.forward(softmax.forward(logits), label)
+    fused = xpnn.to_numpy(loss.backward_through_softmax(label))
+    composed = xpnn.to_numpy(softmax.backward(loss.backward(label)))
+    assert fused.dtype == np.float32 and fused.shape == (6, 10)
+    np.testing.assert_allclose(fused, composed, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_gradient_float64_and_network_use(backend, monkeypatch):
+    from xpnn.initializers import He, Constant
+    from xpnn.layers import FullyConnected, ReLU, SoftMax
+    from xpnn.losses import CrossEntropyLoss
+    from xpnn.optimizers import Sgd
+
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((5, 4)) * 6.0
+    labels = np.eye(3)[rng.integers(0, 3, 5)]
+
+    def gradients(fused):
+        np.random.seed(1)
+        net = xpnn.NeuralNetwork(Sgd(1e-3), He(), Constant(0.1))
+        for layer in (FullyConnected(4, 8), ReLU(), FullyConnected(8, 3), SoftMax()):
+            net.append_layer(layer)
+        net.loss_layer = CrossEntropyLoss()
+        net.data_layer = _Batches(images, labels, 5)
+        if not fused:
+            monkeypatch.setattr(net, "_softmax_feeds_cross_entropy", lambda: False)
+        net.forward()
+        assert net._softmax_feeds_cross_entropy() is fused
+        net.backward()
+        return [xpnn.to_numpy(layer.gradient_weights) for layer in net.layers if layer.trainable]
+
+    for actual, expected in zip(gradients(True), gradients(False)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-13)
+
+
+def test_network_does_not_fuse_a_subclassed_softmax_or_loss():
+    from xpnn.layers import SoftMax
+    from xpnn.losses import CrossEntropyLoss
+    from xpnn.optimizers import Sgd
+    from xpnn.initializers import Constant
+
+    class LoudSoftMax(SoftMax):
+        def backward(self, error_tensor):
+            return super().backward(error_tensor)
+
+    for last, loss in ((LoudSoftMax(), CrossEntropyLoss()), (SoftMax(), type("L", (CrossEntropyLoss,), {
+            "backward": lambda self, label: CrossEntropyLoss.backward(self, label)})())):
+        net = xpnn.NeuralNetwork(Sgd(1.0), Constant(0.1), Constant(0.1))
+        net.append_layer(last)
+        net.loss_layer = loss
+        net.data_layer = _Batches(np.zeros((2, 3)), np.eye(3)[:2], 2)
+        net.forward()
+        assert not net._softmax_feeds_cross_entropy()

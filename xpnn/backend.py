@@ -114,7 +114,8 @@ class Backend:
             Cast to this dtype; ``None`` keeps the dtype (Python floats become
             float64, as in NumPy).
         """
-        target = None if dtype is None else self._dtype(dtype)
+        # Layers call this on every input with dtype=self.dtype: skip the lookup then.
+        target = None if dtype is None else (dtype if dtype is self.dtype else self._dtype(dtype))
         if self.owns(x):
             if target is not None and x.dtype != target:
                 return self.xp.astype(x, target)
@@ -170,6 +171,8 @@ class Backend:
 def _library_of(x):
     import array_api_compat as compat
 
+    if type(x) is np.ndarray:  # the common case, checked first: this runs per layer call
+        return np
     if compat.is_numpy_array(x):
         return np
     if compat.is_cupy_array(x):

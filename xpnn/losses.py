@@ -58,6 +58,23 @@ class CrossEntropyLoss:
         prediction_tensor, label_tensor = self._operands(self.prediction_tensor, label_tensor)
         return -label_tensor / (prediction_tensor + self._epsilon(prediction_tensor))
 
+    def backward_through_softmax(self, label_tensor):
+        """Gradient with respect to the input of the SoftMax whose output was the last prediction.
+
+        Equal (to rounding) to ``SoftMax.backward(self.backward(label))``, but
+        in one step and without the large intermediate ``-label / (p + eps)``:
+        with ``r = p / (p + eps)``, that composition is
+        ``p * sum(label * r, axis=1) - label * r`` (which is ``p - label`` for
+        one-hot labels up to the eps terms). :class:`xpnn.NeuralNetwork` uses
+        it when a SoftMax layer feeds this loss.
+        """
+        if self.prediction_tensor is None:
+            raise RuntimeError("CrossEntropyLoss: backward called before forward")
+        prediction_tensor, label_tensor = self._operands(self.prediction_tensor, label_tensor)
+        xp = array_namespace(prediction_tensor)
+        weighted = label_tensor * (prediction_tensor / (prediction_tensor + self._epsilon(prediction_tensor)))
+        return prediction_tensor * xp.sum(weighted, axis=1, keepdims=True) - weighted
+
     def to(self, backend, dtype=None):
         """Rebind to ``backend`` (name or Backend) and move the cached prediction; returns self."""
         if isinstance(backend, Backend) and dtype is None:

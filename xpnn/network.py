@@ -5,6 +5,8 @@ import pickle
 import tempfile
 
 from xpnn.backend import Backend, get_backend, make_backend
+from xpnn.layers.activations import SoftMax
+from xpnn.losses import CrossEntropyLoss
 
 
 class NeuralNetwork:
@@ -82,17 +84,30 @@ class NeuralNetwork:
 
     def backward(self):
         """Propagate the loss gradient down through every layer (updating parameters)."""
-        error_tensor = self.loss_layer.backward(self.label_tensor)
-        for layer in reversed(self.layers[1:]):
+        layers = self.layers
+        if self._softmax_feeds_cross_entropy():
+            # One fused step instead of the loss's and the SoftMax's backward (same result).
+            error_tensor = self.loss_layer.backward_through_softmax(self.label_tensor)
+            layers = layers[:-1]
+        else:
+            error_tensor = self.loss_layer.backward(self.label_tensor)
+        for layer in reversed(layers[1:]):
             error_tensor = layer.backward(error_tensor)
-        if self.layers:
+        if layers:
             # Nothing below the first layer needs its input gradient: let it skip that work.
-            first = self.layers[0]
+            first = layers[0]
             first.skip_input_gradient = True
             try:
                 first.backward(error_tensor)
             finally:
                 first.skip_input_gradient = False
+
+    def _softmax_feeds_cross_entropy(self):
+        """True when the last forward ran a plain SoftMax straight into a plain CrossEntropyLoss."""
+        last = self.layers[-1] if self.layers else None
+        return (type(last).backward is SoftMax.backward
+                and type(self.loss_layer).backward is CrossEntropyLoss.backward
+                and last._saved is not None and last._saved is self.loss_layer.prediction_tensor)
 
     def train(self, iterations):
         """Run ``iterations`` forward/backward passes in training phase, recording the loss."""

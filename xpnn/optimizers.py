@@ -6,6 +6,7 @@ the weights before the step. Hyper-parameters stay Python floats; state arrays
 live on the backend of the weights they belong to. Python scalars and 0-d
 arrays are accepted (``Sgd(1.).calculate_update(1., 1.)`` returns ``0.0``).
 """
+import math
 
 from array_api_compat import array_namespace
 
@@ -83,7 +84,12 @@ class SgdWithMomentum(Optimizer):
 
     def _step(self, weights, gradient):
         step = -self.learning_rate * gradient
-        self.velocity = step if self.velocity is None else self.momentum_rate * self.velocity + step
+        if self.velocity is None or self.velocity.shape != weights.shape:
+            self.velocity = step
+        else:
+            # In place: the velocity is this optimizer's own array.
+            self.velocity *= self.momentum_rate
+            self.velocity += step
         return weights + self.velocity
 
 
@@ -108,15 +114,26 @@ class Adam(Optimizer):
 
     def _step(self, weights, gradient):
         xp = array_namespace(weights)
-        if self.first_moment is None:
+        if self.first_moment is None or self.first_moment.shape != weights.shape:
             self.first_moment = xp.zeros_like(weights)
             self.second_moment = xp.zeros_like(weights)
         self.step_count += 1
-        self.first_moment = self.mu * self.first_moment + (1.0 - self.mu) * gradient
-        self.second_moment = self.rho * self.second_moment + (1.0 - self.rho) * (gradient * gradient)
+        # The moments are this optimizer's own arrays: update them in place
+        # (fewer temporaries; this step runs once per parameter per iteration).
+        first, second = self.first_moment, self.second_moment
+        first *= self.mu
+        first += (1.0 - self.mu) * gradient
+        squared = gradient * gradient
+        squared *= 1.0 - self.rho
+        second *= self.rho
+        second += squared
         # Bias corrections are Python floats computed on the host: no device sync.
+        # m_hat / (sqrt(r_hat) + eps) = (m / c1) / (sqrt(r) / sqrt(c2) + eps)
         first_correction = 1.0 - self.mu ** self.step_count
         second_correction = 1.0 - self.rho ** self.step_count
-        first_hat = self.first_moment / first_correction
-        second_hat = self.second_moment / second_correction
-        return weights - self.learning_rate * first_hat / (xp.sqrt(second_hat) + self.epsilon)
+        denominator = xp.sqrt(second)
+        denominator *= 1.0 / math.sqrt(second_correction)
+        denominator += self.epsilon
+        step = first / denominator
+        step *= self.learning_rate / first_correction
+        return weights - step

@@ -22,6 +22,8 @@ convolutions for free, and turning such a view back into ``(c, y, x, b)`` is
 free too. An input in the ordinary C order is transposed once (one copy).
 Values never depend on the layout; only strides do.
 """
+import functools
+
 import numpy as np
 
 from xpnn.ops import Ops
@@ -38,10 +40,17 @@ def batch_outermost(t):
     return np.transpose(t, (t.ndim - 1,) + tuple(range(t.ndim - 1)))
 
 
-def _offset_slices(offset, strides, output_shape):
-    """Spatial slices picking the window entries at ``offset`` for every output position."""
-    return tuple(slice(o, o + s * (m - 1) + 1, s)
-                 for o, s, m in zip(offset, strides, output_shape))
+@functools.lru_cache(maxsize=256)
+def _window_indices(kernel_shape, strides, output_shape):
+    """Index of a ``(c, y, x, b)`` array per kernel offset ``(i, j)``, row-major over the kernel.
+
+    The index for offset ``(i, j)`` picks, for every output position, the input
+    entry at that offset of its window: ``i, i + s, ..., i + s*(m - 1)`` per axis.
+    """
+    return tuple(
+        ((i, j), (slice(None),) + tuple(slice(o, o + s * (m - 1) + 1, s)
+                                        for o, s, m in zip((i, j), strides, output_shape)))
+        for i in range(kernel_shape[0]) for j in range(kernel_shape[1]))
 
 
 class NumpyOps(Ops):
@@ -188,9 +197,8 @@ def _im2col(inputs, kernel_shape, strides, padding, output_shape):
     _interior(padded, inputs.shape, padding)[...] = inputs
     channels, batch = inputs.shape[0], inputs.shape[3]
     columns = np.empty((channels,) + kernel_shape + output_shape + (batch,), dtype=inputs.dtype)
-    for i in range(kernel_shape[0]):
-        for j in range(kernel_shape[1]):
-            columns[:, i, j] = padded[(slice(None),) + _offset_slices((i, j), strides, output_shape)]
+    for (i, j), index in _window_indices(kernel_shape, strides, output_shape):
+        columns[:, i, j] = padded[index]
     return np.reshape(columns, (columns.shape[0] * kernel_shape[0] * kernel_shape[1], -1))
 
 
@@ -199,7 +207,6 @@ def _col2im(column_gradient, input_shape, kernel_shape, strides, padding, output
     channels, batch = input_shape[0], input_shape[3]
     windows = np.reshape(column_gradient, (channels,) + kernel_shape + output_shape + (batch,))
     padded = _padded(input_shape, padding, column_gradient.dtype)
-    for i in range(kernel_shape[0]):
-        for j in range(kernel_shape[1]):
-            padded[(slice(None),) + _offset_slices((i, j), strides, output_shape)] += windows[:, i, j]
+    for (i, j), index in _window_indices(kernel_shape, strides, output_shape):
+        padded[index] += windows[:, i, j]
     return _interior(padded, input_shape, padding)

@@ -151,6 +151,37 @@ def test_other_pooling_windows_use_the_generic_path(numpy_pair, pool_shape, stri
                                   generic.max_pool_backward(error, generic_cache))
 
 
+# -- batch normalization ------------------------------------------------------------------
+
+BN_SHAPES = [(2, 3, 7, 5), (4, 6, 28, 28), (1, 2, 1, 3), (8, 5)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=["x".join(map(str, s)) for s in BN_SHAPES])
+@pytest.mark.parametrize("phase", ["batch-statistics", "given-statistics"])
+def test_batch_norm_matches_generic(numpy_pair, shape, phase):
+    fast, generic, dtype = numpy_pair
+    channels = shape[1]
+    axes = (0,) if len(shape) == 2 else (0, 2, 3)
+    x = _random(shape, dtype) * 3.0 + 1.5
+    gamma, beta = _random((channels,), dtype, 1), _random((channels,), dtype, 2)
+    given = None
+    if phase == "given-statistics":
+        given = (_random((channels,), dtype, 4), np.abs(_random((channels,), dtype, 5)) + 0.5)
+    expected, expected_statistics, generic_cache = generic.batch_norm_forward(
+        x, gamma, beta, 1e-5, axes, given)
+    error = _random(shape, dtype, 3)
+    expected_gradients = generic.batch_norm_backward(error, gamma, generic_cache)
+    for layout, x_in in _layouts(x).items():
+        for error_in in _layouts(error).values():
+            output, statistics, cache = fast.batch_norm_forward(x_in, gamma, beta, 1e-5, axes, given)
+            _close(output, expected, dtype)
+            for actual, reference in zip(statistics, expected_statistics):
+                _close(actual, reference, dtype)
+            gradients = fast.batch_norm_backward(error_in, gamma, cache)
+            for actual, reference in zip(gradients, expected_gradients):
+                _close(actual, reference, dtype)
+
+
 # -- ReLU -------------------------------------------------------------------------------
 
 def _special_values(shape, dtype):

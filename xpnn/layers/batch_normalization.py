@@ -52,10 +52,8 @@ class BatchNormalization(TrainableLayer):
         self.running_mean = None
         self.running_variance = None
         self._image_shape = None
-        self._normalized = None      # x̂ of the last forward, the input's shape
-        self._inverse_std = None     # 1 / sqrt(variance + eps), broadcastable per channel
-        self._axes = None            # the axes the statistics ran over
-        self._testing_forward = False
+        self._cache = None           # what backend.ops needs for backward (opaque)
+        self._forward_shape = None   # shape of the last forward input
         self.initialize()
 
     def initialize(self, weights_initializer=None, bias_initializer=None):
@@ -113,38 +111,26 @@ class BatchNormalization(TrainableLayer):
     # -- passes ------------------------------------------------------------------
     def forward(self, input_tensor):
         """Normalize with batch statistics (training) or the running ones (testing phase)."""
-        xp = self.backend.xp
         input_tensor = self._as_input(input_tensor)
         self._check_input(input_tensor, "input")
-        axes, vector_shape = self._layout(input_tensor)
-        self._testing_forward = self.testing_phase
-        if self.testing_phase:
-            mean, variance = (xp.reshape(statistic, vector_shape)
-                              for statistic in self._inference_statistics())
-            centered = input_tensor - mean
-        else:
-            centered, variance = self._batch_statistics(input_tensor, axes)
-        self._axes = axes
-        self._inverse_std = 1.0 / xp.sqrt(variance + self.eps)
-        self._normalized = centered * self._inverse_std
-        return (xp.reshape(self._weights, vector_shape) * self._normalized
-                + xp.reshape(self._bias, vector_shape))
+        axes, _ = self._layout(input_tensor)
+        given = self._inference_statistics() if self.testing_phase else None
+        # The array work lives in backend.ops (NumPy has a faster one for images).
+        output, (mean, variance), self._cache = self.backend.ops.batch_norm_forward(
+            input_tensor, self._weights, self._bias, self.eps, axes, given)
+        self._forward_shape = tuple(input_tensor.shape)
+        if not self.testing_phase:
+            self._update_running_statistics(mean, variance)
+        return output
 
-    def _batch_statistics(self, input_tensor, axes):
-        """Return (input - batch mean, biased batch variance); update the running statistics."""
-        xp = self.backend.xp
-        mean = xp.mean(input_tensor, axis=axes, keepdims=True)
-        centered = input_tensor - mean
-        variance = xp.mean(centered * centered, axis=axes, keepdims=True)
-        mean_vector = xp.reshape(mean, (self.channels,))
-        variance_vector = xp.reshape(variance, (self.channels,))
+    def _update_running_statistics(self, mean, variance):
+        """First batch: its statistics; then ``decay * running + (1 - decay) * batch``."""
         if self.running_mean is None:
-            self.running_mean, self.running_variance = mean_vector, variance_vector
+            self.running_mean, self.running_variance = mean, variance
         else:
             keep, take = self.decay, 1.0 - self.decay
-            self.running_mean = keep * self.running_mean + take * mean_vector
-            self.running_variance = keep * self.running_variance + take * variance_vector
-        return centered, variance
+            self.running_mean = keep * self.running_mean + take * mean
+            self.running_variance = keep * self.running_variance + take * variance
 
     def _inference_statistics(self):
         if self.running_mean is not None:
@@ -154,29 +140,24 @@ class BatchNormalization(TrainableLayer):
                 xp.ones((self.channels,), dtype=backend.dtype, device=backend.device))
 
     def backward(self, error_tensor):
-        """Gradients for γ, β and the input; then the optimizer step when one is set."""
-        if self._normalized is None:
+        """Gradients for γ, β and the input; then the optimizer step when one is set.
+
+        In training the batch statistics depend on the input (standard
+        derivation); after a testing-phase forward they are constants.
+        """
+        if self._cache is None:
             raise RuntimeError("BatchNormalization: backward called before forward")
         error_tensor = self._as_input(error_tensor)
-        if tuple(error_tensor.shape) != tuple(self._normalized.shape):
+        if tuple(error_tensor.shape) != self._forward_shape:
             raise ValueError(
                 f"BatchNormalization: error tensor shape {tuple(error_tensor.shape)} does not "
-                f"match the last forward pass's {tuple(self._normalized.shape)}")
-        xp = self.backend.xp
-        self.gradient_weights = xp.sum(error_tensor * self._normalized, axis=self._axes)
-        self.gradient_bias = xp.sum(error_tensor, axis=self._axes)
-        input_error = self._input_gradient(error_tensor)
+                f"match the last forward pass's {self._forward_shape}")
+        input_error, self.gradient_weights, self.gradient_bias = self.backend.ops.batch_norm_backward(
+            error_tensor, self._weights, self._cache)
         self._update_parameters()
         return input_error
 
-    def _input_gradient(self, error_tensor):
-        """dL/dx; in training the batch statistics depend on x (standard derivation)."""
-        xp = self.backend.xp
-        gamma = xp.reshape(self._weights, tuple(self._inverse_std.shape))
-        normalized_error = error_tensor * gamma
-        if self._testing_forward:
-            return normalized_error * self._inverse_std
-        # dx = (dx̂ - mean(dx̂) - x̂ · mean(dx̂ · x̂)) / sqrt(var + eps), means per channel
-        mean_error = xp.mean(normalized_error, axis=self._axes, keepdims=True)
-        mean_projection = xp.mean(normalized_error * self._normalized, axis=self._axes, keepdims=True)
-        return (normalized_error - mean_error - self._normalized * mean_projection) * self._inverse_std
+    def to(self, backend, dtype=None):
+        """Move parameters, running statistics and optimizer state; the forward cache is dropped."""
+        self._cache = None
+        return super().to(backend, dtype)

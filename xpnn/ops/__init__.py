@@ -5,6 +5,7 @@ that overrides a method with a library-specific fast path, but only where a
 benchmark shows it pays, and always with a test that compares it against the
 generic method here (the reference).
 """
+from xpnn.ops import batch_norm as _batch_norm
 from xpnn.ops import conv as _conv
 from xpnn.ops import pooling as _pooling
 from xpnn.ops import windows as _windows
@@ -72,6 +73,15 @@ class Ops:
         if mask.dtype != self.xp.bool:
             mask = mask != 0  # another backend's mask form (the layer was moved)
         return self.xp.where(mask, error, 0.0)
+
+    # -- batch normalization ----------------------------------------------------
+    def batch_norm_forward(self, x, gamma, beta, eps, axes, statistics=None):
+        """Output, statistics used and an opaque cache: see :func:`xpnn.ops.batch_norm.batch_norm_forward`."""
+        return _batch_norm.batch_norm_forward(self.xp, x, gamma, beta, eps, tuple(axes), statistics)
+
+    def batch_norm_backward(self, error, gamma, cache):
+        """(input, gamma, beta) gradients: see :func:`xpnn.ops.batch_norm.batch_norm_backward`."""
+        return _batch_norm.batch_norm_backward(self.xp, error, gamma, cache)
 
     # -- max pooling ("valid") ------------------------------------------------
     def max_pool_forward(self, x, pool_shape, strides):

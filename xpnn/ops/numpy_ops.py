@@ -128,6 +128,54 @@ class NumpyOps(Ops):
             mask = mask.astype(integer)
         return np.bitwise_and(error.view(integer), mask).view(error.dtype)
 
+    # -- batch normalization ----------------------------------------------------
+    def batch_norm_forward(self, x, gamma, beta, eps, axes, statistics=None):
+        """Same contract as :meth:`xpnn.ops.Ops.batch_norm_forward` (cache differs; opaque).
+
+        Images are normalized as a ``(c, y*x*b)`` matrix (free for the
+        batch-innermost views the other fast paths return): every reduction
+        runs along contiguous rows, where the generic reduction over axes
+        (0, 2, 3) walks the array with strides (~7x slower here).
+        """
+        if x.ndim != 4 or tuple(axes) != (0, 2, 3):
+            return super().batch_norm_forward(x, gamma, beta, eps, axes, statistics)
+        inputs = batch_innermost(x)
+        rows = np.reshape(inputs, (inputs.shape[0], -1))
+        if statistics is None:
+            mean = np.mean(rows, axis=1)
+            normalized = rows - mean[:, None]
+            variance = np.mean(np.square(normalized), axis=1)
+        else:
+            mean, variance = statistics
+            normalized = rows - mean[:, None]
+        inverse_std = 1.0 / np.sqrt(variance + eps)
+        normalized *= inverse_std[:, None]
+        output = normalized * gamma[:, None]
+        output += beta[:, None]
+        cache = _NormCache((normalized, inverse_std, statistics is None))
+        return batch_outermost(np.reshape(output, inputs.shape)), (mean, variance), cache
+
+    def batch_norm_backward(self, error, gamma, cache):
+        """Same contract as :meth:`xpnn.ops.Ops.batch_norm_backward`."""
+        if not isinstance(cache, _NormCache):
+            return super().batch_norm_backward(error, gamma, cache)
+        normalized, inverse_std, batch_statistics = cache
+        errors = batch_innermost(error)
+        rows = np.reshape(errors, normalized.shape)
+        gradient_beta = np.sum(rows, axis=1)
+        gradient_gamma = np.sum(rows * normalized, axis=1)
+        scale = gamma * inverse_std
+        if not batch_statistics:
+            gradient = rows * scale[:, None]
+        else:
+            # (e - mean(e) - x̂ mean(e x̂)) γ / σ: γ is per channel, so it factors out of the means.
+            count = normalized.shape[1]
+            gradient = normalized * (gradient_gamma / count)[:, None]
+            np.subtract(rows, gradient, out=gradient)
+            gradient -= (gradient_beta / count)[:, None]
+            gradient *= scale[:, None]
+        return batch_outermost(np.reshape(gradient, errors.shape)), gradient_gamma, gradient_beta
+
     # -- max pooling ----------------------------------------------------------
     def max_pool_forward(self, x, pool_shape, strides):
         """Same contract as :meth:`xpnn.ops.Ops.max_pool_forward` (cache differs; opaque)."""
@@ -168,6 +216,10 @@ def _same_width_integer(dtype):
 
 class _ConvCache(tuple):
     """(columns, input shape (c, y, x, b), kernel shape, strides, padding)."""
+
+
+class _NormCache(tuple):
+    """(x̂ as a (c, y*x*b) matrix, 1/sqrt(variance + eps) (c,), batch statistics used)."""
 
 
 class _PoolCache(tuple):

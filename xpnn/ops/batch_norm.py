@@ -1,0 +1,71 @@
+"""Batch normalization's array work (array API standard only).
+
+Statistics are per channel (axis 1) over ``axes`` (the batch axis, and the
+spatial axes of an image): reducing an image over ``(0, 2, 3)`` in place gives
+exactly the statistics of its ``(b*y*x, channels)`` reformatted matrix over
+rows, without the transposing copies.
+"""
+
+
+def _vector_shape(ndim, channels):
+    """Shape in which a per-channel vector broadcasts against the input: ``(1, c[, 1, 1])``."""
+    return (1, channels) + (1,) * (ndim - 2)
+
+
+def batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None):
+    """Normalize ``x`` per channel, then scale by ``gamma`` and shift by ``beta``.
+
+    Parameters
+    ----------
+    x : array, shape ``(b, c)`` or ``(b, c, y, x)``
+    gamma, beta : arrays, shape ``(c,)``
+    eps : float
+        Added to the variance before the square root.
+    axes : tuple of int
+        The axes the statistics run over (every axis but 1).
+    statistics : (mean, variance) of shape ``(c,)``, optional
+        Use these (testing phase); by default the batch's own (biased)
+        statistics are computed (training).
+
+    Returns
+    -------
+    output : array, the shape of ``x``
+    statistics : (mean, variance), shape ``(c,)`` each
+        The statistics used.
+    cache : tuple
+        What :func:`batch_norm_backward` needs; opaque to callers.
+    """
+    channels = x.shape[1]
+    vector_shape = _vector_shape(x.ndim, channels)
+    if statistics is None:
+        mean = xp.mean(x, axis=axes, keepdims=True)
+        centered = x - mean
+        variance = xp.mean(centered * centered, axis=axes, keepdims=True)
+    else:
+        mean, variance = (xp.reshape(statistic, vector_shape) for statistic in statistics)
+        centered = x - mean
+    inverse_std = 1.0 / xp.sqrt(variance + eps)
+    normalized = centered * inverse_std
+    output = xp.reshape(gamma, vector_shape) * normalized + xp.reshape(beta, vector_shape)
+    used = (xp.reshape(mean, (channels,)), xp.reshape(variance, (channels,)))
+    return output, used, (normalized, inverse_std, axes, statistics is None)
+
+
+def batch_norm_backward(xp, error, gamma, cache):
+    """Gradients of :func:`batch_norm_forward`: ``(input, gamma, beta)``.
+
+    With batch statistics (training) the mean and variance depend on the
+    input (standard derivation); with given statistics they are constants.
+    """
+    normalized, inverse_std, axes, batch_statistics = cache
+    gradient_gamma = xp.sum(error * normalized, axis=axes)
+    gradient_beta = xp.sum(error, axis=axes)
+    normalized_error = error * xp.reshape(gamma, tuple(inverse_std.shape))
+    if not batch_statistics:
+        return normalized_error * inverse_std, gradient_gamma, gradient_beta
+    # dx = (dx̂ - mean(dx̂) - x̂ · mean(dx̂ · x̂)) / sqrt(var + eps), means per channel
+    mean_error = xp.mean(normalized_error, axis=axes, keepdims=True)
+    mean_projection = xp.mean(normalized_error * normalized, axis=axes, keepdims=True)
+    gradient_input = (normalized_error - mean_error - normalized * mean_projection) * inverse_std
+    return gradient_input, gradient_gamma, gradient_beta
+

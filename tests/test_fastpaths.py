@@ -14,6 +14,7 @@ from xpnn.backend import make_backend
 from xpnn.models import lenet
 from xpnn.ops import Ops
 from xpnn.ops.numpy_ops import NumpyOps
+from xpnn.ops.threads import split_range
 
 DTYPES = ["float32", "float64"]
 RTOL = {"float32": 2e-5, "float64": 1e-12}
@@ -32,12 +33,27 @@ CONV_CASES = [
 CONV_IDS = ["x".join(map(str, shape)) + f"-k{kernel}-s{strides}" for shape, kernel, strides in CONV_CASES]
 
 
-@pytest.fixture(params=DTYPES)
+@pytest.fixture(params=[("float32", 1), ("float64", 1), ("float32", 3), ("float64", 2)],
+                ids=["float32", "float64", "float32-3threads", "float64-2threads"])
 def numpy_pair(request):
-    """(fast ops, generic ops, dtype name) on the NumPy backend."""
-    backend = make_backend("cpu", request.param)
+    """(fast ops, generic ops, dtype name) on the NumPy backend; the fast ops split in threads."""
+    dtype, threads = request.param
+    backend = make_backend("cpu", dtype)
     assert isinstance(backend.ops, NumpyOps)
-    return backend.ops, Ops(backend), request.param
+    fast = NumpyOps(backend, threads=threads)
+    # Split even the small test arrays, so the parts really run on the helper threads.
+    return _SplitAlways(fast), Ops(backend), dtype
+
+
+class _SplitAlways:
+    """A NumpyOps whose operations split into its threads whatever their size."""
+
+    def __init__(self, ops):
+        self._ops = ops
+        ops._parts = lambda length, elements: split_range(length, ops.threads)
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
 
 
 def _random(shape, dtype, seed=0):
@@ -79,6 +95,40 @@ def test_conv_forward_and_backward_match_generic(numpy_pair, shape, kernel_shape
                                                expected_gradients):
                 assert actual.shape == reference.shape, (layout, error_layout, name)
                 _close(actual, reference, dtype)
+
+
+@pytest.mark.parametrize("shape, kernel_shape, strides", CONV_CASES, ids=CONV_IDS)
+def test_testing_phase_conv_forward_in_chunks_matches_generic(numpy_pair, monkeypatch, shape,
+                                                               kernel_shape, strides):
+    import xpnn.ops.numpy_ops as numpy_ops
+
+    fast, generic, dtype = numpy_pair
+    # Chunks of one or two samples: several chunks per batch, split over the threads.
+    monkeypatch.setattr(numpy_ops, "CHUNK_BYTES", 1)
+    weights = _random((4, shape[1]) + kernel_shape, dtype, seed=1)
+    bias = _random((4,), dtype, seed=2)
+    x = _random(shape, dtype)
+    expected, generic_cache = generic.conv_forward(x, weights, bias, strides)
+    output, cache = fast.conv_forward(_layouts(x)["batch-innermost"], weights, bias, strides,
+                                      need_backward=False)
+    _close(output, expected, dtype)
+    # A backward pass after it (rebuilding the columns) still gives the gradients.
+    error = _random(expected.shape, dtype, seed=3)
+    for actual, reference in zip(fast.conv_backward(error, weights, cache),
+                                 generic.conv_backward(error, weights, generic_cache)):
+        _close(actual, reference, dtype)
+
+
+def test_testing_phase_conv_cache_does_not_alias_the_input():
+    backend = make_backend("cpu", "float64")
+    x, weights, bias = _random((2, 3, 6, 5), "float64"), _random((2, 3, 3, 3), "float64", 1), \
+        _random((2,), "float64", 2)
+    _, cache = backend.ops.conv_forward(x, weights, bias, (1, 1), need_backward=False)
+    _, reference_cache = Ops(backend).conv_forward(x, weights, bias, (1, 1))
+    x[...] = 0.0   # the caller reuses its buffer before calling backward
+    error = _random((2, 2, 6, 5), "float64", 3)
+    np.testing.assert_allclose(backend.ops.conv_backward(error, weights, cache)[1],
+                               Ops(backend).conv_backward(error, weights, reference_cache)[1])
 
 
 @pytest.mark.parametrize("shape, kernel_shape, strides", CONV_CASES[:3] + CONV_CASES[-1:],

@@ -78,7 +78,8 @@ class Conv(TrainableLayer):
         input_tensor = self._as_input(input_tensor)
         self._check_input(tuple(input_tensor.shape))
         output, self._cache = self.backend.ops.conv_forward(
-            input_tensor, self.weights, self.bias, self.stride_shape)
+            input_tensor, self.weights, self.bias, self.stride_shape,
+            need_backward=not self.testing_phase)
         self._input_shape = tuple(input_tensor.shape)
         return output
 

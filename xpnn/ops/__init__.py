@@ -46,8 +46,12 @@ class Ops:
         return _conv.col2im(self.xp, self.backend.device, columns, tuple(spatial_shape),
                             tuple(kernel_shape), tuple(strides))
 
-    def conv_forward(self, x, weights, bias, strides):
-        """Convolution output and an opaque cache: see :func:`xpnn.ops.conv.conv_forward`."""
+    def conv_forward(self, x, weights, bias, strides, need_backward=True):
+        """Convolution output and an opaque cache: see :func:`xpnn.ops.conv.conv_forward`.
+
+        ``need_backward=False`` (testing phase) lets a fast path use a cheaper
+        forward; :meth:`conv_backward` must still work with that cache.
+        """
         return _conv.conv_forward(self.xp, self.backend.device, x, weights, bias, tuple(strides))
 
     def conv_backward(self, error, weights, cache, input_gradient=True):

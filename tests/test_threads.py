@@ -1,0 +1,79 @@
+"""The helper-thread team behind the CPU backend's multi-threaded operations."""
+import multiprocessing
+import threading
+
+import pytest
+
+from xpnn.ops.threads import Team, split_range
+
+
+@pytest.mark.parametrize("length, parts, expected", [
+    (10, 2, [(0, 5), (5, 10)]),
+    (7, 3, [(0, 2), (2, 4), (4, 7)]),
+    (1, 4, [(0, 1)]),
+    (5, 1, [(0, 5)]),
+])
+def test_split_range(length, parts, expected):
+    assert split_range(length, parts) == expected
+
+
+def test_parts_run_on_different_threads_and_results_keep_their_order():
+    team = Team(3)
+    names = team.run(lambda part: (part, threading.current_thread().name), [0, 1, 2])
+    assert [part for part, _ in names] == [0, 1, 2]
+    assert len({name for _, name in names}) == 3
+    assert names[0][1] == threading.current_thread().name   # the caller runs the first part
+
+
+def test_parts_really_overlap():
+    team = Team(2)
+    barrier = threading.Barrier(2, timeout=10)
+    # Each part waits for the other: this only finishes if they run at the same time.
+    assert team.run(lambda part: barrier.wait() is not None, [0, 1]) == [True, True]
+
+
+def test_an_exception_is_raised_after_every_part_finished():
+    team = Team(2)
+    finished = []
+
+    def task(part):
+        if part == 0:
+            raise KeyError("part 0")
+        threading.Event().wait(0.05)
+        finished.append(part)
+        return part
+
+    with pytest.raises(KeyError, match="part 0"):
+        team.run(task, [0, 1])
+    assert finished == [1]
+    assert team.run(lambda part: part * 2, [1, 2]) == [2, 4]   # the team still works
+
+
+def test_a_helper_exception_reaches_the_caller():
+    with pytest.raises(ValueError, match="helper"):
+        Team(2).run(lambda part: (_ for _ in ()).throw(ValueError("helper")) if part else 0, [0, 1])
+
+
+def test_nested_calls_run_inline_and_too_many_parts_are_refused():
+    team = Team(2)
+    assert team.run(lambda part: team.run(lambda inner: inner + part, [10, 20]), [0, 1]) == [
+        [10, 20], [11, 21]]
+    with pytest.raises(ValueError, match="3 parts"):
+        team.run(lambda part: part, [0, 1, 2])
+
+
+def _child(team, queue):
+    queue.put(team.run(lambda part: part + 1, [1, 2]))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_forked_child_starts_its_own_helpers():
+    team = Team(2)
+    assert team.run(lambda part: part, [0, 1]) == [0, 1]   # helpers started in the parent
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(team, queue))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == [2, 3]

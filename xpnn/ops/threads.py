@@ -1,0 +1,89 @@
+"""A small team of helper threads that run the parts of one job at the same time.
+
+The CPU backend splits its hot operations (convolution, pooling, ReLU, batch
+normalization) into independent parts, e.g. halves of the output rows or of
+the channels. NumPy releases the GIL inside its loops and BLAS calls, so the
+parts run on separate cores. The calling thread runs the first part itself;
+each other part goes to one long-lived helper thread (daemon, started on first
+use and again in a forked child process).
+"""
+import os
+import queue
+import threading
+
+
+def split_range(length, parts):
+    """``(start, stop)`` of up to ``parts`` nearly equal, non-empty pieces of ``range(length)``."""
+    parts = max(1, min(int(parts), int(length)))
+    bounds = [length * index // parts for index in range(parts + 1)]
+    return [(bounds[index], bounds[index + 1]) for index in range(parts)]
+
+
+class Team:
+    """Run ``task(part)`` for a few parts at once.
+
+    Parameters
+    ----------
+    size : int
+        The most parts run at once (the caller plus ``size - 1`` helpers).
+    """
+
+    def __init__(self, size):
+        self.size = max(1, int(size))
+        self._helpers = []
+        self._pid = None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def run(self, task, parts):
+        """Return ``[task(part) for part in parts]``, the parts computed at the same time.
+
+        At most :attr:`size` parts. The first exception any part raised is
+        re-raised once every part has finished (parts may write into shared
+        output arrays, so none may still be running when the caller goes on).
+        A call from inside a part runs its parts one after the other.
+        """
+        parts = list(parts)
+        if len(parts) > self.size:
+            raise ValueError(f"Team.run: {len(parts)} parts for a team of {self.size}")
+        if len(parts) <= 1 or getattr(self._local, "helping", False):
+            return [task(part) for part in parts]
+        results = queue.SimpleQueue()
+        for index, (part, jobs) in enumerate(zip(parts[1:], self._job_queues()), start=1):
+            jobs.put((task, part, index, results))
+        outcomes = [_outcome(task, parts[0], 0)]
+        outcomes += [results.get() for _ in parts[1:]]
+        outcomes.sort(key=lambda outcome: outcome[0])
+        for _, _, error in outcomes:
+            if error is not None:
+                raise error
+        return [value for _, value, _ in outcomes]
+
+    def _job_queues(self):
+        """The helpers' job queues, (re)starting the helpers in a new process."""
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a fork: the helpers did not survive
+                self._pid = os.getpid()
+                self._helpers = [self._start_helper(index) for index in range(1, self.size)]
+            return self._helpers
+
+    def _start_helper(self, index):
+        jobs = queue.SimpleQueue()
+        thread = threading.Thread(target=self._serve, args=(jobs,), daemon=True,
+                                  name=f"xpnn-cpu-helper-{index}")
+        thread.start()
+        return jobs
+
+    def _serve(self, jobs):
+        self._local.helping = True
+        while True:
+            task, part, index, results = jobs.get()
+            results.put(_outcome(task, part, index))
+
+
+def _outcome(task, part, index):
+    """``(index, value, None)``, or ``(index, None, error)`` when ``task`` raised."""
+    try:
+        return index, task(part), None
+    except BaseException as error:  # handed to the caller, who re-raises it
+        return index, None, error

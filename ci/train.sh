@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
-exec .venv/bin/xpnn-train "$@"
+# --overwrite: running this command again starts afresh in runs/lenet instead of
+# refusing to replace its checkpoint (use xpnn-train --resume to continue one).
+exec .venv/bin/xpnn-train --overwrite "$@"

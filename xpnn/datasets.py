@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xpnn._files import _current_umask, atomic_write_bytes  # noqa: F401 (re-exported)
 from xpnn.backend import get_backend, make_backend
 
 # -- the IDX format ------------------------------------------------------------
@@ -163,30 +164,6 @@ def write_idx(path, array, compress=None):
     if compress:
         payload = gzip.compress(payload, mtime=0)
     atomic_write_bytes(path, payload)
-
-
-def _current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path, payload):
-    """Write ``payload`` to ``path`` through a temporary file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-    try:
-        # mkstemp creates the file private (0600); give it the usual umask-based mode.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 # -- MNIST-format data sets ------------------------------------------------------

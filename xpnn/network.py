@@ -1,9 +1,8 @@
 """The network container (course API) and the course's pickle save/load."""
 import copy
-import os
 import pickle
-import tempfile
 
+from xpnn._files import atomic_write_bytes
 from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
@@ -158,7 +157,7 @@ def save(filename, net):
     # The last batch's labels may be device arrays (a GPU data layer): not model state.
     host_net.label_tensor = None
     host_net.to(make_backend("cpu", host_net.backend.dtype_name))
-    _atomic_write(filename, pickle.dumps(host_net, protocol=pickle.HIGHEST_PROTOCOL))
+    atomic_write_bytes(filename, pickle.dumps(host_net, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def load(filename, data_layer):
@@ -170,18 +169,3 @@ def load(filename, data_layer):
     if net.layers and net.backend.name != current.name:
         net.to(make_backend(current.name, net.backend.dtype_name, current.device_spec))
     return net
-
-
-def _atomic_write(filename, payload):
-    directory = os.path.dirname(os.path.abspath(filename))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, filename)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

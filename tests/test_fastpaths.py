@@ -50,7 +50,7 @@ class _SplitAlways:
 
     def __init__(self, ops):
         self._ops = ops
-        ops._parts = lambda length, elements: split_range(length, ops.threads)
+        ops._parts = lambda length, elements, minimum=0: split_range(length, ops.threads)
 
     def __getattr__(self, name):
         return getattr(self._ops, name)

@@ -111,14 +111,16 @@ class NeuralNetwork:
     def train(self, iterations):
         """Run ``iterations`` forward/backward passes in training phase, recording the loss."""
         self.phase = False
-        for _ in range(int(iterations)):
-            self.loss.append(self.forward())
-            self.backward()
+        with self.backend.ops.compute_scope():
+            for _ in range(int(iterations)):
+                self.loss.append(self.forward())
+                self.backward()
 
     def test(self, input_tensor):
         """Run the layers in testing phase; returns the last layer's output (SoftMax)."""
         self.phase = True
-        return self._run_layers(input_tensor)
+        with self.backend.ops.compute_scope():
+            return self._run_layers(input_tensor)
 
     def to(self, backend, dtype=None):
         """Move every layer's parameters and optimizer state to ``backend``; returns self.

@@ -5,6 +5,8 @@ that overrides a method with a library-specific fast path, but only where a
 benchmark shows it pays, and always with a test that compares it against the
 generic method here (the reference).
 """
+import contextlib
+
 from xpnn.ops import batch_norm as _batch_norm
 from xpnn.ops import conv as _conv
 from xpnn.ops import pooling as _pooling
@@ -23,6 +25,14 @@ class Ops:
     def __init__(self, backend):
         self.backend = backend
         self.xp = backend.xp
+
+    def compute_scope(self):
+        """Context manager around a whole training or inference pass of a network.
+
+        A backend may set up its threading there once instead of per operation;
+        the generic one does nothing.
+        """
+        return contextlib.nullcontext()
 
     # -- sliding windows (shared by convolution and pooling) -------------------
     def extract_windows(self, x, window_shape, strides, padding):

@@ -35,15 +35,21 @@ results do not depend on it beyond the order of floating-point sums.
 import contextlib
 import functools
 import os
+import threading
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from xpnn.ops import Ops
 from xpnn.ops.threads import Team, split_range
 from xpnn.ops.windows import same_padding, window_output_shape
 
-#: Operations on fewer elements than this run in one part (a hand-off costs ~20 µs).
-MIN_PARALLEL_ELEMENTS = 1 << 16
+#: Convolutions with fewer column entries than this run in one part (a hand-off to a
+#: helper thread costs 50-150 µs on a virtual machine).
+MIN_PARALLEL_COLUMNS = 1 << 18
+#: Element-wise operations (ReLU, pooling, batch norm) on fewer elements than this run
+#: in one part: at ~1 ns per element they gain less than the hand-off costs.
+MIN_PARALLEL_ELEMENTS = 1 << 21
 #: Columns per batch chunk of a testing-phase convolution: small enough to stay in cache.
 CHUNK_BYTES = 3 << 20
 
@@ -90,6 +96,7 @@ class NumpyOps(Ops):
     def __init__(self, backend, threads=None):
         super().__init__(backend)
         self._team = Team(1)
+        self._scoped = _Depth()
         self.threads = default_threads() if threads is None else threads
 
     @property
@@ -101,16 +108,35 @@ class NumpyOps(Ops):
         if int(count) != self._team.size:
             self._team = Team(int(count))
 
-    def _parts(self, length, elements):
-        """``(start, stop)`` pieces of ``range(length)``: one per thread for a large job."""
-        return split_range(length, self.threads if elements >= MIN_PARALLEL_ELEMENTS else 1)
+    def _parts(self, length, elements, minimum=MIN_PARALLEL_ELEMENTS):
+        """``(start, stop)`` pieces of ``range(length)``: one per thread for a job this large."""
+        return split_range(length, self.threads if elements >= minimum else 1)
+
+    @contextlib.contextmanager
+    def compute_scope(self):
+        """Keep BLAS to one thread for a whole pass when this splits operations into threads.
+
+        Otherwise every BLAS call outside the split operations (the fully
+        connected layers) wakes BLAS's own threads, which then spin-wait on the
+        cores the helper threads need.
+        """
+        controller = _blas_controller()
+        limit = self.threads > 1 and not self._scoped.depth and controller is not None
+        with controller.limit(limits=1) if limit else contextlib.nullcontext():
+            self._scoped.depth += 1
+            try:
+                yield
+            finally:
+                self._scoped.depth -= 1
 
     def _parallel(self, task, parts):
         """``[task(part) for part in parts]``, computed at the same time."""
         if len(parts) == 1:
             return [task(parts[0])]
         controller = _blas_controller()
-        with controller.limit(limits=1) if controller is not None else contextlib.nullcontext():
+        if self._scoped.depth or controller is None:
+            return self._team.run(task, parts)
+        with controller.limit(limits=1):
             return self._team.run(task, parts)
 
     # -- convolution ----------------------------------------------------------
@@ -151,15 +177,19 @@ class NumpyOps(Ops):
             flat_weights = np.reshape(weights, (weights.shape[0], -1))
             flat_output = np.reshape(output, (weights.shape[0], -1))
 
+        windows = _windows(padded, geometry)
+
         def output_rows(rows):
-            _im2col_rows(columns, padded, geometry, rows)
+            # One copy per part: a part that needs the GIL less often runs better beside another.
+            columns[:, :, :, rows[0]:rows[1]] = windows[:, :, :, rows[0]:rows[1]]
             if weights is not None:
                 block = geometry.column_block(rows)
                 np.matmul(flat_weights, flat_columns[:, block], out=flat_output[:, block])
                 flat_output[:, block] += np.reshape(bias, (-1, 1))
 
         rows = geometry.output_shape[0]
-        self._parallel(output_rows, self._parts(rows, columns.size) if parallel else [(0, rows)])
+        parts = self._parts(rows, columns.size, MIN_PARALLEL_COLUMNS) if parallel else [(0, rows)]
+        self._parallel(output_rows, parts)
         return columns, output
 
     def _conv_forward_in_chunks(self, inputs, weights, bias, geometry):
@@ -176,7 +206,8 @@ class NumpyOps(Ops):
                                                        parallel=False)
                 output[..., start:stop] = result
 
-        self._parallel(chunk_group, self._parts(len(chunks), output.size))
+        columns = geometry.columns_size(batch)
+        self._parallel(chunk_group, self._parts(len(chunks), columns, MIN_PARALLEL_COLUMNS))
         return output
 
     def conv_backward(self, error, weights, cache, input_gradient=True):
@@ -198,7 +229,7 @@ class NumpyOps(Ops):
         flat_error = np.reshape(batch_innermost(error), (weights.shape[0], -1))
         flat_weights = np.reshape(weights, (weights.shape[0], -1))
         flat_columns = np.reshape(columns, (flat_weights.shape[1], -1))
-        row_parts = self._parts(geometry.output_shape[0], columns.size)
+        row_parts = self._parts(geometry.output_shape[0], columns.size, MIN_PARALLEL_COLUMNS)
         # The input gradient splits by input channel: each part owns its channels' rows.
         channel_parts = split_range(geometry.channels, len(row_parts)) if input_gradient else []
         gradient = _padded(geometry.input_shape, geometry.padding, error.dtype) if input_gradient else None
@@ -386,6 +417,12 @@ def _channel_index(ndim, part):
     return (slice(None), slice(*part))
 
 
+class _Depth(threading.local):
+    """How many compute scopes the current thread is in."""
+
+    depth = 0
+
+
 class _ConvCache(tuple):
     """(columns, _Geometry)."""
 
@@ -463,12 +500,15 @@ def _window_indices(kernel_shape, strides, output_shape, rows):
         for i in range(kernel_shape[0]) for j in range(kernel_shape[1]))
 
 
-def _im2col_rows(columns, padded, geometry, rows):
-    """Fill the columns ``(c, m, n, y', x', b)`` of output rows ``rows`` from the padded input."""
-    indices = _window_indices(geometry.kernel_shape, geometry.strides, geometry.output_shape,
-                              tuple(rows))
-    for (i, j), index in indices:
-        columns[:, i, j, rows[0]:rows[1]] = padded[index]
+def _windows(padded, geometry):
+    """View ``(c, m, n, y', x', b)`` of a padded ``(c, y, x, b)`` input: every window entry.
+
+    Entry ``[ch, i, j, p, q, :]`` is the input at kernel offset ``(i, j)`` of the
+    window of output position ``(p, q)``: copying it gives the im2col columns.
+    """
+    windows = sliding_window_view(padded, geometry.kernel_shape, axis=(1, 2))
+    row_stride, column_stride = geometry.strides
+    return np.transpose(windows, (0, 4, 5, 1, 2, 3))[:, :, :, ::row_stride, ::column_stride]
 
 
 def _col2im_channels(padded, column_gradient, geometry):

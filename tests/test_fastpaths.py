@@ -433,3 +433,23 @@ def test_network_does_not_fuse_a_subclassed_softmax_or_loss():
         net.data_layer = _Batches(np.zeros((2, 3)), np.eye(3)[:2], 2)
         net.forward()
         assert not net._softmax_feeds_cross_entropy()
+
+
+def test_compute_scope_keeps_blas_to_one_thread_only_while_threaded():
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="BLAS threads are set through it")
+    backend = make_backend("cpu", "float32")
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    threaded = NumpyOps(backend, threads=2)
+    with threaded.compute_scope():
+        assert set(blas_threads()) == {1}
+        with threaded.compute_scope():       # nested: still one thread, restored once
+            assert set(blas_threads()) == {1}
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+    with NumpyOps(backend, threads=1).compute_scope(), Ops(backend).compute_scope():
+        assert blas_threads() == before

@@ -40,7 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=30, help="training iterations per round")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads for both: PyTorch intra-op threads and xpnn's CPU ops (NumpyOps.threads)")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-child", nargs=3, metavar=("FRAMEWORK", "VARIANT", "BATCH"),
@@ -118,11 +119,13 @@ class CyclingDataLayer:
 class XpnnRunner:
     """The same LeNet built by xpnn.models.lenet.build on the chosen backend."""
 
-    def __init__(self, backend_name, variant, batch_size, images, labels):
+    def __init__(self, backend_name, variant, batch_size, images, labels, threads=None):
         import xpnn
         from xpnn.models import lenet
 
         self.backend = xpnn.set_backend(backend_name, dtype="float32")
+        if threads is not None and hasattr(self.backend.ops, "threads"):
+            self.backend.ops.threads = threads  # the CPU backend's own threads, like PyTorch's
         options = dict(VARIANTS[variant])
         if options["batch_norm"]:
             options["batch_norm_eps"] = 1e-5
@@ -212,7 +215,7 @@ def memory_child(framework, variant, batch_size, backend_name, threads):
         torch.set_num_threads(threads)
         runner = TorchRunner(torch, _torch_device(backend_name), variant, batch_size, images, labels)
     else:
-        runner = XpnnRunner(backend_name, variant, batch_size, images, labels)
+        runner = XpnnRunner(backend_name, variant, batch_size, images, labels, threads)
     del images, labels
     runner.train(20)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
@@ -234,7 +237,8 @@ def machine_description(torch, backend_name):
 
     info = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
             "xpnn": xpnn.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg()}
     if backend_name in ("gpu", "cupy"):
         import cupy
 
@@ -260,7 +264,7 @@ def main(argv=None):
         for batch_size in args.batch_sizes:
             torch.manual_seed(0)
             np.random.seed(0)
-            xpnn_runner = XpnnRunner(args.backend, variant, batch_size, images, labels)
+            xpnn_runner = XpnnRunner(args.backend, variant, batch_size, images, labels, args.threads)
             torch_runner = TorchRunner(torch, _torch_device(args.backend), variant, batch_size, images, labels)
             summary = summarize(compare(xpnn_runner, torch_runner, args.rounds, args.iterations), batch_size)
             summary.update(variant=variant, batch_size=batch_size)
@@ -269,6 +273,10 @@ def main(argv=None):
                 summary["torch_peak_mib"] = peak_memory_mib("torch", variant, batch_size, args)
             results["runs"].append(summary)
             _print_row(summary)
+    import xpnn
+
+    results["machine"]["xpnn_threads"] = getattr(xpnn.get_backend().ops, "threads", None)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as stream:
             json.dump(results, stream, indent=2)

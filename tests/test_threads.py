@@ -77,3 +77,21 @@ def test_a_forked_child_starts_its_own_helpers():
     child.join(30)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == [2, 3]
+
+
+def test_helpers_see_the_callers_context_variables():
+    import contextvars
+
+    import numpy as np
+
+    flag = contextvars.ContextVar("flag", default="unset")
+    team = Team(2)
+    token = flag.set("caller")
+    try:
+        assert team.run(lambda part: flag.get(), [0, 1]) == ["caller", "caller"]
+        with np.errstate(over="raise"):
+            with pytest.raises(FloatingPointError):
+                team.run(lambda part: np.float32(3e38) * np.float32(part * 10), [0, 1])
+    finally:
+        flag.reset(token)
+    assert team.run(lambda part: flag.get(), [0, 1]) == ["unset", "unset"]

@@ -29,8 +29,13 @@ channels elsewhere) that a :class:`xpnn.ops.threads.Team` runs at the same
 time, one per core, with BLAS limited to one thread meanwhile (two BLAS calls
 each asking for every core would fight over them; this needs threadpoolctl).
 Small operations run in one part. ``NumpyOps.threads`` (default: the
-``XPNN_NUM_THREADS`` environment variable, else 1) sets the number of parts;
-results do not depend on it beyond the order of floating-point sums.
+``XPNN_NUM_THREADS`` environment variable, else the usable cores, at most 4)
+sets the number of parts; results do not depend on it beyond the order of
+floating-point sums. During a network's pass (:meth:`NumpyOps.compute_scope`)
+BLAS stays at one thread throughout: BLAS threads spin while they wait, which
+on a busy machine made training 2-3x slower (measured with one competing
+process: OpenBLAS on 2 threads 2.2-2.7x slower than one thread, these parts
+0.9-1.0x). ``XPNN_NUM_THREADS=1`` leaves BLAS its own threads instead.
 """
 import contextlib
 import functools
@@ -55,9 +60,21 @@ CHUNK_BYTES = 3 << 20
 
 
 def default_threads():
-    """``XPNN_NUM_THREADS`` if set, else 1 (splitting into threads is opt-in for now)."""
+    """``XPNN_NUM_THREADS`` if set, else the usable cores (at most 4); 1 without threadpoolctl.
+
+    Without threadpoolctl BLAS cannot be held to one thread while the parts
+    run, and two BLAS calls that each start threads on every core fight.
+    """
     configured = os.environ.get("XPNN_NUM_THREADS")
-    return max(1, int(configured)) if configured else 1
+    if configured:
+        return max(1, int(configured))
+    if _blas_controller() is None:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,8 +148,8 @@ class NumpyOps(Ops):
 
     def _parallel(self, task, parts):
         """``[task(part) for part in parts]``, computed at the same time."""
-        if len(parts) == 1:
-            return [task(parts[0])]
+        if len(parts) == 1 or self.threads == 1:
+            return [task(part) for part in parts]
         controller = _blas_controller()
         if self._scoped.depth or controller is None:
             return self._team.run(task, parts)
@@ -229,23 +246,23 @@ class NumpyOps(Ops):
         flat_error = np.reshape(batch_innermost(error), (weights.shape[0], -1))
         flat_weights = np.reshape(weights, (weights.shape[0], -1))
         flat_columns = np.reshape(columns, (flat_weights.shape[1], -1))
-        row_parts = self._parts(geometry.output_shape[0], columns.size, MIN_PARALLEL_COLUMNS)
-        # The input gradient splits by input channel: each part owns its channels' rows.
-        channel_parts = split_range(geometry.channels, len(row_parts)) if input_gradient else []
         gradient = _padded(geometry.input_shape, geometry.padding, error.dtype) if input_gradient else None
 
-        def part(index):
-            block = geometry.column_block(row_parts[index])
-            partial = (np.sum(flat_error[:, block], axis=1),
-                       np.matmul(flat_error[:, block], flat_columns[:, block].T))
-            if index < len(channel_parts):
-                start, stop = channel_parts[index]
-                rows = slice(start * geometry.kernel_size, stop * geometry.kernel_size)
-                column_gradient = np.matmul(flat_weights[:, rows].T, flat_error)
-                _col2im_channels(gradient[start:stop], column_gradient, geometry)
-            return partial
+        def job(rows):
+            if rows is None:  # the input gradient: a product, then col2im's 25 += into one buffer
+                _col2im_channels(gradient, np.matmul(flat_weights.T, flat_error), geometry)
+                return None
+            block = geometry.column_block(rows)
+            return (np.sum(flat_error[:, block], axis=1),
+                    np.matmul(flat_error[:, block], flat_columns[:, block].T))
 
-        partials = self._parallel(part, list(range(len(row_parts))))
+        # One part computes the input gradient (many short calls) on this thread while the
+        # others split the weight gradient by output rows (two long calls each, GIL released).
+        parts = len(self._parts(geometry.output_shape[0], columns.size, MIN_PARALLEL_COLUMNS))
+        weight_parts = split_range(geometry.output_shape[0],
+                                   parts - 1 if input_gradient and parts > 1 else parts)
+        jobs = ([None] if input_gradient else []) + weight_parts
+        partials = [p for p in self._parallel(job, jobs) if p is not None]
         gradient_bias = functools.reduce(np.add, (p[0] for p in partials))
         gradient_weights = np.reshape(functools.reduce(np.add, (p[1] for p in partials)),
                                       weights.shape)
@@ -484,19 +501,18 @@ def _interior(padded, shape, padding):
     return padded[:, top:top + shape[1], left:left + shape[2], :]
 
 
-@functools.lru_cache(maxsize=1024)
-def _window_indices(kernel_shape, strides, output_shape, rows):
-    """Per kernel offset ``(i, j)``: where output rows ``rows`` find it in the padded input.
+@functools.lru_cache(maxsize=256)
+def _window_indices(kernel_shape, strides, output_shape):
+    """Per kernel offset ``(i, j)``: where every output position finds it in the padded input.
 
-    Returns ``((i, j), index)`` pairs, ``index`` picking rows
-    ``i + s*start, ..., i + s*(stop - 1)`` and columns ``j, j + t, ...,
-    j + t*(x' - 1)`` of a padded ``(c, y, x, b)`` array.
+    Returns ``((i, j), index)`` pairs, ``index`` picking rows ``i, i + s, ...,
+    i + s*(y' - 1)`` and columns ``j, j + t, ..., j + t*(x' - 1)`` of a padded
+    ``(c, y, x, b)`` array.
     """
-    (start, stop), (row_stride, column_stride) = rows, strides
+    (row_stride, column_stride), (rows, columns) = strides, output_shape
     return tuple(
-        ((i, j), (slice(None),
-                  slice(i + row_stride * start, i + row_stride * (stop - 1) + 1, row_stride),
-                  slice(j, j + column_stride * (output_shape[1] - 1) + 1, column_stride)))
+        ((i, j), (slice(None), slice(i, i + row_stride * (rows - 1) + 1, row_stride),
+                  slice(j, j + column_stride * (columns - 1) + 1, column_stride)))
         for i in range(kernel_shape[0]) for j in range(kernel_shape[1]))
 
 
@@ -512,12 +528,11 @@ def _windows(padded, geometry):
 
 
 def _col2im_channels(padded, column_gradient, geometry):
-    """Adjoint of im2col for some channels: ``+=`` their column rows into ``padded``."""
+    """Adjoint of im2col: ``+=`` the column rows ``(c*m*n, y'*x'*b)`` into ``padded`` (c, ...)."""
     channels = padded.shape[0]
     windows = np.reshape(column_gradient,
                          (channels,) + geometry.kernel_shape + geometry.columns_shape[3:])
-    indices = _window_indices(geometry.kernel_shape, geometry.strides, geometry.output_shape,
-                              (0, geometry.output_shape[0]))
+    indices = _window_indices(geometry.kernel_shape, geometry.strides, geometry.output_shape)
     for (i, j), index in indices:
         # Offsets overlap where windows do: += sums them.
         padded[index] += windows[:, i, j]

@@ -7,6 +7,7 @@ parts run on separate cores. The calling thread runs the first part itself;
 each other part goes to one long-lived helper thread (daemon, started on first
 use and again in a forked child process).
 """
+import contextvars
 import os
 import queue
 import threading
@@ -50,7 +51,8 @@ class Team:
             return [task(part) for part in parts]
         results = queue.SimpleQueue()
         for index, (part, jobs) in enumerate(zip(parts[1:], self._job_queues()), start=1):
-            jobs.put((task, part, index, results))
+            # The caller's context variables (e.g. NumPy's errstate) hold in the helper too.
+            jobs.put((contextvars.copy_context(), task, part, index, results))
         outcomes = [_outcome(task, parts[0], 0)]
         outcomes += [results.get() for _ in parts[1:]]
         outcomes.sort(key=lambda outcome: outcome[0])
@@ -77,8 +79,8 @@ class Team:
     def _serve(self, jobs):
         self._local.helping = True
         while True:
-            task, part, index, results = jobs.get()
-            results.put(_outcome(task, part, index))
+            context, task, part, index, results = jobs.get()
+            results.put(context.run(_outcome, task, part, index))
 
 
 def _outcome(task, part, index):

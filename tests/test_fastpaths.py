@@ -260,6 +260,16 @@ def test_relu_matches_generic_bit_for_bit(numpy_pair, shape):
                                           expected_error.view(f"u{expected_error.itemsize}"))
     # A mask of the generic form (a layer moved here from another backend) works too.
     np.testing.assert_array_equal(fast.relu_backward(error, generic_mask), expected_error)
+    # Testing phase: one pass, the output stands in for the mask.
+    for x_in in _layouts(x).values():
+        output, stand_in = fast.relu_forward(x_in, need_backward=False)
+        np.testing.assert_array_equal(output.view(f"u{output.itemsize}"),
+                                      expected.view(f"u{expected.itemsize}"))
+        backward = fast.relu_backward(error, stand_in)
+        np.testing.assert_array_equal(backward.view(f"u{backward.itemsize}"),
+                                      expected_error.view(f"u{expected_error.itemsize}"))
+        # ... also when the layer then moves to a backend with the generic ops.
+        np.testing.assert_array_equal(generic.relu_backward(error, stand_in), expected_error)
 
 
 def test_generic_relu_backward_accepts_the_numpy_mask():

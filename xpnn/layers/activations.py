@@ -31,7 +31,8 @@ class ReLU(_Activation):
     def forward(self, input_tensor):
         input_tensor = self._as_input(input_tensor)
         # The array work (and the mask's form) lives in backend.ops: NumPy has a faster one.
-        output, self._saved = self.backend.ops.relu_forward(input_tensor)
+        output, self._saved = self.backend.ops.relu_forward(
+            input_tensor, need_backward=not self.testing_phase)
         return output
 
     def backward(self, error_tensor):

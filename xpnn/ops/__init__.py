@@ -70,8 +70,11 @@ class Ops:
                                    input_gradient)
 
     # -- ReLU -------------------------------------------------------------------
-    def relu_forward(self, x):
+    def relu_forward(self, x, need_backward=True):
         """``max(x, 0)`` (NaN and negative inputs give +0) and what :meth:`relu_backward` needs.
+
+        ``need_backward=False`` (testing phase) lets a fast path skip work that
+        only a backward pass uses; :meth:`relu_backward` must still work.
 
         Returns
         -------

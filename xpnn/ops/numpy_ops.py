@@ -272,16 +272,28 @@ class NumpyOps(Ops):
         return batch_outermost(interior), gradient_weights, gradient_bias
 
     # -- ReLU -------------------------------------------------------------------
-    def relu_forward(self, x):
+    def relu_forward(self, x, need_backward=True):
         """Same results as :meth:`xpnn.ops.Ops.relu_forward`, bit for bit.
 
         ``np.where`` branches per element and costs ~5 ns per value on a
         ReLU's random sign pattern; AND-ing the value's bits with an integer
         mask of all ones (keep) or zeros (+0.0) is branch-free and ~10x faster.
         The mask is that integer array (same memory order as ``x``).
+
+        Without ``need_backward`` it is ``fmax(x, 0)`` in one pass (NaN and -0.0
+        give +0.0 as well), and the output stands in for the mask: it is
+        positive exactly where ``x`` is (a backward pass after a testing-phase
+        forward reads it, so it must not be modified in place meanwhile).
         """
-        integer = _same_width_integer(x.dtype)
         output = np.empty_like(x)
+        if not need_backward:
+            def maximum(part):
+                index = _channel_index(x.ndim, part)
+                np.fmax(x[index], 0.0, out=output[index])
+
+            self._parallel(maximum, self._channel_parts(x))
+            return output, output
+        integer = _same_width_integer(x.dtype)
         mask = np.empty_like(x, dtype=integer)
 
         def channels(part):
@@ -294,10 +306,12 @@ class NumpyOps(Ops):
 
     def relu_backward(self, error, mask):
         """Same results as :meth:`xpnn.ops.Ops.relu_backward`, bit for bit."""
-        if not (isinstance(mask, np.ndarray) and mask.dtype.kind == "i"):
+        if not (isinstance(mask, np.ndarray) and mask.dtype.kind in "if"):
             return super().relu_backward(error, mask)
         integer = _same_width_integer(error.dtype)
-        if mask.dtype != integer:
+        if mask.dtype.kind == "f":  # the output of a testing-phase forward
+            mask = np.negative(np.greater(mask, 0.0).view(np.int8), dtype=integer)
+        elif mask.dtype != integer:
             mask = mask.astype(integer)
         output = np.empty_like(error)
 

@@ -55,6 +55,11 @@ MIN_PARALLEL_COLUMNS = 1 << 18
 #: Element-wise operations (ReLU, pooling, batch norm) on fewer elements than this run
 #: in one part: at ~1 ns per element they gain less than the hand-off costs.
 MIN_PARALLEL_ELEMENTS = 1 << 21
+#: A convolution's products split into threads only from this many flops per byte
+#: read (2 k r / 4 (k + r) for k kernels and r = c*m*n column rows): below it they are
+#: memory-bound, and two threads were measured slower than one (LeNet's first
+#: convolution, 6 kernels x 25 rows: 2.4 flop/byte; the second, 16 x 150: 7.2).
+MIN_FLOPS_PER_BYTE = 4.0
 #: Columns per batch chunk of a testing-phase convolution: small enough to stay in cache.
 CHUNK_BYTES = 3 << 20
 
@@ -205,6 +210,7 @@ class NumpyOps(Ops):
                 flat_output[:, block] += np.reshape(bias, (-1, 1))
 
         rows = geometry.output_shape[0]
+        parallel = parallel and _compute_bound(weights, geometry)
         parts = self._parts(rows, columns.size, MIN_PARALLEL_COLUMNS) if parallel else [(0, rows)]
         self._parallel(output_rows, parts)
         return columns, output
@@ -262,7 +268,11 @@ class NumpyOps(Ops):
         weight_parts = split_range(geometry.output_shape[0],
                                    parts - 1 if input_gradient and parts > 1 else parts)
         jobs = ([None] if input_gradient else []) + weight_parts
-        partials = [p for p in self._parallel(job, jobs) if p is not None]
+        if parts > 1 and _compute_bound(weights, geometry):
+            outcomes = self._parallel(job, jobs)
+        else:
+            outcomes = [job(rows) for rows in jobs]
+        partials = [p for p in outcomes if p is not None]
         gradient_bias = functools.reduce(np.add, (p[0] for p in partials))
         gradient_weights = np.reshape(functools.reduce(np.add, (p[1] for p in partials)),
                                       weights.shape)
@@ -435,6 +445,14 @@ class NumpyOps(Ops):
 
 
 # -- helpers --------------------------------------------------------------------
+
+def _compute_bound(weights, geometry):
+    """True when the convolution's matrix products do enough arithmetic per byte to share."""
+    if weights is None:
+        return True
+    kernels, rows = weights.shape[0], geometry.channels * geometry.kernel_size
+    return 2.0 * kernels * rows / (4.0 * (kernels + rows)) >= MIN_FLOPS_PER_BYTE
+
 
 def _same_width_integer(dtype):
     """The signed integer type as wide as a float type (int32 for float32)."""

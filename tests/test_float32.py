@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from array_api_compat import is_array_api_obj
 
-import xpnn
 from xpnn.models import lenet
 
 

@@ -253,33 +253,33 @@ class NumpyOps(Ops):
         flat_weights = np.reshape(weights, (weights.shape[0], -1))
         flat_columns = np.reshape(columns, (flat_weights.shape[1], -1))
         gradient = _padded(geometry.input_shape, geometry.padding, error.dtype) if input_gradient else None
-
-        def job(rows):
-            if rows is None:  # the input gradient: a product, then col2im's 25 += into one buffer
-                _col2im_channels(gradient, np.matmul(flat_weights.T, flat_error), geometry)
-                return None
-            block = geometry.column_block(rows)
-            return (np.sum(flat_error[:, block], axis=1),
-                    np.matmul(flat_error[:, block], flat_columns[:, block].T))
-
-        # One part computes the input gradient (many short calls) on this thread while the
-        # others split the weight gradient by output rows (two long calls each, GIL released).
-        parts = len(self._parts(geometry.output_shape[0], columns.size, MIN_PARALLEL_COLUMNS))
-        weight_parts = split_range(geometry.output_shape[0],
-                                   parts - 1 if input_gradient and parts > 1 else parts)
-        jobs = ([None] if input_gradient else []) + weight_parts
-        if parts > 1 and _compute_bound(weights, geometry):
+        job = functools.partial(_conv_backward_job, flat_error, flat_weights, flat_columns,
+                                gradient, geometry)
+        jobs = self._conv_backward_jobs(geometry, columns.size, input_gradient)
+        if len(jobs) > 1 and _compute_bound(weights, geometry):
             outcomes = self._parallel(job, jobs)
         else:
             outcomes = [job(rows) for rows in jobs]
-        partials = [p for p in outcomes if p is not None]
-        gradient_bias = functools.reduce(np.add, (p[0] for p in partials))
-        gradient_weights = np.reshape(functools.reduce(np.add, (p[1] for p in partials)),
+        partials = [outcome for outcome in outcomes if outcome is not None]
+        gradient_bias = functools.reduce(np.add, (partial[0] for partial in partials))
+        gradient_weights = np.reshape(functools.reduce(np.add, (partial[1] for partial in partials)),
                                       weights.shape)
         if not input_gradient:
             return None, gradient_weights, gradient_bias
         interior = _interior(gradient, geometry.input_shape, geometry.padding)
         return batch_outermost(interior), gradient_weights, gradient_bias
+
+    def _conv_backward_jobs(self, geometry, columns_size, input_gradient):
+        """The parts of a backward pass: ``None`` for the input gradient, output rows for the rest.
+
+        The input gradient (a product, then col2im's many short ``+=`` calls)
+        runs on the calling thread; the weight gradient splits by output rows
+        over the others (two long calls each, the GIL released throughout).
+        """
+        parts = len(self._parts(geometry.output_shape[0], columns_size, MIN_PARALLEL_COLUMNS))
+        weight_parts = parts - 1 if input_gradient and parts > 1 else parts
+        rows = split_range(geometry.output_shape[0], weight_parts)
+        return ([None] if input_gradient else []) + rows
 
     # -- ReLU -------------------------------------------------------------------
     def relu_forward(self, x, need_backward=True):
@@ -298,7 +298,7 @@ class NumpyOps(Ops):
         output = np.empty_like(x)
         if not need_backward:
             def maximum(part):
-                index = _channel_index(x.ndim, part)
+                index = _channel_index(part)
                 np.fmax(x[index], 0.0, out=output[index])
 
             self._parallel(maximum, self._channel_parts(x))
@@ -307,7 +307,7 @@ class NumpyOps(Ops):
         mask = np.empty_like(x, dtype=integer)
 
         def channels(part):
-            index = _channel_index(x.ndim, part)
+            index = _channel_index(part)
             np.negative(np.greater(x[index], 0.0).view(np.int8), dtype=integer, out=mask[index])
             np.bitwise_and(x[index].view(integer), mask[index], out=output[index].view(integer))
 
@@ -326,7 +326,7 @@ class NumpyOps(Ops):
         output = np.empty_like(error)
 
         def channels(part):
-            index = _channel_index(error.ndim, part)
+            index = _channel_index(part)
             np.bitwise_and(error[index].view(integer), mask[index],
                            out=output[index].view(integer))
 
@@ -459,7 +459,7 @@ def _same_width_integer(dtype):
     return np.dtype(f"int{np.dtype(dtype).itemsize * 8}")
 
 
-def _channel_index(ndim, part):
+def _channel_index(part):
     """Index of the channels ``part`` (``(start, stop)`` on axis 1), or everything."""
     if part is None:
         return (Ellipsis,)
@@ -559,7 +559,22 @@ def _windows(padded, geometry):
     return np.transpose(windows, (0, 4, 5, 1, 2, 3))[:, :, :, ::row_stride, ::column_stride]
 
 
-def _col2im_channels(padded, column_gradient, geometry):
+def _conv_backward_job(flat_error, flat_weights, flat_columns, gradient, geometry, rows):
+    """One part of a convolution's backward pass (see ``NumpyOps._conv_backward_jobs``).
+
+    ``rows=None``: add the input gradient into the padded ``gradient`` and
+    return None; else return the bias and weight gradients of output rows
+    ``rows`` (partial sums).
+    """
+    if rows is None:
+        _col2im(gradient, np.matmul(flat_weights.T, flat_error), geometry)
+        return None
+    block = geometry.column_block(rows)
+    return (np.sum(flat_error[:, block], axis=1),
+            np.matmul(flat_error[:, block], flat_columns[:, block].T))
+
+
+def _col2im(padded, column_gradient, geometry):
     """Adjoint of im2col: ``+=`` the column rows ``(c*m*n, y'*x'*b)`` into ``padded`` (c, ...)."""
     channels = padded.shape[0]
     windows = np.reshape(column_gradient,

@@ -466,3 +466,20 @@ def test_compute_scope_keeps_blas_to_one_thread_only_while_threaded():
     assert blas_threads() == before
     with NumpyOps(backend, threads=1).compute_scope(), Ops(backend).compute_scope():
         assert blas_threads() == before
+
+
+def test_activations_stay_batch_innermost_between_fast_paths():
+    # Not a timing test: the layout is what makes the fast paths fast, so check that
+    # convolution, batch norm, ReLU and pooling hand it on (the batch axis has the
+    # smallest stride) and that Flatten's (b, features) is a view, not a copy.
+    from xpnn.layers import BatchNormalization, Conv, Flatten, Pooling, ReLU
+
+    with xpnn.use_backend("cpu", dtype="float32"):
+        layers = [Conv((1, 1), (1, 5, 5), 4), BatchNormalization(4, eps=1e-5), ReLU(),
+                  Pooling((2, 2), (2, 2)), Conv((1, 1), (4, 3, 3), 3), ReLU()]
+        tensor = _random((5, 1, 12, 10), "float32")
+        for layer in layers:
+            tensor = layer.forward(tensor)
+            assert tensor.strides[0] == tensor.itemsize, type(layer).__name__
+        flat = Flatten().forward(tensor)
+        assert np.shares_memory(flat, tensor)

@@ -67,6 +67,30 @@ def assert_close(actual, expected, rtol=1e-12, atol=0.0, err_msg=""):
     np.testing.assert_allclose(actual_host, expected_host, rtol=rtol, atol=atol, err_msg=err_msg)
 
 
+class CyclingBatches:
+    """A data layer over host arrays: ``next()`` returns consecutive batches, wrapping around."""
+
+    def __init__(self, images, labels, batch_size):
+        self.images, self.labels, self.batch_size, self.position = images, labels, batch_size, 0
+
+    def next(self):
+        start = self.position % len(self.images)
+        self.position += self.batch_size
+        return (self.images[start:start + self.batch_size],
+                self.labels[start:start + self.batch_size])
+
+
+def assert_passes_leave_inputs_unchanged(layer, x, backend_obj):
+    """Run forward and backward on device copies of ``x`` and an error; both must stay unchanged."""
+    x_device = backend_obj.asarray(x)
+    output = layer.forward(x_device)
+    error_device = backend_obj.asarray(np.random.standard_normal(tuple(output.shape)))
+    error = xpnn.to_numpy(error_device).copy()
+    layer.backward(error_device)
+    np.testing.assert_array_equal(xpnn.to_numpy(x_device), x)
+    np.testing.assert_array_equal(xpnn.to_numpy(error_device), error)
+
+
 def tolerance(backend_obj):
     """Relative tolerance for comparing against a float64 NumPy reference."""
     return 1e-12 if backend_obj.dtype_name == "float64" else 1e-5

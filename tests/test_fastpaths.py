@@ -13,6 +13,7 @@ import xpnn
 from xpnn.backend import make_backend
 from xpnn.models import lenet
 from xpnn.ops import Ops
+from conftest import CyclingBatches
 from xpnn.ops.numpy_ops import NumpyOps
 from xpnn.ops.threads import split_range
 
@@ -285,15 +286,6 @@ def test_generic_relu_backward_accepts_the_numpy_mask():
 
 # -- the whole network ------------------------------------------------------------------
 
-class _Batches:
-    def __init__(self, images, labels, batch_size):
-        self.images, self.labels, self.batch_size, self.position = images, labels, batch_size, 0
-
-    def next(self):
-        start = self.position % len(self.images)
-        self.position += self.batch_size
-        return (self.images[start:start + self.batch_size],
-                self.labels[start:start + self.batch_size])
 
 
 def _train_lenet(batch_norm, dtype, steps):
@@ -303,7 +295,7 @@ def _train_lenet(batch_norm, dtype, steps):
     images[:, :, :4, :] = 0.0
     labels = np.eye(10, dtype=dtype)[rng.integers(0, 10, 8)]
     net = lenet.build(batch_norm=batch_norm, dropout=batch_norm, batch_norm_eps=1e-5)
-    net.data_layer = _Batches(images, labels, 4)
+    net.data_layer = CyclingBatches(images, labels, 4)
     net.train(steps)
     trainable = [layer for layer in net.layers if layer.trainable]
     return {"loss": np.array([float(value) for value in net.loss]),
@@ -343,7 +335,7 @@ def test_network_lets_its_first_layer_skip_the_input_gradient():
         net = lenet.build()
         rng = np.random.default_rng(0)
         images = rng.random((4, 1, 28, 28))
-        net.data_layer = _Batches(images, np.eye(10)[rng.integers(0, 10, 4)], 2)
+        net.data_layer = CyclingBatches(images, np.eye(10)[rng.integers(0, 10, 4)], 2)
         first = net.layers[0]
         seen = []
         backward = first.backward
@@ -416,7 +408,7 @@ def test_fused_gradient_float64_and_network_use(backend, monkeypatch):
         for layer in (FullyConnected(4, 8), ReLU(), FullyConnected(8, 3), SoftMax()):
             net.append_layer(layer)
         net.loss_layer = CrossEntropyLoss()
-        net.data_layer = _Batches(images, labels, 5)
+        net.data_layer = CyclingBatches(images, labels, 5)
         if not fused:
             monkeypatch.setattr(net, "_softmax_feeds_cross_entropy", lambda: False)
         net.forward()
@@ -443,7 +435,7 @@ def test_network_does_not_fuse_a_subclassed_softmax_or_loss():
         net = xpnn.NeuralNetwork(Sgd(1.0), Constant(0.1), Constant(0.1))
         net.append_layer(last)
         net.loss_layer = loss
-        net.data_layer = _Batches(np.zeros((2, 3)), np.eye(3)[:2], 2)
+        net.data_layer = CyclingBatches(np.zeros((2, 3)), np.eye(3)[:2], 2)
         net.forward()
         assert not net._softmax_feeds_cross_entropy()
 

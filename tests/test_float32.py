@@ -10,17 +10,9 @@ import pytest
 from array_api_compat import is_array_api_obj
 
 from xpnn.models import lenet
+from conftest import CyclingBatches
 
 
-class _Batches:
-    def __init__(self, images, labels, batch_size):
-        self.images, self.labels, self.batch_size, self.position = images, labels, batch_size, 0
-
-    def next(self):
-        start = self.position % len(self.images)
-        self.position += self.batch_size
-        return (self.images[start:start + self.batch_size],
-                self.labels[start:start + self.batch_size])
 
 
 def _record_passes(layer, seen):
@@ -56,7 +48,7 @@ def test_a_float32_training_step_stays_float32(backend32, batch_norm, dropout):
     images = rng.random((6, 1, 28, 28)).astype(np.float32)
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 6)]
     net = lenet.build(batch_norm=batch_norm, dropout=dropout, batch_norm_eps=1e-5)
-    net.data_layer = _Batches(images, labels, 3)
+    net.data_layer = CyclingBatches(images, labels, 3)
     seen = []
     for layer in net.layers:
         _record_passes(layer, seen)

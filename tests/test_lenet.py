@@ -84,6 +84,8 @@ def test_options_parameters():
     assert [d.probability for d in net.layers if isinstance(d, Dropout)] == [0.7, 0.7]
     assert all(n.eps == 1e-10 for n in lenet.build(batch_norm=True).layers
                if isinstance(n, BatchNormalization))
+    default_dropout = lenet.build(dropout=True).layers
+    assert [d.probability for d in default_dropout if isinstance(d, Dropout)] == [0.8, 0.8]
 
 
 def test_optimizer_and_regularizer():

@@ -105,7 +105,7 @@ def test_end_to_end_files_and_summary(data_dir, tmp_path):
     assert png[:8] == PNG_SIGNATURE and len(png) > 10_000
     architecture = json.loads((out / "model.json").read_text())
     assert architecture["architecture"] == {"model": "lenet", "options": {
-        "batch_norm": True, "dropout": True, "keep_probability": 0.5, "learning_rate": 5e-4,
+        "batch_norm": True, "dropout": True, "keep_probability": 0.8, "learning_rate": 5e-4,
         "weight_decay": 4e-4, "batch_norm_eps": 1e-10}}
     arrays = load_arrays(out)  # allow_pickle=False: loading runs no code
     assert arrays["layers.0.weights"].shape == (6, 1, 5, 5)
@@ -280,3 +280,25 @@ def test_device_label_is_one_token():
 
     assert ckpt.device_label(make_backend("cpu", "float32")) == "cpu"
     assert ckpt.device_label(make_backend("array-api-strict", "float32", "device1")) == "device1"
+
+
+def test_keep_probability_option_reaches_the_model_and_is_checked(data_dir, tmp_path, capsys):
+    from xpnn.layers import Dropout
+    from xpnn.train import main
+
+    out = tmp_path / "keep"
+    assert main(["--dataset", "mnist", "--data-dir", data_dir, "--out", str(out), "--no-progress",
+                 "--keep-probability", "0.6", "--limit-train", "64", "--limit-test", "32"]) == 0
+    options = json.loads((out / "model.json").read_text())["architecture"]["options"]
+    assert options["keep_probability"] == 0.6
+    with xpnn.use_backend("cpu"):
+        net = ckpt.load_model(str(out))
+    assert [layer.probability for layer in net.layers if isinstance(layer, Dropout)] == [0.6, 0.6]
+    assert main(["--dataset", "mnist", "--data-dir", data_dir, "--out", str(out), "--resume",
+                 "--keep-probability", "0.5"]) == 2, "keep probability is locked on --resume"
+    assert "keep-probability" in capsys.readouterr().err
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--keep-probability", bad, "--out", str(tmp_path / "bad")])
+        assert stopped.value.code == 2
+        assert "(0, 1]" in capsys.readouterr().err

@@ -46,9 +46,10 @@ PLOT_FILE = "plot.png"
 #: Run settings and their defaults; settings in LOCKED_ON_RESUME come from the
 #: checkpoint on --resume and may not be changed there.
 DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_size": 64,
-            "lr": 5e-4, "batch_norm": True, "dropout": True, "dtype": "float32", "seed": 0,
+            "lr": 5e-4, "batch_norm": True, "dropout": True, "keep_probability": 0.8,
+            "dtype": "float32", "seed": 0,
             "limit_train": None, "limit_test": None}
-LOCKED_ON_RESUME = ("dataset", "batch_size", "batch_norm", "dropout", "dtype", "seed",
+LOCKED_ON_RESUME = ("dataset", "batch_size", "batch_norm", "dropout", "keep_probability", "dtype", "seed",
                     "limit_train", "limit_test")
 #: The summary line, for scripts: test accuracy, seconds per epoch, backend, device, dtype.
 SUMMARY_PATTERN = re.compile(r"^test accuracy (?P<accuracy>[0-9.]+) \| (?P<seconds>[0-9.]+) s/epoch "
@@ -83,6 +84,13 @@ def positive_float(text):
     return value
 
 
+def probability(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
 def build_parser():
     """The argument parser; run settings default to SUPPRESS so that given ones can be told apart."""
     quiet = argparse.SUPPRESS
@@ -102,7 +110,9 @@ def build_parser():
     add("--batch-size", type=positive_int, help="default: 64")
     add("--lr", type=positive_float, help="Adam learning rate (default: 5e-4); may be changed on --resume")
     add("--batch-norm", action=argparse.BooleanOptionalAction, help="batch normalization (default: on)")
-    add("--dropout", action=argparse.BooleanOptionalAction, help="dropout, keep probability 0.5 (default: on)")
+    add("--dropout", action=argparse.BooleanOptionalAction, help="dropout (default: on)")
+    add("--keep-probability", type=probability, help="fraction of units dropout keeps, in (0, 1] "
+        "(default: 0.8; see the README for why not 0.5)")
     add("--dtype", choices=("float32", "float64"), help="default: float32")
     add("--seed", type=int, help="seed for initial weights, dropout and shuffling (default: 0)")
     add("--out", default=os.path.join("runs", "lenet"), help="output directory (default: runs/lenet)")
@@ -124,7 +134,7 @@ def resolve_settings(given, saved=None):
     settings = dict(DEFAULTS)
     if saved is not None:
         for key in LOCKED_ON_RESUME:
-            if key in given and given[key] != saved[key]:
+            if key in given and key in saved and given[key] != saved[key]:
                 raise UsageError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's "
                                  f"{saved[key]}; it cannot change on --resume")
         settings.update({key: saved[key] for key in DEFAULTS if key in saved})
@@ -237,7 +247,7 @@ def set_numpy_random_state(state):
 def model_options(settings):
     """Keyword arguments of ``lenet.build`` for these settings."""
     return {"batch_norm": settings["batch_norm"], "dropout": settings["dropout"],
-            "keep_probability": 0.5, "learning_rate": settings["lr"], "weight_decay": 4e-4,
+            "keep_probability": settings["keep_probability"], "learning_rate": settings["lr"], "weight_decay": 4e-4,
             "batch_norm_eps": 1e-10}
 
 

@@ -17,7 +17,7 @@ INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 
 
-def build(batch_norm=False, dropout=False, keep_probability=0.5, learning_rate=5e-4,
+def build(batch_norm=False, dropout=False, keep_probability=0.8, learning_rate=5e-4,
           weight_decay=4e-4, batch_norm_eps=1e-10):
     """Return the seed's LeNet as a :class:`xpnn.NeuralNetwork` on the current backend.
 
@@ -38,7 +38,10 @@ def build(batch_norm=False, dropout=False, keep_probability=0.5, learning_rate=5
         Insert ``Dropout(keep_probability)`` before each of the last two fully
         connected layers (after the preceding ReLU).
     keep_probability : float
-        Fraction of units dropout keeps, in (0, 1].
+        Fraction of units dropout keeps, in (0, 1]. The default 0.8 rather
+        than the classic 0.5: with batch normalization in the same network,
+        keep 0.5 cost about two points of test accuracy after one epoch on
+        Fashion-MNIST (measured over five seeds, see the README).
     learning_rate : float
         Adam's step size.
     weight_decay : float or None

@@ -475,3 +475,53 @@ def test_activations_stay_batch_innermost_between_fast_paths():
             assert tensor.strides[0] == tensor.itemsize, type(layer).__name__
         flat = Flatten().forward(tensor)
         assert np.shares_memory(flat, tensor)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "bn-dropout"])
+def test_network_test_in_pieces_matches_one_call(monkeypatch, threads, batch_norm):
+    # NumpyOps.map_samples runs pieces of the batch on the threads; every layer's
+    # testing-phase forward must give the one-call values on every piece, in order.
+    import threading
+    import xpnn.ops.numpy_ops as numpy_ops
+
+    monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
+    with xpnn.use_backend("cpu", dtype="float64") as backend:
+        xpnn.seed(3)
+        net = lenet.build(batch_norm=batch_norm, dropout=batch_norm)
+        images = _random((7, 1, 28, 28), "float64", seed=4)
+        net.data_layer = CyclingBatches(images, np.eye(10)[np.arange(7) % 10], 7)
+        net.train(2)                                    # running statistics exist
+        monkeypatch.setattr(backend, "ops", Ops(backend))
+        expected = net.test(images)
+        fast = NumpyOps(backend, threads=threads)
+        monkeypatch.setattr(backend, "ops", fast)
+        seen = set()
+        run_layers = net._run_layers
+
+        def recording(piece):
+            seen.add((threading.get_ident(), piece.shape[0]))
+            return run_layers(piece)
+
+        monkeypatch.setattr(net, "_run_layers", recording)
+        for _ in range(3):
+            np.testing.assert_allclose(net.test(images), expected, rtol=1e-12, atol=1e-15)
+    pieces = {size for _, size in seen}
+    assert len({ident for ident, _ in seen}) == threads and sum(pieces) <= 7 and max(pieces) < 7
+
+
+def test_map_samples_keeps_small_batches_whole_and_generic_ops_call_once():
+    backend = make_backend("cpu", "float32")
+    calls = []
+
+    def function(x):
+        calls.append(x.shape[0])
+        return x * 2.0
+
+    x = _random((100, 3), "float32")
+    np.testing.assert_array_equal(NumpyOps(backend, threads=2).map_samples(function, x), x * 2.0)
+    np.testing.assert_array_equal(Ops(backend).map_samples(function, x), x * 2.0)
+    assert calls == [100, 100]
+    big = _random((1000, 3), "float32")
+    np.testing.assert_array_equal(NumpyOps(backend, threads=2).map_samples(function, big), big * 2.0)
+    assert sorted(calls[2:]) == [500, 500]

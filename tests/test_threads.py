@@ -62,6 +62,20 @@ def test_nested_calls_run_inline_and_too_many_parts_are_refused():
         team.run(lambda part: part, [0, 1, 2])
 
 
+def test_nested_calls_from_every_part_stay_on_that_parts_thread():
+    # The caller's own part must not hand inner parts to a helper busy with its outer part
+    # (it would wait for that whole part): inner parts run inline on the caller too.
+    team = Team(2)
+
+    def outer(part):
+        inner = team.run(lambda _: threading.get_ident(), [0, 1])
+        return threading.get_ident(), inner
+
+    for ident, inner in team.run(outer, [0, 1]):
+        assert inner == [ident, ident]
+    assert len(set(team.run(lambda part: threading.get_ident(), [0, 1]))) == 2  # flag reset
+
+
 def _child(team, queue):
     queue.put(team.run(lambda part: part + 1, [1, 2]))
 

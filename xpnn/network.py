@@ -119,8 +119,12 @@ class NeuralNetwork:
     def test(self, input_tensor):
         """Run the layers in testing phase; returns the last layer's output (SoftMax)."""
         self.phase = True
-        with self.backend.ops.compute_scope():
-            return self._run_layers(input_tensor)
+        ops = self.backend.ops
+        with ops.compute_scope():
+            # Samples are independent in testing phase (batch norm uses its running
+            # statistics), so a backend may run pieces of the batch at the same time.
+            # The layers' backward caches then hold one piece's: test is not for training.
+            return ops.map_samples(self._run_layers, self.backend.asarray(input_tensor))
 
     def to(self, backend, dtype=None):
         """Move every layer's parameters and optimizer state to ``backend``; returns self.

@@ -45,8 +45,9 @@ class TanH(_Activation):
 
     def forward(self, input_tensor):
         xp = self.backend.xp
-        self._saved = xp.tanh(self._as_input(input_tensor))
-        return self._saved
+        output = xp.tanh(self._as_input(input_tensor))
+        self._saved = output
+        return output
 
     def backward(self, error_tensor):
         error_tensor = self._error_input(error_tensor)
@@ -62,8 +63,9 @@ class Sigmoid(_Activation):
         # exp(-|x|) never overflows, and each branch keeps full relative
         # precision (1 - sigmoid(x) would cancel for large x).
         decay = xp.exp(-xp.abs(input_tensor))
-        self._saved = xp.where(input_tensor >= 0.0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
-        return self._saved
+        output = xp.where(input_tensor >= 0.0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
+        self._saved = output
+        return output
 
     def backward(self, error_tensor):
         error_tensor = self._error_input(error_tensor)
@@ -84,8 +86,9 @@ class SoftMax(_Activation):
                              f"received {tuple(input_tensor.shape)}")
         shifted = input_tensor - xp.max(input_tensor, axis=1, keepdims=True)
         exponentials = xp.exp(shifted)
-        self._saved = exponentials / xp.sum(exponentials, axis=1, keepdims=True)
-        return self._saved
+        output = exponentials / xp.sum(exponentials, axis=1, keepdims=True)
+        self._saved = output
+        return output
 
     def backward(self, error_tensor):
         xp = self.backend.xp

@@ -106,8 +106,9 @@ class FullyConnected(TrainableLayer):
                              f"received {tuple(input_tensor.shape)}")
         ones = xp.ones((input_tensor.shape[0], 1), dtype=input_tensor.dtype,
                        device=self.backend.device)
-        self._augmented_input = xp.concat([input_tensor, ones], axis=1)
-        return xp.matmul(self._augmented_input, self._weights)
+        augmented_input = xp.concat([input_tensor, ones], axis=1)
+        self._augmented_input = augmented_input
+        return xp.matmul(augmented_input, self._weights)
 
     def backward(self, error_tensor):
         """Set ``gradient_weights``, update through the optimizer, return the input error."""

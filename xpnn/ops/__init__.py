@@ -34,6 +34,17 @@ class Ops:
         """
         return contextlib.nullcontext()
 
+    def map_samples(self, function, x):
+        """``function(x)`` for a ``function`` that treats every sample (row of axis 0) on its own.
+
+        A backend may cut the batch into pieces, run ``function`` on them at
+        the same time and concatenate the results along axis 0 (the values are
+        those of one call, up to the order of floating-point sums). The generic
+        one makes one call. ``function`` must return one array and be safe to
+        call from two threads at once.
+        """
+        return function(x)
+
     # -- sliding windows (shared by convolution and pooling) -------------------
     def extract_windows(self, x, window_shape, strides, padding):
         """Every window of ``x``: see :func:`xpnn.ops.windows.extract_windows`."""

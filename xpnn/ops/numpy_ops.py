@@ -60,6 +60,10 @@ MIN_PARALLEL_ELEMENTS = 1 << 21
 #: memory-bound, and two threads were measured slower than one (LeNet's first
 #: convolution, 6 kernels x 25 rows: 2.4 flop/byte; the second, 16 x 150: 7.2).
 MIN_FLOPS_PER_BYTE = 4.0
+#: A batch runs through :meth:`NumpyOps.map_samples` in pieces from this many samples
+#: per thread: a piece must be large enough that NumPy spends far more time in its
+#: loops (GIL released) than in the layers' Python code (GIL held).
+MIN_SAMPLES_PER_THREAD = 128
 #: Columns per batch chunk of a testing-phase convolution: small enough to stay in cache.
 CHUNK_BYTES = 3 << 20
 
@@ -160,6 +164,18 @@ class NumpyOps(Ops):
             return self._team.run(task, parts)
         with controller.limit(limits=1):
             return self._team.run(task, parts)
+
+    def map_samples(self, function, x):
+        """Same contract as :meth:`xpnn.ops.Ops.map_samples`: pieces of the batch on the threads.
+
+        Inference of a large batch pays no hand-off per operation this way: each
+        thread runs a whole pass over its piece, and the operations inside
+        run in one part each.
+        """
+        pieces = split_range(x.shape[0], min(self.threads, x.shape[0] // MIN_SAMPLES_PER_THREAD))
+        if len(pieces) == 1:
+            return function(x)
+        return np.concatenate(self._parallel(lambda piece: function(x[piece[0]:piece[1]]), pieces))
 
     # -- convolution ----------------------------------------------------------
     def conv_forward(self, x, weights, bias, strides, need_backward=True):

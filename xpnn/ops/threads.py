@@ -53,7 +53,11 @@ class Team:
         for index, (part, jobs) in enumerate(zip(parts[1:], self._job_queues()), start=1):
             # The caller's context variables (e.g. NumPy's errstate) hold in the helper too.
             jobs.put((contextvars.copy_context(), task, part, index, results))
-        outcomes = [_outcome(task, parts[0], 0)]
+        self._local.helping = True  # the caller's own part runs its inner parts in turn too
+        try:
+            outcomes = [_outcome(task, parts[0], 0)]
+        finally:
+            self._local.helping = False
         outcomes += [results.get() for _ in parts[1:]]
         outcomes.sort(key=lambda outcome: outcome[0])
         for _, _, error in outcomes:

@@ -124,7 +124,8 @@ class NeuralNetwork:
             # Samples are independent in testing phase (batch norm uses its running
             # statistics), so a backend may run pieces of the batch at the same time.
             # The layers' backward caches then hold one piece's: test is not for training.
-            return ops.map_samples(self._run_layers, self.backend.asarray(input_tensor))
+            input_tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
+            return ops.map_samples(self._run_layers, input_tensor)
 
     def to(self, backend, dtype=None):
         """Move every layer's parameters and optimizer state to ``backend``; returns self.

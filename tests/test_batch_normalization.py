@@ -358,3 +358,14 @@ def test_torch_parity_evaluation(backend, shape):
                                   (output, input_error, layer.gradient_weights, layer.gradient_bias),
                                   expected):
         _assert_relative(ours, theirs, name)
+
+
+@pytest.mark.parametrize("name", ["weights", "bias"])
+def test_wrongly_shaped_parameters_are_refused_when_assigned(backend, name):
+    layer = BatchNormalization(3)
+    with pytest.raises(ValueError, match=rf"BatchNormalization: {name} must have shape \(3,\), "
+                                         r"received \(1, 3\)"):
+        setattr(layer, name, np.ones((1, 3)))
+    setattr(layer, name, np.full(3, 2.0))
+    assert backend.owns(getattr(layer, name))
+    np.testing.assert_array_equal(xpnn.to_numpy(getattr(layer, name)), np.full(3, 2.0))

@@ -1,5 +1,6 @@
 """Conv: forward against a NumPy loop reference, numerical gradients, PyTorch parity, errors."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -263,3 +264,17 @@ def test_move_to_another_backend_drops_the_forward_cache():
         layer.backward(np.ones((1, 2, 4, 4)))
     output = layer.forward(np.ones((1, 1, 4, 4)))
     assert layer.backend.owns(output) and layer.backend.owns(layer.backward(np.ones((1, 2, 4, 4))))
+
+
+@pytest.mark.parametrize("name, shape", [("weights", (4, 3, 3, 3)), ("weights", (4, 2, 3)),
+                                         ("bias", (3,)), ("bias", (1, 4))])
+def test_wrongly_shaped_parameters_are_refused_when_assigned(backend, name, shape):
+    conv = Conv((1, 1), (2, 3, 3), 4)
+    before = xpnn.to_numpy(getattr(conv, name))
+    expected = "(4, 2, 3, 3)" if name == "weights" else "(4,)"
+    with pytest.raises(ValueError, match=rf"Conv: {name} must have shape {re.escape(expected)}, "
+                                         rf"received {re.escape(str(shape))}"):
+        setattr(conv, name, np.zeros(shape))
+    np.testing.assert_array_equal(xpnn.to_numpy(getattr(conv, name)), before)
+    setattr(conv, name, np.ones(before.shape))   # the right shape is taken, on this backend
+    assert backend.owns(getattr(conv, name))

@@ -116,7 +116,7 @@ class TrainableLayer(BaseLayer):
 
     @weights.setter
     def weights(self, value):
-        self._weights = self._as_input(value)
+        self._weights = self._checked_parameter("weights", value)
 
     @property
     def bias(self):
@@ -124,7 +124,21 @@ class TrainableLayer(BaseLayer):
 
     @bias.setter
     def bias(self, value):
-        self._bias = self._as_input(value)
+        self._bias = self._checked_parameter("bias", value)
+
+    def parameter_shapes(self):
+        """``{"weights": shape, "bias": shape}`` that assigned parameters must have ({}: any)."""
+        return {}
+
+    def _checked_parameter(self, name, value):
+        """``value`` on this layer's backend and dtype; a wrong shape is a clear error now,
+        not a broken matrix product in the next forward pass."""
+        value = self._as_input(value)
+        expected = self.parameter_shapes().get(name)
+        if expected is not None and tuple(value.shape) != tuple(expected):
+            raise ValueError(f"{type(self).__name__}: {name} must have shape {tuple(expected)}, "
+                             f"received {tuple(value.shape)}")
+        return value
 
     @property
     def optimizer(self):

@@ -56,6 +56,9 @@ class BatchNormalization(TrainableLayer):
         self._forward_shape = None   # shape of the last forward input
         self.initialize()
 
+    def parameter_shapes(self):
+        return {"weights": (self.channels,), "bias": (self.channels,)}
+
     def initialize(self, weights_initializer=None, bias_initializer=None):
         """Reset γ to ones and β to zeros; initializers are ignored (course convention)."""
         xp, backend = self.backend.xp, self.backend

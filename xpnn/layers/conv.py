@@ -68,6 +68,9 @@ class Conv(TrainableLayer):
         """``num_kernels * m * n``."""
         return self.num_kernels * math.prod(self.convolution_shape[1:])
 
+    def parameter_shapes(self):
+        return {"weights": self.weights_shape, "bias": (self.num_kernels,)}
+
     def initialize(self, weights_initializer, bias_initializer):
         """Draw weights ``(num_kernels, c, m[, n])`` and bias ``(num_kernels,)`` afresh."""
         self.weights = weights_initializer.initialize(self.weights_shape, self.fan_in, self.fan_out)

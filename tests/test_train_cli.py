@@ -302,3 +302,21 @@ def test_keep_probability_option_reaches_the_model_and_is_checked(data_dir, tmp_
             main(["--keep-probability", bad, "--out", str(tmp_path / "bad")])
         assert stopped.value.code == 2
         assert "(0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
+                    reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist "
+                           "(ci/setup.sh does)")
+def test_the_readme_command_reaches_85_percent_after_one_epoch(tmp_path, capsys):
+    # The README's first command with its defaults: LeNet with batch norm and dropout,
+    # Fashion-MNIST, CPU, float32, batch 64, seed 0, one epoch (~15-25 s on 2 cores).
+    # Five seeds gave 86.6-87.1 %; the issue asks for >= 85 %.
+    from xpnn.train import main
+
+    assert main(["--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    match = SUMMARY.match(last)
+    assert match, last
+    assert match.group(3) == "cpu" and match.group(5) == "float32"
+    assert float(match.group(1)) >= 0.85, last

@@ -43,11 +43,24 @@ import os
 import threading
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from xpnn.ops import Ops
+from xpnn.ops.numpy_columns import (
+    ConvCache,
+    ConvInputCache,
+    Geometry,
+    NormCache,
+    NormState,
+    PoolCache,
+    channel_index,
+    conv_backward_job,
+    interior_view,
+    normalize_channels,
+    pool_quarters,
+    same_width_integer,
+    window_view,
+    zero_padded)
 from xpnn.ops.threads import Team, split_range
-from xpnn.ops.windows import same_padding, window_output_shape
 
 #: Convolutions with fewer column entries than this run in one part (a hand-off to a
 #: helper thread costs 50-150 µs on a virtual machine).
@@ -191,21 +204,21 @@ class NumpyOps(Ops):
             return output[..., 0], cache
         if x.ndim != 4:
             return super().conv_forward(x, weights, bias, strides, need_backward)
-        geometry = _Geometry(tuple(x.shape[1:]), tuple(weights.shape[2:]), tuple(strides), x.shape[0])
+        geometry = Geometry(tuple(x.shape[1:]), tuple(weights.shape[2:]), tuple(strides), x.shape[0])
         inputs = batch_innermost(x)
         if not need_backward:
             output = self._conv_forward_in_chunks(inputs, weights, bias, geometry)
-            return batch_outermost(output), _ConvInputCache((np.array(inputs, copy=True), geometry))
+            return batch_outermost(output), ConvInputCache((np.array(inputs, copy=True), geometry))
         columns, output = self._conv_forward_columns(inputs, weights, bias, geometry)
-        return batch_outermost(output), _ConvCache((columns, geometry))
+        return batch_outermost(output), ConvCache((columns, geometry))
 
     def _conv_forward_columns(self, inputs, weights, bias, geometry, parallel=True):
         """Columns ``(c, m, n, y', x', b)`` and output ``(k, y', x', b)``, split by output rows.
 
         ``weights=None``: the columns only.
         """
-        padded = _padded(inputs.shape, geometry.padding, inputs.dtype)
-        _interior(padded, inputs.shape, geometry.padding)[...] = inputs
+        padded = zero_padded(inputs.shape, geometry.padding, inputs.dtype)
+        interior_view(padded, inputs.shape, geometry.padding)[...] = inputs
         columns = np.empty(geometry.columns_shape, dtype=inputs.dtype)
         flat_columns = np.reshape(columns, (geometry.channels * geometry.kernel_size, -1))
         output = None
@@ -215,7 +228,7 @@ class NumpyOps(Ops):
             flat_weights = np.reshape(weights, (weights.shape[0], -1))
             flat_output = np.reshape(output, (weights.shape[0], -1))
 
-        windows = _windows(padded, geometry)
+        windows = window_view(padded, geometry)
 
         def output_rows(rows):
             # One copy per part: a part that needs the GIL less often runs better beside another.
@@ -258,18 +271,18 @@ class NumpyOps(Ops):
             if gradient_input is not None:
                 gradient_input = gradient_input[..., 0]
             return gradient_input, gradient_weights[..., 0], gradient_bias
-        if isinstance(cache, _ConvInputCache):  # after a testing-phase forward
+        if isinstance(cache, ConvInputCache):  # after a testing-phase forward
             inputs, geometry = cache
-            cache = _ConvCache((self._conv_forward_columns(inputs, None, None, geometry)[0],
+            cache = ConvCache((self._conv_forward_columns(inputs, None, None, geometry)[0],
                                 geometry))
-        if not isinstance(cache, _ConvCache):
+        if not isinstance(cache, ConvCache):
             return super().conv_backward(error, weights, cache, input_gradient)
         columns, geometry = cache
         flat_error = np.reshape(batch_innermost(error), (weights.shape[0], -1))
         flat_weights = np.reshape(weights, (weights.shape[0], -1))
         flat_columns = np.reshape(columns, (flat_weights.shape[1], -1))
-        gradient = _padded(geometry.input_shape, geometry.padding, error.dtype) if input_gradient else None
-        job = functools.partial(_conv_backward_job, flat_error, flat_weights, flat_columns,
+        gradient = zero_padded(geometry.input_shape, geometry.padding, error.dtype) if input_gradient else None
+        job = functools.partial(conv_backward_job, flat_error, flat_weights, flat_columns,
                                 gradient, geometry)
         jobs = self._conv_backward_jobs(geometry, columns.size, input_gradient)
         if len(jobs) > 1 and _compute_bound(weights, geometry):
@@ -282,7 +295,7 @@ class NumpyOps(Ops):
                                       weights.shape)
         if not input_gradient:
             return None, gradient_weights, gradient_bias
-        interior = _interior(gradient, geometry.input_shape, geometry.padding)
+        interior = interior_view(gradient, geometry.input_shape, geometry.padding)
         return batch_outermost(interior), gradient_weights, gradient_bias
 
     def _conv_backward_jobs(self, geometry, columns_size, input_gradient):
@@ -314,16 +327,16 @@ class NumpyOps(Ops):
         output = np.empty_like(x)
         if not need_backward:
             def maximum(part):
-                index = _channel_index(part)
+                index = channel_index(part)
                 np.fmax(x[index], 0.0, out=output[index])
 
             self._parallel(maximum, self._channel_parts(x))
             return output, output
-        integer = _same_width_integer(x.dtype)
+        integer = same_width_integer(x.dtype)
         mask = np.empty_like(x, dtype=integer)
 
         def channels(part):
-            index = _channel_index(part)
+            index = channel_index(part)
             np.negative(np.greater(x[index], 0.0).view(np.int8), dtype=integer, out=mask[index])
             np.bitwise_and(x[index].view(integer), mask[index], out=output[index].view(integer))
 
@@ -334,7 +347,7 @@ class NumpyOps(Ops):
         """Same results as :meth:`xpnn.ops.Ops.relu_backward`, bit for bit."""
         if not (isinstance(mask, np.ndarray) and mask.dtype.kind in "if"):
             return super().relu_backward(error, mask)
-        integer = _same_width_integer(error.dtype)
+        integer = same_width_integer(error.dtype)
         if mask.dtype.kind == "f":  # the output of a testing-phase forward
             mask = np.negative(np.greater(mask, 0.0).view(np.int8), dtype=integer)
         elif mask.dtype != integer:
@@ -342,7 +355,7 @@ class NumpyOps(Ops):
         output = np.empty_like(error)
 
         def channels(part):
-            index = _channel_index(part)
+            index = channel_index(part)
             np.bitwise_and(error[index].view(integer), mask[index],
                            out=output[index].view(integer))
 
@@ -368,19 +381,19 @@ class NumpyOps(Ops):
             return super().batch_norm_forward(x, gamma, beta, eps, axes, statistics)
         inputs = batch_innermost(x)
         rows = np.reshape(inputs, (inputs.shape[0], -1))
-        state = _NormState(rows, statistics)
+        state = NormState(rows, statistics)
 
         def channels(part):
-            _normalize_channels(state, rows, gamma, beta, eps, slice(*part))
+            normalize_channels(state, rows, gamma, beta, eps, slice(*part))
 
         self._parallel(channels, self._parts(rows.shape[0], rows.size))
         output = batch_outermost(np.reshape(state.output, inputs.shape))
-        cache = _NormCache((state.normalized, state.inverse_std, statistics is None))
+        cache = NormCache((state.normalized, state.inverse_std, statistics is None))
         return output, (state.mean, state.variance), cache
 
     def batch_norm_backward(self, error, gamma, cache):
         """Same contract as :meth:`xpnn.ops.Ops.batch_norm_backward`."""
-        if not isinstance(cache, _NormCache):
+        if not isinstance(cache, NormCache):
             return super().batch_norm_backward(error, gamma, cache)
         normalized, inverse_std, batch_statistics = cache
         errors = batch_innermost(error)
@@ -424,7 +437,7 @@ class NumpyOps(Ops):
 
         def channels(part):
             c = slice(*part)
-            quarters = _quarters(inputs[c])
+            quarters = pool_quarters(inputs[c])
             top = np.maximum(quarters[0], quarters[1])
             bottom = np.maximum(quarters[2], quarters[3])
             np.maximum(top, bottom, out=output[c])
@@ -433,11 +446,11 @@ class NumpyOps(Ops):
             np.greater_equal(quarters[2], quarters[3], out=routing[2][c])
 
         self._parallel(channels, self._parts(inputs.shape[0], inputs.size))
-        return batch_outermost(output), _PoolCache((tuple(inputs.shape), routing))
+        return batch_outermost(output), PoolCache((tuple(inputs.shape), routing))
 
     def max_pool_backward(self, error, cache):
         """Same contract as :meth:`xpnn.ops.Ops.max_pool_backward`."""
-        if not isinstance(cache, _PoolCache):
+        if not isinstance(cache, PoolCache):
             return super().max_pool_backward(error, cache)
         input_shape, (top_wins, left_wins_top, left_wins_bottom) = cache
         error = batch_innermost(error)
@@ -448,7 +461,7 @@ class NumpyOps(Ops):
 
         def channels(part):
             c = slice(*part)
-            quarters = _quarters(gradient[c])
+            quarters = pool_quarters(gradient[c])
             top_error = error[c] * top_wins[c]
             bottom_error = error[c] - top_error
             np.multiply(top_error, left_wins_top[c], out=quarters[0])
@@ -470,162 +483,7 @@ def _compute_bound(weights, geometry):
     return 2.0 * kernels * rows / (4.0 * (kernels + rows)) >= MIN_FLOPS_PER_BYTE
 
 
-def _same_width_integer(dtype):
-    """The signed integer type as wide as a float type (int32 for float32)."""
-    return np.dtype(f"int{np.dtype(dtype).itemsize * 8}")
-
-
-def _channel_index(part):
-    """Index of the channels ``part`` (``(start, stop)`` on axis 1), or everything."""
-    if part is None:
-        return (Ellipsis,)
-    return (slice(None), slice(*part))
-
-
 class _Depth(threading.local):
     """How many compute scopes the current thread is in."""
 
     depth = 0
-
-
-class _ConvCache(tuple):
-    """(columns, _Geometry)."""
-
-
-class _ConvInputCache(tuple):
-    """(a copy of the batch-innermost input, _Geometry): columns are rebuilt if needed."""
-
-
-class _NormCache(tuple):
-    """(x̂ as a (c, y*x*b) matrix, 1/sqrt(variance + eps) (c,), batch statistics used)."""
-
-
-class _PoolCache(tuple):
-    """(input shape (c, y, x, b), (top row wins, left wins in the top row, ... bottom row))."""
-
-
-class _Geometry:
-    """Shapes of one 2-D "same" convolution in the batch-innermost layout."""
-
-    def __init__(self, input_chw, kernel_shape, strides, batch):
-        self.channels = input_chw[0]
-        self.input_shape = input_chw + (batch,)
-        self.kernel_shape = kernel_shape
-        self.kernel_size = kernel_shape[0] * kernel_shape[1]
-        self.strides = strides
-        self.padding = same_padding(kernel_shape)
-        self.output_shape = window_output_shape(input_chw[1:], kernel_shape, strides, self.padding)
-        self.columns_shape = (self.channels,) + kernel_shape + self.output_shape + (batch,)
-        self.row_size = self.output_shape[1] * batch  # flat columns per output row
-
-    def columns_size(self, batch):
-        """Entries of the columns for ``batch`` samples."""
-        return self.channels * self.kernel_size * self.output_shape[0] * self.output_shape[1] * batch
-
-    def with_batch(self, batch):
-        """The same convolution for another batch size."""
-        return _Geometry(self.input_shape[:3], self.kernel_shape, self.strides, batch)
-
-    def column_block(self, rows):
-        """Slice of the flat columns ``(c*m*n, y'*x'*b)`` holding output rows ``[start, stop)``."""
-        return slice(rows[0] * self.row_size, rows[1] * self.row_size)
-
-
-def _quarters(t):
-    """The four entries of every 2x2 window of a ``(c, y, x, b)`` array, row-major (views)."""
-    rows, columns = t.shape[1] // 2 * 2, t.shape[2] // 2 * 2
-    return tuple(t[:, i:rows:2, j:columns:2, :] for i in (0, 1) for j in (0, 1))
-
-
-def _padded(shape, padding, dtype):
-    """Zeros of ``(c, y, x, b)`` grown by ``padding`` on the two spatial axes."""
-    (top, bottom), (left, right) = padding
-    channels, rows, columns, batch = shape
-    return np.zeros((channels, rows + top + bottom, columns + left + right, batch), dtype=dtype)
-
-
-def _interior(padded, shape, padding):
-    (top, _), (left, _) = padding
-    return padded[:, top:top + shape[1], left:left + shape[2], :]
-
-
-@functools.lru_cache(maxsize=256)
-def _window_indices(kernel_shape, strides, output_shape):
-    """Per kernel offset ``(i, j)``: where every output position finds it in the padded input.
-
-    Returns ``((i, j), index)`` pairs, ``index`` picking rows ``i, i + s, ...,
-    i + s*(y' - 1)`` and columns ``j, j + t, ..., j + t*(x' - 1)`` of a padded
-    ``(c, y, x, b)`` array.
-    """
-    (row_stride, column_stride), (rows, columns) = strides, output_shape
-    return tuple(
-        ((i, j), (slice(None), slice(i, i + row_stride * (rows - 1) + 1, row_stride),
-                  slice(j, j + column_stride * (columns - 1) + 1, column_stride)))
-        for i in range(kernel_shape[0]) for j in range(kernel_shape[1]))
-
-
-def _windows(padded, geometry):
-    """View ``(c, m, n, y', x', b)`` of a padded ``(c, y, x, b)`` input: every window entry.
-
-    Entry ``[ch, i, j, p, q, :]`` is the input at kernel offset ``(i, j)`` of the
-    window of output position ``(p, q)``: copying it gives the im2col columns.
-    """
-    windows = sliding_window_view(padded, geometry.kernel_shape, axis=(1, 2))
-    row_stride, column_stride = geometry.strides
-    return np.transpose(windows, (0, 4, 5, 1, 2, 3))[:, :, :, ::row_stride, ::column_stride]
-
-
-def _conv_backward_job(flat_error, flat_weights, flat_columns, gradient, geometry, rows):
-    """One part of a convolution's backward pass (see ``NumpyOps._conv_backward_jobs``).
-
-    ``rows=None``: add the input gradient into the padded ``gradient`` and
-    return None; else return the bias and weight gradients of output rows
-    ``rows`` (partial sums).
-    """
-    if rows is None:
-        _col2im(gradient, np.matmul(flat_weights.T, flat_error), geometry)
-        return None
-    block = geometry.column_block(rows)
-    return (np.sum(flat_error[:, block], axis=1),
-            np.matmul(flat_error[:, block], flat_columns[:, block].T))
-
-
-def _col2im(padded, column_gradient, geometry):
-    """Adjoint of im2col: ``+=`` the column rows ``(c*m*n, y'*x'*b)`` into ``padded`` (c, ...)."""
-    channels = padded.shape[0]
-    windows = np.reshape(column_gradient,
-                         (channels,) + geometry.kernel_shape + geometry.columns_shape[3:])
-    indices = _window_indices(geometry.kernel_shape, geometry.strides, geometry.output_shape)
-    for (i, j), index in indices:
-        # Offsets overlap where windows do: += sums them.
-        padded[index] += windows[:, i, j]
-
-
-class _NormState:
-    """Output and statistics arrays of one batch-norm forward, filled channel part by part."""
-
-    def __init__(self, rows, statistics):
-        self.output = np.empty_like(rows)
-        self.normalized = np.empty_like(rows)
-        self.inverse_std = np.empty(rows.shape[0], dtype=rows.dtype)
-        self.given = statistics
-        if statistics is None:
-            self.mean = np.empty(rows.shape[0], dtype=rows.dtype)
-            self.variance = np.empty(rows.shape[0], dtype=rows.dtype)
-        else:
-            self.mean, self.variance = statistics
-
-
-def _normalize_channels(state, rows, gamma, beta, eps, c):
-    """Batch norm of the channel rows ``c``: statistics (unless given), x̂, γ x̂ + β."""
-    normalized = state.normalized[c]
-    if state.given is None:
-        state.mean[c] = np.mean(rows[c], axis=1)
-        np.subtract(rows[c], state.mean[c][:, None], out=normalized)
-        state.variance[c] = np.mean(np.square(normalized), axis=1)
-    else:
-        np.subtract(rows[c], state.mean[c][:, None], out=normalized)
-    state.inverse_std[c] = 1.0 / np.sqrt(state.variance[c] + eps)
-    normalized *= state.inverse_std[c][:, None]
-    np.multiply(normalized, gamma[c][:, None], out=state.output[c])
-    state.output[c] += beta[c][:, None]

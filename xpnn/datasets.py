@@ -15,10 +15,11 @@ standard files into a cache directory, verifying each by SHA-256.
 
 Data layer
 ----------
-:class:`DataLayer` (written in :mod:`xpnn.data_layer`, public here) is the course's data layer: ``next()`` returns
-``(images, one_hot_labels)`` on the backend, reshuffled every epoch from a
-seed. The whole data set is moved to the backend's device once; batches are
-gathered there, so a GPU is never fed from the host batch by batch.
+:class:`DataLayer` (written in :mod:`xpnn.data_layer`, public here) is the
+course's data layer: ``next()`` returns ``(images, one_hot_labels)`` on the
+backend, reshuffled every epoch from a seed. The whole data set is moved to
+the backend's device once; batches are gathered there, so a GPU is never fed
+from the host batch by batch.
 """
 import hashlib
 import os

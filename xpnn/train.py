@@ -49,8 +49,8 @@ DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_si
             "lr": 5e-4, "batch_norm": True, "dropout": True, "keep_probability": 0.8,
             "dtype": "float32", "seed": 0,
             "limit_train": None, "limit_test": None}
-LOCKED_ON_RESUME = ("dataset", "batch_size", "batch_norm", "dropout", "keep_probability", "dtype", "seed",
-                    "limit_train", "limit_test")
+LOCKED_ON_RESUME = ("dataset", "batch_size", "batch_norm", "dropout", "keep_probability", "dtype",
+                    "seed", "limit_train", "limit_test")
 #: The summary line, for scripts: test accuracy, seconds per epoch, backend, device, dtype.
 SUMMARY_PATTERN = re.compile(r"^test accuracy (?P<accuracy>[0-9.]+) \| (?P<seconds>[0-9.]+) s/epoch "
                              r"\| backend (?P<backend>\S+) \| device (?P<device>\S+) \| (?P<dtype>\w+)$")
@@ -247,8 +247,8 @@ def set_numpy_random_state(state):
 def model_options(settings):
     """Keyword arguments of ``lenet.build`` for these settings."""
     return {"batch_norm": settings["batch_norm"], "dropout": settings["dropout"],
-            "keep_probability": settings["keep_probability"], "learning_rate": settings["lr"], "weight_decay": 4e-4,
-            "batch_norm_eps": 1e-10}
+            "keep_probability": settings["keep_probability"], "learning_rate": settings["lr"],
+            "weight_decay": 4e-4, "batch_norm_eps": 1e-10}
 
 
 def set_learning_rate(net, learning_rate):

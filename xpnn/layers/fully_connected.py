@@ -47,18 +47,9 @@ class FullyConnected(TrainableLayer):
         self._augmented_input = None
 
     # -- parameters ------------------------------------------------------------
-    @property
-    def weights(self):
-        return self._weights
-
-    @weights.setter
-    def weights(self, value):
-        value = self._as_input(value)
-        expected = (self.input_size + 1, self.output_size)
-        if tuple(value.shape) != expected:
-            raise ValueError(f"FullyConnected: weights must have shape {expected} "
-                             f"(input_size + 1, output_size), received {tuple(value.shape)}")
-        self._weights = value
+    def parameter_shapes(self):
+        # The weights carry the bias as their last row: (input_size + 1, output_size).
+        return {"weights": (self.input_size + 1, self.output_size)}
 
     @property
     def bias(self):

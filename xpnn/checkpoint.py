@@ -28,7 +28,7 @@ import numpy as np
 
 import xpnn
 from xpnn.backend import get_backend, make_backend
-from xpnn.datasets import atomic_write_bytes
+from xpnn._files import atomic_write_bytes
 
 FORMAT = "xpnn-checkpoint"
 VERSION = 1

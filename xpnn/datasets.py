@@ -24,14 +24,13 @@ from the host batch by batch.
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 
-from xpnn._files import _current_umask, atomic_write_bytes  # noqa: F401 (re-exported)
+from xpnn._files import atomic_writer
 from xpnn.data_layer import NUM_CLASSES, DataLayer  # noqa: F401 (public here)
 from xpnn.idx import IDX_DTYPES, IdxError, read_idx, write_idx  # noqa: F401 (public here)
 from xpnn.idx import _FIX
@@ -199,24 +198,14 @@ def sha256_of(path):
 
 def _fetch(url, destination, expected_sha256, timeout):
     """Download ``url`` to ``destination`` atomically if its SHA-256 matches; raise DownloadError otherwise."""
-    directory = os.path.dirname(os.path.abspath(destination))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-    os.chmod(temporary, 0o666 & ~_current_umask())
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(handle, "wb") as stream, urllib.request.urlopen(url, timeout=timeout) as response:
-            for block in iter(lambda: response.read(_CHUNK), b""):
-                digest.update(block)
-                stream.write(block)
-            stream.flush()
-            os.fsync(stream.fileno())
+    with atomic_writer(destination) as stream, urllib.request.urlopen(url, timeout=timeout) as response:
+        for block in iter(lambda: response.read(_CHUNK), b""):
+            digest.update(block)
+            stream.write(block)
         if digest.hexdigest() != expected_sha256:
             raise DownloadError(f"checksum mismatch for {url}: SHA-256 {digest.hexdigest()}, "
                                 f"expected {expected_sha256} (file discarded)")
-        os.replace(temporary, destination)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def download_file(filename, directory, expected_sha256, mirrors=MNIST_MIRRORS, timeout=60.0):

@@ -38,7 +38,8 @@ from array_api_compat import array_namespace
 import xpnn
 from xpnn import checkpoint as ckpt
 from xpnn.backend import BackendUnavailableError, canonical_name, make_backend
-from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, atomic_write_bytes, load_dataset
+from xpnn._files import atomic_write_bytes
+from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, load_dataset
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 METRICS_FILE = "metrics.json"

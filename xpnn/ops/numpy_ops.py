@@ -208,7 +208,9 @@ class NumpyOps(Ops):
         inputs = batch_innermost(x)
         if not need_backward:
             output = self._conv_forward_in_chunks(inputs, weights, bias, geometry)
-            return batch_outermost(output), ConvInputCache((np.array(inputs, copy=True), geometry))
+            if np.may_share_memory(inputs, x):  # the caller may change x before a backward pass
+                inputs = np.array(inputs, copy=True)
+            return batch_outermost(output), ConvInputCache((inputs, geometry))
         columns, output = self._conv_forward_columns(inputs, weights, bias, geometry)
         return batch_outermost(output), ConvCache((columns, geometry))
 
@@ -273,15 +275,17 @@ class NumpyOps(Ops):
             return gradient_input, gradient_weights[..., 0], gradient_bias
         if isinstance(cache, ConvInputCache):  # after a testing-phase forward
             inputs, geometry = cache
-            cache = ConvCache((self._conv_forward_columns(inputs, None, None, geometry)[0],
-                                geometry))
+            columns, _ = self._conv_forward_columns(inputs, None, None, geometry)
+            cache = ConvCache((columns, geometry))
         if not isinstance(cache, ConvCache):
             return super().conv_backward(error, weights, cache, input_gradient)
         columns, geometry = cache
         flat_error = np.reshape(batch_innermost(error), (weights.shape[0], -1))
         flat_weights = np.reshape(weights, (weights.shape[0], -1))
         flat_columns = np.reshape(columns, (flat_weights.shape[1], -1))
-        gradient = zero_padded(geometry.input_shape, geometry.padding, error.dtype) if input_gradient else None
+        gradient = None
+        if input_gradient:
+            gradient = zero_padded(geometry.input_shape, geometry.padding, error.dtype)
         job = functools.partial(conv_backward_job, flat_error, flat_weights, flat_columns,
                                 gradient, geometry)
         jobs = self._conv_backward_jobs(geometry, columns.size, input_gradient)

@@ -7,6 +7,7 @@ there, so a GPU is never fed from the host batch by batch.
 """
 import numpy as np
 
+from xpnn._checks import positive_int
 from xpnn.backend import get_backend, make_backend
 
 #: Classes of the MNIST-format data sets (the default width of one-hot labels).
@@ -123,10 +124,8 @@ class DataLayer:
 
     def __init__(self, images, labels, batch_size, backend=None, shuffle=True, seed=None,
                  test_images=None, test_labels=None, num_classes=NUM_CLASSES):
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"DataLayer: batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = positive_int("DataLayer", "batch_size", batch_size)
         self.backend = get_backend() if backend is None else make_backend(backend)
-        self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.num_classes = int(num_classes)
         self.seed = int(np.random.randint(0, 2**31 - 1)) if seed is None else int(seed)

@@ -25,8 +25,7 @@ IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-_TYPE_NAMES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32",
-               0x0D: "float32", 0x0E: "float64"}
+_TYPE_NAMES = {code: dtype.name for code, dtype in IDX_DTYPES.items()}  # 0x0B: "int16", ...
 _CODE_OF_DTYPE = {dtype.name: code for code, dtype in IDX_DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
 _FIX = ("delete it and download it again, or point --data-dir (the root/directory argument) "

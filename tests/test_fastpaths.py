@@ -36,11 +36,8 @@ CONV_IDS = ["x".join(map(str, shape)) + f"-k{kernel}-s{strides}" for shape, kern
 
 @pytest.fixture(params=[("float32", 1), ("float64", 1), ("float32", 3), ("float64", 2)],
                 ids=["float32", "float64", "float32-3threads", "float64-2threads"])
-def numpy_pair(request, monkeypatch):
+def numpy_pair(request):
     """(fast ops, generic ops, dtype name) on the NumPy backend; the fast ops split in threads."""
-    import xpnn.ops.numpy_ops as numpy_ops
-
-    monkeypatch.setattr(numpy_ops, "MIN_FLOPS_PER_BYTE", 0.0)  # split every convolution too
     dtype, threads = request.param
     backend = make_backend("cpu", dtype)
     assert isinstance(backend.ops, NumpyOps)

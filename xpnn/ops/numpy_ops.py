@@ -68,11 +68,6 @@ MIN_PARALLEL_COLUMNS = 1 << 18
 #: Element-wise operations (ReLU, pooling, batch norm) on fewer elements than this run
 #: in one part: at ~1 ns per element they gain less than the hand-off costs.
 MIN_PARALLEL_ELEMENTS = 1 << 21
-#: A convolution's products split into threads only from this many flops per byte
-#: read (2 k r / 4 (k + r) for k kernels and r = c*m*n column rows): below it they are
-#: memory-bound, and two threads were measured slower than one (LeNet's first
-#: convolution, 6 kernels x 25 rows: 2.4 flop/byte; the second, 16 x 150: 7.2).
-MIN_FLOPS_PER_BYTE = 4.0
 #: A batch runs through :meth:`NumpyOps.map_samples` in pieces from this many samples
 #: per thread: a piece must be large enough that NumPy spends far more time in its
 #: loops (GIL released) than in the layers' Python code (GIL held).
@@ -241,7 +236,6 @@ class NumpyOps(Ops):
                 flat_output[:, block] += np.reshape(bias, (-1, 1))
 
         rows = geometry.output_shape[0]
-        parallel = parallel and _compute_bound(weights, geometry)
         parts = self._parts(rows, columns.size, MIN_PARALLEL_COLUMNS) if parallel else [(0, rows)]
         self._parallel(output_rows, parts)
         return columns, output
@@ -289,10 +283,7 @@ class NumpyOps(Ops):
         job = functools.partial(conv_backward_job, flat_error, flat_weights, flat_columns,
                                 gradient, geometry)
         jobs = self._conv_backward_jobs(geometry, columns.size, input_gradient)
-        if len(jobs) > 1 and _compute_bound(weights, geometry):
-            outcomes = self._parallel(job, jobs)
-        else:
-            outcomes = [job(rows) for rows in jobs]
+        outcomes = self._parallel(job, jobs)
         partials = [outcome for outcome in outcomes if outcome is not None]
         gradient_bias = functools.reduce(np.add, (partial[0] for partial in partials))
         gradient_weights = np.reshape(functools.reduce(np.add, (partial[1] for partial in partials)),
@@ -478,14 +469,6 @@ class NumpyOps(Ops):
 
 
 # -- helpers --------------------------------------------------------------------
-
-def _compute_bound(weights, geometry):
-    """True when the convolution's matrix products do enough arithmetic per byte to share."""
-    if weights is None:
-        return True
-    kernels, rows = weights.shape[0], geometry.channels * geometry.kernel_size
-    return 2.0 * kernels * rows / (4.0 * (kernels + rows)) >= MIN_FLOPS_PER_BYTE
-
 
 class _Depth(threading.local):
     """How many compute scopes the current thread is in."""

@@ -483,6 +483,7 @@ def test_network_test_in_pieces_matches_one_call(monkeypatch, threads, batch_nor
     import xpnn.ops.numpy_ops as numpy_ops
 
     monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
+    monkeypatch.setattr(numpy_ops, "MAX_SAMPLES_PER_RUN", 2)   # and each piece in runs
     with xpnn.use_backend("cpu", dtype="float64") as backend:
         xpnn.seed(3)
         net = lenet.build(batch_norm=batch_norm, dropout=batch_norm)
@@ -504,7 +505,7 @@ def test_network_test_in_pieces_matches_one_call(monkeypatch, threads, batch_nor
         for _ in range(3):
             np.testing.assert_allclose(net.test(images), expected, rtol=1e-12, atol=1e-15)
     pieces = {size for _, size in seen}
-    assert len({ident for ident, _ in seen}) == threads and sum(pieces) <= 7 and max(pieces) < 7
+    assert len({ident for ident, _ in seen}) == threads and max(pieces) <= 2
 
 
 def test_map_samples_keeps_small_batches_whole_and_generic_ops_call_once():
@@ -521,4 +522,19 @@ def test_map_samples_keeps_small_batches_whole_and_generic_ops_call_once():
     assert calls == [100, 100]
     big = _random((1000, 3), "float32")
     np.testing.assert_array_equal(NumpyOps(backend, threads=2).map_samples(function, big), big * 2.0)
-    assert sorted(calls[2:]) == [500, 500]
+    assert calls[2:] == [125] * 8                  # two pieces of 500, each in four runs
+
+
+def test_map_samples_runs_a_large_batch_in_cache_sized_runs_on_one_thread_too():
+    from xpnn.ops.numpy_ops import MAX_SAMPLES_PER_RUN
+
+    backend = make_backend("cpu", "float64")
+    calls = []
+
+    def function(x):
+        calls.append(x.shape[0])
+        return x[:, :1] - 1.0
+
+    x = _random((3 * MAX_SAMPLES_PER_RUN + 5, 2), "float64")
+    np.testing.assert_array_equal(NumpyOps(backend, threads=1).map_samples(function, x), x[:, :1] - 1.0)
+    assert len(calls) == 4 and max(calls) <= MAX_SAMPLES_PER_RUN and sum(calls) == x.shape[0]

@@ -72,6 +72,11 @@ MIN_PARALLEL_ELEMENTS = 1 << 21
 #: per thread: a piece must be large enough that NumPy spends far more time in its
 #: loops (GIL released) than in the layers' Python code (GIL held).
 MIN_SAMPLES_PER_THREAD = 128
+#: Each thread runs its piece through the whole pass in runs of at most this many
+#: samples: every layer's output then is still in cache when the next layer reads it.
+#: Measured on one thread, 500 images of LeNet: one run 39.8 ms, runs of 125 30.5 ms,
+#: of 64 33.4 ms (the layers' fixed cost per call grows again below ~100).
+MAX_SAMPLES_PER_RUN = 128
 #: Columns per batch chunk of a testing-phase convolution: small enough to stay in cache.
 CHUNK_BYTES = 3 << 20
 
@@ -178,12 +183,21 @@ class NumpyOps(Ops):
 
         Inference of a large batch pays no hand-off per operation this way: each
         thread runs a whole pass over its piece, and the operations inside
-        run in one part each.
+        run in one part each. A thread's piece goes through in runs of at most
+        :data:`MAX_SAMPLES_PER_RUN` samples, small enough to stay in cache.
         """
         pieces = split_range(x.shape[0], min(self.threads, x.shape[0] // MIN_SAMPLES_PER_THREAD))
+
+        def runs(piece):
+            start, stop = piece
+            bounds = split_range(stop - start, -(-(stop - start) // MAX_SAMPLES_PER_RUN))
+            if len(bounds) == 1:
+                return function(x[start:stop])
+            return np.concatenate([function(x[start + first:start + last]) for first, last in bounds])
+
         if len(pieces) == 1:
-            return function(x)
-        return np.concatenate(self._parallel(lambda piece: function(x[piece[0]:piece[1]]), pieces))
+            return runs(pieces[0])
+        return np.concatenate(self._parallel(runs, pieces))
 
     # -- convolution ----------------------------------------------------------
     def conv_forward(self, x, weights, bias, strides, need_backward=True):

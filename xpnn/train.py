@@ -23,27 +23,20 @@ Exit status: 0 done, 1 error (data, backend, checkpoint), 2 usage,
 3 the loss became NaN/infinite, 130 interrupted.
 """
 import argparse
-import io
-import json
 import math
 import os
-import re
-import signal
 import sys
-import time
 
 import numpy as np
-from array_api_compat import array_namespace
 
 import xpnn
 from xpnn import checkpoint as ckpt
 from xpnn.backend import BackendUnavailableError, canonical_name, make_backend
-from xpnn._files import atomic_write_bytes
 from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, load_dataset
+from xpnn.reports import describe_model, summary_line
+from xpnn.training import Diverged, Run, StopRequested, set_learning_rate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-METRICS_FILE = "metrics.json"
-PLOT_FILE = "plot.png"
 #: Run settings and their defaults; settings in LOCKED_ON_RESUME come from the
 #: checkpoint on --resume and may not be changed there.
 DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_size": 64,
@@ -52,21 +45,10 @@ DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_si
             "limit_train": None, "limit_test": None}
 LOCKED_ON_RESUME = ("dataset", "batch_size", "batch_norm", "dropout", "keep_probability", "dtype",
                     "seed", "limit_train", "limit_test")
-#: The summary line, for scripts: test accuracy, seconds per epoch, backend, device, dtype.
-SUMMARY_PATTERN = re.compile(r"^test accuracy (?P<accuracy>[0-9.]+) \| (?P<seconds>[0-9.]+) s/epoch "
-                             r"\| backend (?P<backend>\S+) \| device (?P<device>\S+) \| (?P<dtype>\w+)$")
 
 
 class UsageError(Exception):
     """The command line asks for something impossible (exit status 2)."""
-
-
-class Diverged(Exception):
-    """The training loss became NaN or infinite."""
-
-
-class StopRequested(Exception):
-    """Ctrl-C asked training to stop at the next step boundary."""
 
 
 # -- command line ---------------------------------------------------------------------
@@ -143,289 +125,12 @@ def resolve_settings(given, saved=None):
     return settings
 
 
-# -- training ---------------------------------------------------------------------------
-
-def count_correct(prediction, one_hot):
-    """Number of rows whose arg-max matches the label's, as a 0-d device array (no sync)."""
-    xp = array_namespace(prediction)
-    hits = xp.argmax(prediction, axis=1) == xp.argmax(one_hot, axis=1)
-    return xp.sum(xp.astype(hits, xp.int64))
-
-
-def train_step(net, images, one_hot):
-    """One forward/backward/update step; returns (summed data loss, correct count), both on the device.
-
-    Unlike ``NeuralNetwork.forward`` this keeps the prediction at hand for
-    the running accuracy and skips the regularization loss, which does not
-    influence the update (the optimizers apply its gradient).
-    """
-    net.label_tensor = one_hot
-    prediction = net._run_layers(images)
-    loss = net.loss_layer.forward(prediction, one_hot)
-    net.backward()
-    return loss, count_correct(prediction, one_hot)
-
-
-def evaluate(net, test_layer, stop):
-    """Test accuracy over the whole test split, in batches, in testing phase."""
-    correct = 0
-    for images, one_hot in test_layer.epoch_batches():
-        correct = correct + count_correct(net.test(images), one_hot)
-        if stop.requested:
-            net.phase = False
-            raise StopRequested
-    net.phase = False
-    return int(test_layer.backend.to_numpy(correct)) / test_layer.size
-
-
-class EpochProgress:
-    """Host-side totals of the epoch in progress (saved with a mid-epoch checkpoint)."""
-
-    def __init__(self, steps=0, samples=0, loss_sum=0.0, correct=0, seconds=0.0):
-        self.steps, self.samples, self.loss_sum = steps, samples, loss_sum
-        self.correct, self.seconds = correct, seconds
-
-    def to_json(self):
-        return dict(vars(self))
-
-
-class Window:
-    """Device-side loss and accuracy sums since the loss was last pulled to the host."""
-
-    def __init__(self):
-        self.loss, self.correct, self.samples, self.steps = 0.0, 0, 0, 0
-
-    def add(self, loss, correct, samples):
-        self.loss = self.loss + loss
-        self.correct = self.correct + correct
-        self.samples += samples
-        self.steps += 1
-
-
-class StopFlag:
-    """SIGINT handler: the first Ctrl-C asks for a clean stop, the second aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nxpnn-train: Ctrl-C: stopping after this step and saving a checkpoint "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: plain KeyboardInterrupt semantics
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-# -- checkpoints, metrics, plot -----------------------------------------------------------
-
-def numpy_random_state():
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": keys.tolist(), "pos": int(position),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def set_numpy_random_state(state):
-    np.random.set_state((state["name"], np.asarray(state["keys"], dtype=np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
-
-
 def model_options(settings):
     """Keyword arguments of ``lenet.build`` for these settings."""
     return {"batch_norm": settings["batch_norm"], "dropout": settings["dropout"],
             "keep_probability": settings["keep_probability"], "learning_rate": settings["lr"],
             "weight_decay": 4e-4, "batch_norm_eps": 1e-10}
 
-
-def set_learning_rate(net, learning_rate):
-    for layer in net.layers:
-        for _, optimizer in ckpt.optimizers_of(layer):
-            optimizer.learning_rate = float(learning_rate)
-
-
-def write_metrics(out, metrics, settings):
-    payload = {"epochs": metrics, "settings": settings}
-    atomic_write_bytes(os.path.join(out, METRICS_FILE),
-                       (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
-
-
-def write_plot(out, metrics, title):
-    """Loss and accuracy per epoch as a PNG (matplotlib's Agg canvas, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [entry["epoch"] for entry in metrics]
-    figure = Figure(figsize=(9, 3.6), dpi=100)
-    FigureCanvasAgg(figure)
-    loss_axes, accuracy_axes = figure.subplots(1, 2)
-    loss_axes.plot(epochs, [entry["train_loss"] for entry in metrics], "o-", label="train")
-    loss_axes.set(xlabel="epoch", ylabel="cross-entropy per image", title="training loss")
-    accuracy_axes.plot(epochs, [entry["train_accuracy"] for entry in metrics], "o-", label="train")
-    accuracy_axes.plot(epochs, [entry["test_accuracy"] for entry in metrics], "s-", label="test")
-    accuracy_axes.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    accuracy_axes.legend()
-    for axes in (loss_axes, accuracy_axes):
-        axes.grid(alpha=0.3)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    atomic_write_bytes(os.path.join(out, PLOT_FILE), buffer.getvalue())
-
-
-# -- the run ------------------------------------------------------------------------------
-
-class Run:
-    """One training run: network, data layers, metrics so far, and the epoch in progress."""
-
-    def __init__(self, settings, options, net, train_layer, test_layer):
-        self.settings = settings
-        self.options = options
-        self.net = net
-        self.train_layer = train_layer
-        self.test_layer = test_layer
-        self.backend = net.backend
-        self.metrics = []
-        self.partial = None
-        self.stop = StopFlag()
-
-    # -- state --------------------------------------------------------------------------
-    def resume_state(self):
-        return {"epochs_completed": len(self.metrics), "metrics": self.metrics,
-                "partial_epoch": None if self.partial is None else self.partial.to_json(),
-                "data_layer": self.train_layer.state_dict(),
-                "numpy_random": numpy_random_state(), "settings": self.settings}
-
-    def restore(self, resume):
-        self.metrics = list(resume["metrics"])
-        self.partial = None if resume["partial_epoch"] is None else EpochProgress(**resume["partial_epoch"])
-        self.train_layer.load_state_dict(resume["data_layer"])
-        if self.backend.name in ("gpu", "torch"):
-            # Their native generators (dropout) cannot be saved portably: reseed
-            # them from the position, so a resumed GPU run is reproducible.
-            step = 0 if self.partial is None else self.partial.steps
-            xpnn.seed(int(np.random.SeedSequence([self.settings["seed"], len(self.metrics), step])
-                          .generate_state(1)[0]))
-        set_numpy_random_state(resume["numpy_random"])
-
-    def settings_record(self):
-        """The settings plus what this run ran on, for metrics.json."""
-        return {**self.settings, "backend": self.backend.name,
-                "device": ckpt.device_label(self.backend), "train_images": self.train_layer.size,
-                "test_images": self.test_layer.size, "xpnn_version": xpnn.__version__}
-
-    def save(self, out):
-        """Checkpoint unless a parameter went non-finite (then the previous checkpoint stays)."""
-        arrays = ckpt.network_arrays(self.net)
-        broken = ckpt.non_finite_arrays(arrays)
-        if broken:
-            raise Diverged(f"after epoch {len(self.metrics)} the parameters hold NaN or infinite "
-                           f"values ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
-        ckpt.save_checkpoint(out, self.net, "lenet", self.options, resume=self.resume_state(),
-                             arrays=arrays)
-
-    # -- training -----------------------------------------------------------------------
-    def _pull(self, window, progress, epoch):
-        """Move the window's sums to the host and stop on a non-finite loss."""
-        if window.steps == 0:
-            return
-        loss = float(self.backend.to_numpy(window.loss))
-        if not math.isfinite(loss):
-            raise Diverged(f"the training loss became {loss} in epoch {epoch + 1} within steps "
-                           f"{progress.steps - window.steps + 1}-{progress.steps}")
-        progress.loss_sum += loss
-        progress.correct += int(self.backend.to_numpy(window.correct))
-        progress.samples += window.samples
-        window.__init__()
-
-    def _postfix(self, bar, progress, started):
-        seconds = progress.seconds + time.perf_counter() - started
-        if progress.samples:
-            bar.set_postfix(loss=f"{progress.loss_sum / progress.samples:.4f}",
-                            acc=f"{progress.correct / progress.samples:.4f}",
-                            img_s=f"{progress.samples / max(seconds, 1e-9):.0f}", refresh=False)
-
-    def train_epoch(self, epoch, show_bar, log_every):
-        """Train the rest of ``epoch``; returns its EpochProgress (training part complete)."""
-        from tqdm import tqdm
-
-        progress = self.partial = self.partial or EpochProgress()
-        total = self.train_layer.batches_per_epoch
-        window = Window()
-        bar = tqdm(total=total, initial=progress.steps, desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
-                   unit="batch", disable=not show_bar, file=sys.stderr, dynamic_ncols=True)
-        started = time.perf_counter()
-        self.net.phase = False
-        try:
-            while progress.steps < total:
-                images, one_hot = self.train_layer.next()
-                loss, correct = train_step(self.net, images, one_hot)
-                window.add(loss, correct, int(images.shape[0]))
-                progress.steps += 1
-                bar.update(1)
-                if progress.steps % log_every == 0 or progress.steps == total or self.stop.requested:
-                    self._pull(window, progress, epoch)
-                    self._postfix(bar, progress, started)
-                if self.stop.requested and progress.steps < total:
-                    raise StopRequested
-            self.backend.synchronize()
-        finally:
-            progress.seconds += time.perf_counter() - started
-            bar.close()
-        return progress
-
-    def finish_epoch(self, epoch, progress, out):
-        started = time.perf_counter()
-        accuracy = evaluate(self.net, self.test_layer, self.stop)
-        epochs_before = list(self.metrics)
-        entry = {"epoch": epoch + 1, "train_loss": progress.loss_sum / progress.samples,
-                 "train_accuracy": progress.correct / progress.samples, "test_accuracy": accuracy,
-                 "seconds": progress.seconds, "eval_seconds": time.perf_counter() - started,
-                 "images_per_second": progress.samples / max(progress.seconds, 1e-9)}
-        self.metrics.append(entry)
-        self.partial = None
-        try:
-            self.save(out)
-        except Diverged:
-            self.metrics = epochs_before
-            raise
-        write_metrics(out, self.metrics, self.settings_record())
-        write_plot(out, self.metrics, describe_model(self.settings))
-        print(f"epoch {entry['epoch']}/{self.settings['epochs']} | train loss {entry['train_loss']:.4f} | "
-              f"train accuracy {entry['train_accuracy']:.4f} | test accuracy {accuracy:.4f} | "
-              f"{entry['seconds']:.1f} s | {entry['images_per_second']:.0f} images/s", flush=True)
-
-    def train(self, out, show_bar, log_every):
-        while len(self.metrics) < self.settings["epochs"]:
-            epoch = len(self.metrics)
-            progress = self.train_epoch(epoch, show_bar, log_every)
-            self.finish_epoch(epoch, progress, out)
-
-
-def describe_model(settings):
-    extras = [name for name, on in (("batch norm", settings["batch_norm"]), ("dropout", settings["dropout"])) if on]
-    return f"LeNet ({', '.join(extras) or 'plain'}) on {settings['dataset']}"
-
-
-def summary_line(metrics, backend, dtype):
-    """``test accuracy 0.8675 | 13.8 s/epoch | backend cpu | device cpu | float32`` (SUMMARY_PATTERN)."""
-    seconds = sum(entry["seconds"] for entry in metrics) / len(metrics)
-    return (f"test accuracy {metrics[-1]['test_accuracy']:.4f} | {seconds:.1f} s/epoch | "
-            f"backend {backend.name} | device {ckpt.device_label(backend)} | {dtype}")
 
 
 # -- setting up -------------------------------------------------------------------------------

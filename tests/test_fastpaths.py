@@ -6,6 +6,8 @@ random inputs of several shapes (odd sizes, strides, even kernels, 1-D and 2-D),
 in float32 and float64, whatever the memory layout of its inputs. Where the
 result is a selection (ReLU, max pooling) it must be bit for bit the same.
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -98,14 +100,19 @@ def test_conv_forward_and_backward_match_generic(numpy_pair, shape, kernel_shape
                 _close(actual, reference, dtype)
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 2])
 @pytest.mark.parametrize("shape, kernel_shape, strides", CONV_CASES, ids=CONV_IDS)
-def test_testing_phase_conv_forward_in_chunks_matches_generic(numpy_pair, monkeypatch, shape,
-                                                               kernel_shape, strides):
+def test_testing_phase_conv_forward_in_row_blocks_matches_generic(numpy_pair, monkeypatch, shape,
+                                                               kernel_shape, strides, rows_per_block):
     import xpnn.ops.numpy_ops as numpy_ops
 
     fast, generic, dtype = numpy_pair
-    # Chunks of one or two samples: several chunks per batch, split over the threads.
-    monkeypatch.setattr(numpy_ops, "CHUNK_BYTES", 1)
+    # Blocks of one or two output rows (an odd row count leaves a short last block):
+    # several blocks per part, parts on the threads.
+    output_columns = -(-shape[3] // strides[1]) if len(shape) == 4 else 1
+    row_bytes = (shape[1] * math.prod(kernel_shape) * output_columns * shape[0]
+                 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(numpy_ops, "BLOCK_BYTES", rows_per_block * row_bytes)
     weights = _random((4, shape[1]) + kernel_shape, dtype, seed=1)
     bias = _random((4,), dtype, seed=2)
     x = _random(shape, dtype)
@@ -483,7 +490,6 @@ def test_network_test_in_pieces_matches_one_call(monkeypatch, threads, batch_nor
     import xpnn.ops.numpy_ops as numpy_ops
 
     monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
-    monkeypatch.setattr(numpy_ops, "MAX_SAMPLES_PER_RUN", 2)   # and each piece in runs
     with xpnn.use_backend("cpu", dtype="float64") as backend:
         xpnn.seed(3)
         net = lenet.build(batch_norm=batch_norm, dropout=batch_norm)
@@ -505,7 +511,7 @@ def test_network_test_in_pieces_matches_one_call(monkeypatch, threads, batch_nor
         for _ in range(3):
             np.testing.assert_allclose(net.test(images), expected, rtol=1e-12, atol=1e-15)
     pieces = {size for _, size in seen}
-    assert len({ident for ident, _ in seen}) == threads and max(pieces) <= 2
+    assert len({ident for ident, _ in seen}) == threads and sum(pieces) <= 7 and max(pieces) < 7
 
 
 def test_map_samples_keeps_small_batches_whole_and_generic_ops_call_once():
@@ -522,19 +528,4 @@ def test_map_samples_keeps_small_batches_whole_and_generic_ops_call_once():
     assert calls == [100, 100]
     big = _random((1000, 3), "float32")
     np.testing.assert_array_equal(NumpyOps(backend, threads=2).map_samples(function, big), big * 2.0)
-    assert calls[2:] == [125] * 8                  # two pieces of 500, each in four runs
-
-
-def test_map_samples_runs_a_large_batch_in_cache_sized_runs_on_one_thread_too():
-    from xpnn.ops.numpy_ops import MAX_SAMPLES_PER_RUN
-
-    backend = make_backend("cpu", "float64")
-    calls = []
-
-    def function(x):
-        calls.append(x.shape[0])
-        return x[:, :1] - 1.0
-
-    x = _random((3 * MAX_SAMPLES_PER_RUN + 5, 2), "float64")
-    np.testing.assert_array_equal(NumpyOps(backend, threads=1).map_samples(function, x), x[:, :1] - 1.0)
-    assert len(calls) == 4 and max(calls) <= MAX_SAMPLES_PER_RUN and sum(calls) == x.shape[0]
+    assert sorted(calls[2:]) == [500, 500]

@@ -60,10 +60,6 @@ class Geometry:
         """Entries of the columns for ``batch`` samples."""
         return self.channels * self.kernel_size * self.output_shape[0] * self.output_shape[1] * batch
 
-    def with_batch(self, batch):
-        """The same convolution for another batch size."""
-        return Geometry(self.input_shape[:3], self.kernel_shape, self.strides, batch)
-
     def column_block(self, rows):
         """Slice of the flat columns ``(c*m*n, y'*x'*b)`` holding output rows ``[start, stop)``."""
         return slice(rows[0] * self.row_size, rows[1] * self.row_size)

@@ -6,6 +6,7 @@ from xpnn._files import atomic_write_bytes
 from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
+from xpnn.piecewise import PiecewisePass
 
 
 class NeuralNetwork:
@@ -41,6 +42,15 @@ class NeuralNetwork:
         self.loss_layer = None
         self.label_tensor = None
         self._testing_phase = False
+        self._piecewise = None  # the last training forward's PiecewisePass, if it ran in pieces
+
+    def __getstate__(self):
+        # A pass in pieces holds replicas and their caches: not part of the model.
+        return {**self.__dict__, "_piecewise": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_piecewise", None)  # pickled before passes in pieces existed
 
     @property
     def phase(self):
@@ -62,9 +72,22 @@ class NeuralNetwork:
         self.layers.append(layer)
 
     def _run_layers(self, input_tensor):
+        """Every layer's forward in turn; in training, on pieces of the batch where the backend cuts it."""
+        if not self._testing_phase:  # (testing runs its own pieces, on helper threads: see test)
+            self._piecewise = self._piecewise_pass(input_tensor)
+            if self._piecewise is not None:
+                return self._piecewise.forward(self.backend.asarray(input_tensor, dtype=self.backend.dtype))
         for layer in self.layers:
             input_tensor = layer.forward(input_tensor)
         return input_tensor
+
+    def _piecewise_pass(self, input_tensor):
+        """A :class:`~xpnn.piecewise.PiecewisePass` when the backend cuts this batch, else None."""
+        shape = getattr(input_tensor, "shape", None)
+        if not shape or not self.layers or not all(layer.runs_in_pieces for layer in self.layers):
+            return None
+        pieces = self.backend.ops.training_pieces(tuple(shape))
+        return PiecewisePass(self.layers, pieces) if len(pieces) > 1 else None
 
     def regularization_loss(self):
         """Sum of ``regularizer.norm(weights)`` over trainable layers (0 without one)."""
@@ -90,6 +113,9 @@ class NeuralNetwork:
             layers = layers[:-1]
         else:
             error_tensor = self.loss_layer.backward(self.label_tensor)
+        if self._piecewise is not None:
+            self._piecewise.backward(error_tensor, len(layers))
+            return
         for layer in reversed(layers[1:]):
             error_tensor = layer.backward(error_tensor)
         if layers:
@@ -104,9 +130,11 @@ class NeuralNetwork:
     def _softmax_feeds_cross_entropy(self):
         """True when the last forward ran a plain SoftMax straight into a plain CrossEntropyLoss."""
         last = self.layers[-1] if self.layers else None
-        return (type(last).backward is SoftMax.backward
-                and type(self.loss_layer).backward is CrossEntropyLoss.backward
-                and last._saved is not None and last._saved is self.loss_layer.prediction_tensor)
+        if type(last).backward is not SoftMax.backward:
+            return False
+        prediction = last._saved if self._piecewise is None else self._piecewise.output
+        return (type(self.loss_layer).backward is CrossEntropyLoss.backward
+                and prediction is not None and prediction is self.loss_layer.prediction_tensor)
 
     def train(self, iterations):
         """Run ``iterations`` forward/backward passes in training phase, recording the loss."""

@@ -9,6 +9,8 @@ from xpnn.layers.base import BaseLayer
 class _Activation(BaseLayer):
     """Element-wise activation: shared entry checks for forward and backward."""
 
+    runs_in_pieces = True
+
     def __init__(self):
         super().__init__()
         # The array backward differentiates through (mask or output), set by forward.

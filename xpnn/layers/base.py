@@ -1,5 +1,7 @@
 """The layer protocol shared by every layer (course-compatible)."""
 import copy
+import functools
+import operator
 
 from array_api_compat import is_array_api_obj
 
@@ -27,6 +29,11 @@ class BaseLayer:
     #: duration of that layer's ``backward`` (nothing below it needs the
     #: gradient); a layer used on its own always computes it.
     skip_input_gradient = False
+    #: True for a layer that treats every sample of a batch on its own in training
+    #: (no batch statistics, no random draw): a network may then run it on pieces
+    #: of the batch at the same time, each piece through its own :meth:`replica`.
+    #: False (the safe default, e.g. for user-defined layers) runs it on the whole batch.
+    runs_in_pieces = False
 
     def __init__(self):
         self.trainable = False
@@ -70,6 +77,11 @@ class BaseLayer:
                 optimizer.to(target)
         return self
 
+    def replica(self):
+        """A shallow copy that runs one piece of a batch: it shares this layer's
+        parameters and settings but keeps its own forward cache."""
+        return copy.copy(self)
+
     def forward(self, input_tensor):
         raise NotImplementedError
 
@@ -96,6 +108,8 @@ class TrainableLayer(BaseLayer):
     """
 
     state_names = ("weights", "bias", "gradient_weights", "gradient_bias")
+    #: The gradients ``backward`` sets, summed over replicas by :meth:`take_gradients`.
+    gradient_names = ("gradient_weights", "gradient_bias")
     # Class-level defaults rather than assignments in __init__, so that a
     # subclass may expose a gradient as a read-only property
     # (FullyConnected's gradient_bias is a row of gradient_weights).
@@ -150,6 +164,22 @@ class TrainableLayer(BaseLayer):
         # (momentum, Adam) keep separate state per parameter.
         self._optimizer = value
         self._bias_optimizer = None if value is None else copy.deepcopy(value)
+
+    def replica(self):
+        """Like :meth:`BaseLayer.replica`, without optimizers: its backward only sets gradients."""
+        twin = copy.copy(self)
+        twin._optimizer = twin._bias_optimizer = None
+        return twin
+
+    def take_gradients(self, replicas):
+        """Set this layer's gradients to the sum of its replicas' and apply the optimizer once.
+
+        The loss is a sum over samples, so the gradient of a whole batch is
+        the sum of its pieces' gradients.
+        """
+        for name in self.gradient_names:
+            setattr(self, name, functools.reduce(operator.add, (getattr(twin, name) for twin in replicas)))
+        self._update_parameters()
 
     def _update_parameters(self):
         """Apply the optimizer (if set) to weights and bias after a backward pass."""

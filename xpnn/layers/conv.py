@@ -38,6 +38,8 @@ class Conv(TrainableLayer):
     ``backend.ops`` (``conv_forward``/``conv_backward``, im2col + one matmul).
     """
 
+    runs_in_pieces = True
+
     def __init__(self, stride_shape, convolution_shape, num_kernels):
         super().__init__()
         shape = positive_ints("Conv", "convolution_shape", convolution_shape)

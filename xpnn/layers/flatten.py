@@ -13,6 +13,8 @@ class Flatten(BaseLayer):
         Shape of the last forward input, used by ``backward``.
     """
 
+    runs_in_pieces = True
+
     def __init__(self):
         super().__init__()
         self.input_shape = None

@@ -34,6 +34,9 @@ class FullyConnected(TrainableLayer):
     runs: the bias row is updated together with the weights.
     """
 
+    runs_in_pieces = True
+    gradient_names = ("gradient_weights",)  # gradient_bias is a row of it
+
     # bias and gradient_bias are views of rows of these; moving them is enough.
     state_names = ("weights", "gradient_weights")
 

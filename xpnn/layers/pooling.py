@@ -21,6 +21,8 @@ class Pooling(BaseLayer):
     The array work lives in ``backend.ops`` (``max_pool_forward``/``max_pool_backward``).
     """
 
+    runs_in_pieces = True
+
     def __init__(self, stride_shape, pooling_shape):
         super().__init__()
         self.stride_shape = spatial_tuple("Pooling", "stride_shape", stride_shape, 2)

@@ -45,6 +45,25 @@ class Ops:
         """
         return function(x)
 
+    def training_pieces(self, shape):
+        """``(start, stop)`` pieces along axis 0 that a training input of ``shape`` is cut into.
+
+        See :mod:`xpnn.piecewise`; one piece means: run it whole. The generic
+        one never cuts.
+        """
+        return [(0, shape[0])]
+
+    def run_pieces(self, task, count):
+        """``[task(index) for index in range(count)]``; a backend may run them at the same time.
+
+        ``task`` must be safe to call from two threads at once.
+        """
+        return [task(index) for index in range(count)]
+
+    def join_samples(self, pieces):
+        """The arrays ``pieces`` joined along axis 0 (the samples)."""
+        return self.xp.concat(list(pieces), axis=0)
+
     # -- sliding windows (shared by convolution and pooling) -------------------
     def extract_windows(self, x, window_shape, strides, padding):
         """Every window of ``x``: see :func:`xpnn.ops.windows.extract_windows`."""

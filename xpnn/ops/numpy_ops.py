@@ -68,9 +68,10 @@ MIN_PARALLEL_COLUMNS = 1 << 18
 #: Element-wise operations (ReLU, pooling, batch norm) on fewer elements than this run
 #: in one part: at ~1 ns per element they gain less than the hand-off costs.
 MIN_PARALLEL_ELEMENTS = 1 << 21
-#: A batch runs through :meth:`NumpyOps.map_samples` in pieces from this many samples
-#: per thread: a piece must be large enough that NumPy spends far more time in its
-#: loops (GIL released) than in the layers' Python code (GIL held).
+#: A batch runs through :meth:`NumpyOps.map_samples` (and a training batch through
+#: :meth:`NumpyOps.training_pieces`) in pieces from this many samples per thread: a
+#: piece must be large enough that NumPy spends far more time in its loops (GIL
+#: released) than in the layers' Python code (GIL held).
 MIN_SAMPLES_PER_THREAD = 128
 #: Columns per block of output rows of a testing-phase convolution: the block's buffer
 #: stays in cache from im2col to the matrix product. Measured on one thread, 128 samples:
@@ -189,6 +190,28 @@ class NumpyOps(Ops):
         if len(pieces) == 1:
             return function(x)
         return np.concatenate(self._parallel(lambda piece: function(x[piece[0]:piece[1]]), pieces))
+
+    def training_pieces(self, shape):
+        """One piece per thread from :data:`MIN_SAMPLES_PER_THREAD` samples each, else one piece.
+
+        Each thread then runs the whole training pass on its piece (one hand-off
+        per pass instead of one per operation): LeNet at batch 256 on 2 threads
+        0.84x the time of splitting each operation.
+        """
+        return split_range(shape[0], min(self.threads, shape[0] // MIN_SAMPLES_PER_THREAD))
+
+    def run_pieces(self, task, count):
+        """Same contract as :meth:`xpnn.ops.Ops.run_pieces`: the pieces shared out over the threads."""
+        groups = self._parallel(lambda group: [task(index) for index in range(*group)],
+                                split_range(count, self.threads))
+        return [result for group in groups for result in group]
+
+    def join_samples(self, pieces):
+        """Same contract as :meth:`xpnn.ops.Ops.join_samples`; images stay batch-innermost."""
+        pieces = list(pieces)
+        if all(piece.ndim == 4 for piece in pieces):
+            return batch_outermost(np.concatenate([batch_innermost(piece) for piece in pieces], axis=-1))
+        return np.concatenate(pieces, axis=0)
 
     # -- convolution ----------------------------------------------------------
     def conv_forward(self, x, weights, bias, strides, need_backward=True):

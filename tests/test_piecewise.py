@@ -1,0 +1,198 @@
+"""Training in pieces (xpnn.piecewise): the same numbers as one piece, on every backend.
+
+A backend's ``ops.training_pieces`` decides the cut; the generic Ops never cuts,
+so these tests make it cut (``monkeypatch``) to run the network-level logic
+(replicas, joined outputs, summed gradients, the fused SoftMax step) on every
+backend. The NumPy backend cuts large batches itself and runs the pieces on its
+threads.
+"""
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn import NeuralNetwork
+from xpnn.backend import make_backend
+from xpnn.initializers import Constant, He
+from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnected, Pooling,
+                         ReLU, Sigmoid, SoftMax, TanH)
+from xpnn.losses import CrossEntropyLoss
+from xpnn.ops import Ops
+from xpnn.ops.numpy_ops import NumpyOps
+from xpnn.ops.threads import split_range
+from xpnn.optimizers import Adam, Sgd
+from xpnn.regularizers import L2_Regularizer
+from conftest import CyclingBatches, assert_close
+
+BATCH = 7
+
+
+class UnfusedLoss(CrossEntropyLoss):
+    """Cross-entropy with its own backward: the network then runs SoftMax.backward too."""
+
+    def backward(self, label_tensor):
+        return super().backward(label_tensor)
+
+
+def _small_net(loss_layer, middle_activation=TanH):
+    net = NeuralNetwork(Adam(1e-2, 0.9, 0.999), He(), Constant(0.1))
+    net.optimizer.add_regularizer(L2_Regularizer(1e-3))
+    for layer in (Conv((1, 1), (1, 3, 3), 3), ReLU(), Pooling((2, 2), (2, 2)), Flatten(),
+                  FullyConnected(3 * 4 * 4, 6), middle_activation(), FullyConnected(6, 4),
+                  SoftMax()):
+        net.append_layer(layer)
+    net.loss_layer = loss_layer
+    return net
+
+
+def _data(count=BATCH, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((count, 1, 8, 8)), np.eye(4)[rng.integers(0, 4, count)]
+
+
+def _train(backend, monkeypatch, pieces, loss_layer, steps=3, middle_activation=TanH):
+    """Three steps of the small network; ``pieces`` cuts each batch (None: the backend decides)."""
+    if pieces is not None:
+        monkeypatch.setattr(backend.ops, "training_pieces",
+                            lambda shape: split_range(shape[0], pieces))
+    xpnn.seed(5)
+    net = _small_net(loss_layer, middle_activation)
+    images, labels = _data()
+    net.data_layer = CyclingBatches(images, labels, BATCH)
+    net.train(steps)
+    monkeypatch.undo()
+    return net
+
+
+@pytest.mark.parametrize("loss_layer", [CrossEntropyLoss, UnfusedLoss], ids=["fused", "unfused"])
+def test_training_in_pieces_gives_the_one_piece_numbers(backend, monkeypatch, loss_layer):
+    whole = _train(backend, monkeypatch, 1, loss_layer())
+    cut = _train(backend, monkeypatch, 3, loss_layer())
+    assert whole._piecewise is None and cut._piecewise is not None
+    # The replicas ran the pieces: the network's own layers never saw a batch.
+    assert cut.layers[0]._cache is None and cut.layers[-1]._saved is None
+    for actual, expected in zip(cut.loss, whole.loss):
+        assert_close(actual, xpnn.to_numpy(expected), rtol=1e-12)
+    for cut_layer, whole_layer in zip(cut.layers, whole.layers):
+        if whole_layer.trainable:
+            for name in ("weights", "bias", "gradient_weights", "gradient_bias"):
+                expected = xpnn.to_numpy(getattr(whole_layer, name))
+                assert_close(getattr(cut_layer, name), expected, rtol=1e-11,
+                             atol=1e-14 * np.max(np.abs(expected)), err_msg=name)
+    images, _ = _data(5, seed=1)
+    assert_close(cut.test(images), xpnn.to_numpy(whole.test(images)), rtol=1e-11)
+
+
+def test_pieces_are_joined_in_order_and_the_prediction_is_the_joined_output(backend, monkeypatch):
+    monkeypatch.setattr(backend.ops, "training_pieces", lambda shape: split_range(shape[0], 2))
+    xpnn.seed(5)
+    net = _small_net(CrossEntropyLoss())
+    images, _ = _data()
+    prediction = net._run_layers(images)
+    monkeypatch.undo()
+    expected = xpnn.to_numpy(net._run_layers(images))  # one piece, same parameters
+    assert net._piecewise is None
+    assert_close(prediction, expected, rtol=1e-13)
+
+
+def test_a_network_with_a_layer_that_couples_samples_is_not_cut(backend, monkeypatch):
+    monkeypatch.setattr(backend.ops, "training_pieces", lambda shape: split_range(shape[0], 2))
+    xpnn.seed(5)
+    for coupling in (BatchNormalization(6), Dropout(0.8)):
+        net = _small_net(CrossEntropyLoss())
+        net.layers.insert(5, coupling)
+        coupling.testing_phase = False
+        net.data_layer = CyclingBatches(*_data(), BATCH)
+        net.train(1)
+        assert net._piecewise is None, type(coupling).__name__
+        assert net.layers[0]._cache is not None  # the layers themselves ran
+
+
+class CountingReLU(ReLU):
+    """A ReLU that records which thread ran each forward call and on how many samples."""
+
+    calls = []
+
+    def forward(self, input_tensor):
+        CountingReLU.calls.append((threading.get_ident(), input_tensor.shape[0]))
+        return super().forward(input_tensor)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_numpy_runs_the_pieces_of_a_large_batch_on_its_threads(monkeypatch, threads):
+    import xpnn.ops.numpy_ops as numpy_ops
+
+    monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
+    with xpnn.use_backend("cpu", dtype="float64") as backend:
+        results = []
+        for ops in (NumpyOps(backend, threads=threads), NumpyOps(backend, threads=1)):
+            monkeypatch.setattr(backend, "ops", ops)
+            CountingReLU.calls = []
+            xpnn.seed(5)
+            net = _small_net(CrossEntropyLoss(), middle_activation=CountingReLU)
+            net.data_layer = CyclingBatches(*_data(), BATCH)
+            net.train(2)
+            results.append((net, list(CountingReLU.calls)))
+    (cut, cut_calls), (whole, whole_calls) = results
+    assert len({ident for ident, _ in cut_calls}) == threads
+    assert sorted(size for _, size in cut_calls[:threads]) == sorted(
+        stop - start for start, stop in split_range(BATCH, threads))
+    assert whole._piecewise is None and [size for _, size in whole_calls] == [BATCH, BATCH]
+    for cut_layer, whole_layer in zip(cut.layers, whole.layers):
+        if whole_layer.trainable:
+            np.testing.assert_allclose(cut_layer.weights, whole_layer.weights, rtol=1e-11)
+
+
+def test_numpy_training_pieces_cut_only_large_batches():
+    ops = NumpyOps(make_backend("cpu", "float32"), threads=2)
+    assert ops.training_pieces((255, 1, 28, 28)) == [(0, 255)]
+    assert ops.training_pieces((256, 1, 28, 28)) == [(0, 128), (128, 256)]
+    assert NumpyOps(make_backend("cpu", "float32"), threads=1).training_pieces((512, 3)) == [(0, 512)]
+    assert Ops(make_backend("cpu", "float32")).training_pieces((4096, 3)) == [(0, 4096)]
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4, 2), (5, 6)])
+def test_numpy_join_samples_matches_generic_and_keeps_images_batch_innermost(shape):
+    backend = make_backend("cpu", "float64")
+    rng = np.random.default_rng(0)
+    # Pieces as the NumPy fast paths return them: transposed views of (c, y, x, b) arrays.
+    pieces = [np.moveaxis(rng.random(shape[1:] + (count,)), -1, 0) for count in (2, 3)]
+    joined = NumpyOps(backend).join_samples(pieces)
+    np.testing.assert_array_equal(joined, Ops(backend).join_samples(pieces))
+    assert joined.shape == (5,) + shape[1:]
+    if len(shape) == 4:
+        assert joined.strides[0] == joined.itemsize
+
+
+def test_take_gradients_sums_the_replicas_and_steps_once(backend):
+    layer = FullyConnected(3, 2)
+    layer.optimizer = Sgd(0.5)
+    before = xpnn.to_numpy(layer.weights)
+    replicas = [layer.replica() for _ in range(2)]
+    assert all(twin.optimizer is None for twin in replicas)
+    rng = np.random.default_rng(0)
+    inputs, errors = rng.random((2, 4, 3)), rng.random((2, 4, 2))
+    for twin, x, e in zip(replicas, inputs, errors):
+        twin.forward(x)
+        twin.backward(e)
+    assert_close(layer.weights, before)  # the replicas did not step
+    layer.take_gradients(replicas)
+    augmented = np.concatenate([inputs.reshape(8, 3), np.ones((8, 1))], axis=1)
+    gradient = augmented.T @ errors.reshape(8, 2)
+    assert_close(layer.gradient_weights, gradient, rtol=1e-13)
+    assert_close(layer.weights, before - 0.5 * gradient, rtol=1e-13)
+
+
+def test_a_network_trained_in_pieces_pickles_without_its_pass(monkeypatch):
+    with xpnn.use_backend("cpu", dtype="float64") as backend:
+        net = _train(backend, monkeypatch, 2, CrossEntropyLoss(), steps=1)
+        assert net._piecewise is not None
+        copy = pickle.loads(pickle.dumps(net))
+        assert copy._piecewise is None
+        images, _ = _data(3)
+        np.testing.assert_allclose(copy.test(images), net.test(images), rtol=1e-13)
+        del copy.__dict__["_piecewise"]  # a network pickled before passes in pieces existed
+        revived = pickle.loads(pickle.dumps(copy))
+        assert revived._piecewise is None

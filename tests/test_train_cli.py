@@ -130,6 +130,39 @@ def test_progress_bar_when_asked(data_dir, tmp_path, capsys):
     assert "epoch 1/1" in captured.err and "loss=" in captured.err and "img_s=" in captured.err
 
 
+def test_training_steps_run_inside_the_backends_compute_scope(data_dir, tmp_path, monkeypatch):
+    # NeuralNetwork.train and xpnn-train both hold the backend's compute scope around their
+    # steps (on the CPU: BLAS kept to one thread beside xpnn's own threads).
+    import contextlib
+    from xpnn import training
+    from xpnn.ops.numpy_ops import NumpyOps
+    from xpnn.train import main
+
+    depth, seen = [0], []
+    scope = NumpyOps.compute_scope
+
+    @contextlib.contextmanager
+    def counted(self):
+        with scope(self):
+            depth[0] += 1
+            try:
+                yield
+            finally:
+                depth[0] -= 1
+
+    step = training.train_step
+
+    def recorded(*args):
+        seen.append(depth[0])
+        return step(*args)
+
+    monkeypatch.setattr(NumpyOps, "compute_scope", counted)
+    monkeypatch.setattr(training, "train_step", recorded)
+    assert main(["--dataset", "mnist", "--data-dir", data_dir, "--out", str(tmp_path / "scope"),
+                 "--limit-train", "64", "--limit-test", "32", "--batch-size", "16", "--no-progress"]) == 0
+    assert len(seen) == 4 and min(seen) >= 1
+
+
 # -- checkpoints in process ------------------------------------------------------------------
 
 def small_lenet_trained(steps=2):

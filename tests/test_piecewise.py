@@ -17,7 +17,7 @@ from xpnn import NeuralNetwork
 from xpnn.backend import make_backend
 from xpnn.initializers import Constant, He
 from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnected, Pooling,
-                         ReLU, Sigmoid, SoftMax, TanH)
+                         ReLU, SoftMax, TanH)
 from xpnn.losses import CrossEntropyLoss
 from xpnn.ops import Ops
 from xpnn.ops.numpy_ops import NumpyOps
@@ -85,6 +85,14 @@ def test_training_in_pieces_gives_the_one_piece_numbers(backend, monkeypatch, lo
     assert_close(cut.test(images), xpnn.to_numpy(whole.test(images)), rtol=1e-11)
 
 
+def test_numpy_does_not_cut_a_batch_inside_one_of_its_own_parts():
+    # Pieces that wait for each other (batch norm) could not run at the same time there.
+    ops = NumpyOps(make_backend("cpu", "float32"), threads=2)
+    inside = ops._team.run(lambda part: ops.training_pieces((512, 3)), [0, 1])
+    assert inside == [[(0, 512)], [(0, 512)]]
+    assert ops.training_pieces((512, 3)) == [(0, 256), (256, 512)]
+
+
 def test_pieces_are_joined_in_order_and_the_prediction_is_the_joined_output(backend, monkeypatch):
     monkeypatch.setattr(backend.ops, "training_pieces", lambda shape: split_range(shape[0], 2))
     xpnn.seed(5)
@@ -97,17 +105,94 @@ def test_pieces_are_joined_in_order_and_the_prediction_is_the_joined_output(back
     assert_close(prediction, expected, rtol=1e-13)
 
 
-def test_a_network_with_a_layer_that_couples_samples_is_not_cut(backend, monkeypatch):
-    monkeypatch.setattr(backend.ops, "training_pieces", lambda shape: split_range(shape[0], 2))
+def run_pieces_on_threads(task, count):
+    """``[task(i) for i in range(count)]`` with every piece on its own thread at the same time,
+    as batch normalization in pieces needs (its sums wait for every piece)."""
+    results, errors = [None] * count, [None] * count
+
+    def run(index):
+        try:
+            results[index] = task(index)
+        except BaseException as error:
+            errors[index] = error
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
+
+
+def _coupled_net(loss_layer):
+    """The small network with batch norm after the convolution and the first FC, and dropout.
+
+    Plain SGD: the bias in front of batch norm has a gradient of rounding noise only,
+    which Adam would scale up to full steps of either sign (see test_fastpaths).
+    """
+    net = NeuralNetwork(Sgd(0.05), He(), Constant(0.1))
+    for layer in (Conv((1, 1), (1, 3, 3), 3), BatchNormalization(3, eps=1e-5), ReLU(),
+                  Pooling((2, 2), (2, 2)), Flatten(), FullyConnected(3 * 4 * 4, 6),
+                  BatchNormalization(6, eps=1e-5), TanH(), Dropout(0.5), FullyConnected(6, 4),
+                  SoftMax()):
+        net.append_layer(layer)
+    net.loss_layer = loss_layer
+    return net
+
+
+def _train_coupled(backend, monkeypatch, pieces, steps=3):
+    monkeypatch.setattr(backend.ops, "training_pieces", lambda shape: split_range(shape[0], pieces))
+    monkeypatch.setattr(backend.ops, "run_pieces", run_pieces_on_threads)
     xpnn.seed(5)
-    for coupling in (BatchNormalization(6), Dropout(0.8)):
-        net = _small_net(CrossEntropyLoss())
-        net.layers.insert(5, coupling)
-        coupling.testing_phase = False
+    np.random.seed(7)  # the dropout masks on the NumPy backend
+    net = _coupled_net(CrossEntropyLoss())
+    net.data_layer = CyclingBatches(*_data(), BATCH)
+    net.train(steps)
+    monkeypatch.undo()
+    return net
+
+
+def test_batch_norm_and_dropout_in_pieces_give_the_one_piece_numbers(backend, monkeypatch):
+    # Batch norm sums its statistics and its gradient's means over the pieces; dropout
+    # takes its rows of one draw for the whole batch: the same numbers as one piece.
+    whole = _train_coupled(backend, monkeypatch, 1)
+    cut = _train_coupled(backend, monkeypatch, 3)
+    assert whole._piecewise is None and cut._piecewise is not None
+    assert cut.layers[1]._cache is None  # the replicas ran the pieces
+    for actual, expected in zip(cut.loss, whole.loss):
+        assert_close(actual, xpnn.to_numpy(expected), rtol=1e-11)
+    for cut_layer, whole_layer in zip(cut.layers, whole.layers):
+        names = ("weights", "bias", "gradient_weights", "gradient_bias") if whole_layer.trainable else ()
+        if isinstance(whole_layer, BatchNormalization):
+            names += ("running_mean", "running_variance")
+        for name in names:
+            expected = xpnn.to_numpy(getattr(whole_layer, name))
+            # (atol: the convolution's bias gradient is rounding noise, ~1e-16, in both.)
+            assert_close(getattr(cut_layer, name), expected, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+class FailsOnLaterPieces(ReLU):
+    """A ReLU that raises on every piece but the first."""
+
+    def forward(self, input_tensor):
+        if self.piece is not None and self.piece.bounds[0] > 0:
+            raise ValueError("FailsOnLaterPieces: this piece failed")
+        return super().forward(input_tensor)
+
+
+def test_a_failing_piece_raises_its_own_error_and_frees_the_waiting_ones(monkeypatch):
+    with xpnn.use_backend("cpu", dtype="float64") as backend:
+        monkeypatch.setattr(backend.ops, "training_pieces", lambda shape: split_range(shape[0], 2))
+        monkeypatch.setattr(backend.ops, "run_pieces", run_pieces_on_threads)
+        net = _coupled_net(CrossEntropyLoss())
+        net.layers[2] = FailsOnLaterPieces()  # after the first batch norm's sums: piece 0 waits
+        net.layers[2].testing_phase = False
         net.data_layer = CyclingBatches(*_data(), BATCH)
-        net.train(1)
-        assert net._piecewise is None, type(coupling).__name__
-        assert net.layers[0]._cache is not None  # the layers themselves ran
+        with pytest.raises(ValueError, match="this piece failed"):
+            net.train(1)
 
 
 class CountingReLU(ReLU):
@@ -120,8 +205,9 @@ class CountingReLU(ReLU):
         return super().forward(input_tensor)
 
 
+@pytest.mark.parametrize("coupled", [False, True], ids=["plain", "bn-dropout"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_numpy_runs_the_pieces_of_a_large_batch_on_its_threads(monkeypatch, threads):
+def test_numpy_runs_the_pieces_of_a_large_batch_on_its_threads(monkeypatch, threads, coupled):
     import xpnn.ops.numpy_ops as numpy_ops
 
     monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
@@ -131,7 +217,12 @@ def test_numpy_runs_the_pieces_of_a_large_batch_on_its_threads(monkeypatch, thre
             monkeypatch.setattr(backend, "ops", ops)
             CountingReLU.calls = []
             xpnn.seed(5)
-            net = _small_net(CrossEntropyLoss(), middle_activation=CountingReLU)
+            np.random.seed(7)
+            if coupled:
+                net = _coupled_net(CrossEntropyLoss())
+                net.layers[7] = CountingReLU()  # in place of the TanH
+            else:
+                net = _small_net(CrossEntropyLoss(), middle_activation=CountingReLU)
             net.data_layer = CyclingBatches(*_data(), BATCH)
             net.train(2)
             results.append((net, list(CountingReLU.calls)))

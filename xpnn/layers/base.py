@@ -34,6 +34,9 @@ class BaseLayer:
     #: of the batch at the same time, each piece through its own :meth:`replica`.
     #: False (the safe default, e.g. for user-defined layers) runs it on the whole batch.
     runs_in_pieces = False
+    #: A replica's :class:`xpnn.piecewise.PieceSlot` while it runs one piece of a
+    #: batch cut into pieces (layers that couple samples use it); None otherwise.
+    piece = None
 
     def __init__(self):
         self.trainable = False
@@ -81,6 +84,10 @@ class BaseLayer:
         """A shallow copy that runs one piece of a batch: it shares this layer's
         parameters and settings but keeps its own forward cache."""
         return copy.copy(self)
+
+    def take_forward_state(self, replicas):
+        """After a training forward pass in pieces: keep what the replicas' forward
+        passes changed that outlives the pass (nothing here)."""
 
     def forward(self, input_tensor):
         raise NotImplementedError

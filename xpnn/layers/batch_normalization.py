@@ -41,6 +41,8 @@ class BatchNormalization(TrainableLayer):
 
     #: Weight of the old running statistics in the moving average.
     decay = 0.8
+    #: A replica sums its statistics over the pieces of the batch (see ``piece``).
+    runs_in_pieces = True
     state_names = TrainableLayer.state_names + ("running_mean", "running_variance")
 
     def __init__(self, channels, eps=1e-10):
@@ -119,9 +121,11 @@ class BatchNormalization(TrainableLayer):
         self._check_input(input_tensor, "input")
         axes = self._statistics_axes(input_tensor)
         given = self._inference_statistics() if self.testing_phase else None
+        # One piece of a batch (a replica): the statistics are summed over every piece.
+        all_sum = self.piece.all_sum if self.piece is not None and given is None else None
         # The array work lives in backend.ops (NumPy has a faster one for images).
         output, (mean, variance), self._cache = self.backend.ops.batch_norm_forward(
-            input_tensor, self._weights, self._bias, self.eps, axes, given)
+            input_tensor, self._weights, self._bias, self.eps, axes, given, all_sum)
         self._forward_shape = tuple(input_tensor.shape)
         if not self.testing_phase:
             self._update_running_statistics(mean, variance)
@@ -135,6 +139,11 @@ class BatchNormalization(TrainableLayer):
             keep, take = self.decay, 1.0 - self.decay
             self.running_mean = keep * self.running_mean + take * mean
             self.running_variance = keep * self.running_variance + take * variance
+
+    def take_forward_state(self, replicas):
+        """Keep the running statistics the replicas updated (the same in every one)."""
+        self.running_mean = replicas[0].running_mean
+        self.running_variance = replicas[0].running_variance
 
     def _inference_statistics(self):
         if self.running_mean is not None:

@@ -28,6 +28,7 @@ class Dropout(BaseLayer):
     """
 
     state_names = ("mask", "_scale")
+    runs_in_pieces = True  # a replica draws its rows of the whole batch's mask (see ``piece``)
 
     def __init__(self, probability):
         super().__init__()
@@ -46,7 +47,12 @@ class Dropout(BaseLayer):
         if self.testing_phase:
             return input_tensor
         xp = self.backend.xp
-        draws = self.backend.random_uniform(input_tensor.shape)
+        if self.piece is None:
+            draws = self.backend.random_uniform(input_tensor.shape)
+        else:  # one piece of a batch: its rows of one draw for the whole batch
+            shape = (self.piece.batch_size,) + tuple(input_tensor.shape[1:])
+            first, last = self.piece.bounds
+            draws = self.piece.shared("draws", lambda: self.backend.random_uniform(shape))[first:last, ...]
         self.mask = xp.astype(draws < self.probability, input_tensor.dtype)
         self._scale = self.mask / self.probability
         return input_tensor * self._scale

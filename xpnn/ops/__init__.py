@@ -122,9 +122,10 @@ class Ops:
         return self.xp.where(mask, error, 0.0)
 
     # -- batch normalization ----------------------------------------------------
-    def batch_norm_forward(self, x, gamma, beta, eps, axes, statistics=None):
+    def batch_norm_forward(self, x, gamma, beta, eps, axes, statistics=None, all_sum=None):
         """Output, statistics used and an opaque cache: see :func:`xpnn.ops.batch_norm.batch_norm_forward`."""
-        return _batch_norm.batch_norm_forward(self.xp, x, gamma, beta, eps, tuple(axes), statistics)
+        return _batch_norm.batch_norm_forward(self.xp, x, gamma, beta, eps, tuple(axes), statistics,
+                                              all_sum)
 
     def batch_norm_backward(self, error, gamma, cache):
         """(input, gamma, beta) gradients: see :func:`xpnn.ops.batch_norm.batch_norm_backward`."""

@@ -12,7 +12,7 @@ def _vector_shape(ndim, channels):
     return (1, channels) + (1,) * (ndim - 2)
 
 
-def batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None):
+def batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None, all_sum=None):
     """Normalize ``x`` per channel, then scale by ``gamma`` and shift by ``beta``.
 
     Parameters
@@ -26,6 +26,11 @@ def batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None):
     statistics : (mean, variance) of shape ``(c,)``, optional
         Use these (testing phase); by default the batch's own (biased)
         statistics are computed (training).
+    all_sum : callable, optional
+        For ``x`` one piece of a batch whose other pieces are normalized at
+        the same time (:mod:`xpnn.piecewise`): ``all_sum(*values)`` returns each
+        value summed over every piece, so that the statistics (and, in
+        backward, the gradient's means) are those of the whole batch.
 
     Returns
     -------
@@ -37,7 +42,12 @@ def batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None):
     """
     channels = x.shape[1]
     vector_shape = _vector_shape(x.ndim, channels)
-    if statistics is None:
+    if statistics is None and all_sum is not None:
+        count, total = all_sum(_count(x, axes), xp.sum(x, axis=axes, keepdims=True))
+        mean = total / count
+        centered = x - mean
+        variance = all_sum(xp.sum(centered * centered, axis=axes, keepdims=True))[0] / count
+    elif statistics is None:
         mean = xp.mean(x, axis=axes, keepdims=True)
         centered = x - mean
         variance = xp.mean(centered * centered, axis=axes, keepdims=True)
@@ -48,7 +58,15 @@ def batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None):
     normalized = centered * inverse_std
     output = xp.reshape(gamma, vector_shape) * normalized + xp.reshape(beta, vector_shape)
     used = (xp.reshape(mean, (channels,)), xp.reshape(variance, (channels,)))
-    return output, used, (normalized, inverse_std, axes, statistics is None)
+    return output, used, (normalized, inverse_std, axes, statistics is None, all_sum)
+
+
+def _count(x, axes):
+    """How many values each channel's statistics run over."""
+    count = 1
+    for axis in axes:
+        count *= x.shape[axis]
+    return count
 
 
 def batch_norm_backward(xp, error, gamma, cache):
@@ -57,15 +75,21 @@ def batch_norm_backward(xp, error, gamma, cache):
     With batch statistics (training) the mean and variance depend on the
     input (standard derivation); with given statistics they are constants.
     """
-    normalized, inverse_std, axes, batch_statistics = cache
+    normalized, inverse_std, axes, batch_statistics, all_sum = cache
     gradient_gamma = xp.sum(error * normalized, axis=axes)
     gradient_beta = xp.sum(error, axis=axes)
-    normalized_error = error * xp.reshape(gamma, tuple(inverse_std.shape))
+    gamma = xp.reshape(gamma, tuple(inverse_std.shape))
+    normalized_error = error * gamma
     if not batch_statistics:
         return normalized_error * inverse_std, gradient_gamma, gradient_beta
     # dx = (dx̂ - mean(dx̂) - x̂ · mean(dx̂ · x̂)) / sqrt(var + eps), means per channel
-    mean_error = xp.mean(normalized_error, axis=axes, keepdims=True)
-    mean_projection = xp.mean(normalized_error * normalized, axis=axes, keepdims=True)
+    if all_sum is None:
+        mean_error = xp.mean(normalized_error, axis=axes, keepdims=True)
+        mean_projection = xp.mean(normalized_error * normalized, axis=axes, keepdims=True)
+    else:  # the whole batch's means: dx̂ = γ e, so they are γ/n times β's and γ's gradients
+        count, projection, error_sum = all_sum(_count(error, axes), gradient_gamma, gradient_beta)
+        mean_error = gamma * xp.reshape(error_sum, tuple(gamma.shape)) / count
+        mean_projection = gamma * xp.reshape(projection, tuple(gamma.shape)) / count
     gradient_input = (normalized_error - mean_error - normalized * mean_projection) * inverse_std
     return gradient_input, gradient_gamma, gradient_beta
 

@@ -35,7 +35,8 @@ class ConvInputCache(tuple):
 
 
 class NormCache(tuple):
-    """(x̂ as a (c, y*x*b) matrix, 1/sqrt(variance + eps) (c,), batch statistics used)."""
+    """(x̂ as a (c, y*x*b) matrix, 1/sqrt(variance + eps) (c,), batch statistics used,
+    the all_sum of a batch normalized in pieces or None)."""
 
 
 class PoolCache(tuple):
@@ -148,6 +149,22 @@ class NormState:
             self.variance = np.empty(rows.shape[0], dtype=rows.dtype)
         else:
             self.mean, self.variance = statistics
+
+
+def normalize_piece(state, rows, gamma, beta, eps, all_sum):
+    """Batch norm of every channel of one piece of a batch, with the whole batch's statistics.
+
+    ``all_sum(*values)`` sums values over the pieces (see :mod:`xpnn.piecewise`).
+    """
+    count, total = all_sum(rows.shape[1], np.sum(rows, axis=1))
+    state.mean[...] = total / count
+    np.subtract(rows, state.mean[:, None], out=state.normalized)
+    squares = np.sum(np.square(state.normalized), axis=1)
+    state.variance[...] = all_sum(squares)[0] / count
+    state.inverse_std[...] = 1.0 / np.sqrt(state.variance + eps)
+    state.normalized *= state.inverse_std[:, None]
+    np.multiply(state.normalized, gamma[:, None], out=state.output)
+    state.output += beta[:, None]
 
 
 def normalize_channels(state, rows, gamma, beta, eps, c):

@@ -65,6 +65,10 @@ class Team:
                 raise error
         return [value for _, value, _ in outcomes]
 
+    def inside_part(self):
+        """True on a thread running one of this team's parts (its own calls then run in turn)."""
+        return getattr(self._local, "helping", False)
+
     def _job_queues(self):
         """The helpers' job queues, (re)starting the helpers in a new process."""
         with self._lock:

@@ -437,31 +437,31 @@ class NumpyOps(Ops):
         gradient = np.empty_like(rows)
         gradient_gamma = np.empty(rows.shape[0], dtype=rows.dtype)
         gradient_beta = np.empty(rows.shape[0], dtype=rows.dtype)
-        parts = self._parts(rows.shape[0], rows.size) if all_sum is None else [(0, rows.shape[0])]
-
-        def sums(part):
-            c = slice(*part)
-            gradient_beta[c] = np.sum(rows[c], axis=1)
-            gradient_gamma[c] = np.sum(rows[c] * normalized[c], axis=1)
-
-        self._parallel(sums, parts)
-        count, projection, error_sum = rows.shape[1], gradient_gamma, gradient_beta
-        if all_sum is not None:  # one piece of a batch: the means are the whole batch's
-            count, projection, error_sum = all_sum(count, gradient_gamma, gradient_beta)
+        totals = None  # the whole batch's (count, Σ e x̂, Σ e) when this is one piece of it
 
         def channels(part):
             c = slice(*part)
+            if totals is None:  # (else computed below, before the sums over the pieces)
+                gradient_beta[c] = np.sum(rows[c], axis=1)
+                gradient_gamma[c] = np.sum(rows[c] * normalized[c], axis=1)
             scale = (gamma[c] * inverse_std[c])[:, None]
             if not batch_statistics:
                 np.multiply(rows[c], scale, out=gradient[c])
                 return
+            count, projection, error_sum = totals or (rows.shape[1], gradient_gamma, gradient_beta)
             # (e - mean(e) - x̂ mean(e x̂)) γ/σ: γ is per channel, so it factors out of the means.
             np.multiply(normalized[c], (projection[c] / count)[:, None], out=gradient[c])
             np.subtract(rows[c], gradient[c], out=gradient[c])
             gradient[c] -= (error_sum[c] / count)[:, None]
             gradient[c] *= scale
 
-        self._parallel(channels, parts)
+        if all_sum is None:
+            self._parallel(channels, self._parts(rows.shape[0], rows.size))
+        else:  # the sums of every piece first (this runs on one of the pieces' threads)
+            gradient_beta[...] = np.sum(rows, axis=1)
+            gradient_gamma[...] = np.sum(rows * normalized, axis=1)
+            totals = all_sum(rows.shape[1], gradient_gamma, gradient_beta)
+            channels((0, rows.shape[0]))
         return batch_outermost(np.reshape(gradient, errors.shape)), gradient_gamma, gradient_beta
 
     # -- max pooling ----------------------------------------------------------

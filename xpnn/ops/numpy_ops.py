@@ -172,7 +172,8 @@ class NumpyOps(Ops):
 
     def _parallel(self, task, parts):
         """``[task(part) for part in parts]``, computed at the same time."""
-        if len(parts) == 1 or self.threads == 1:
+        if len(parts) == 1 or self.threads == 1 or self._team.inside_part():
+            # (Inside a part, e.g. a piece of a batch, the team runs them in turn anyway.)
             return [task(part) for part in parts]
         controller = _blas_controller()
         if self._scoped.depth or controller is None:

@@ -132,15 +132,29 @@ class PieceGroup:
     def __init__(self, pieces):
         self.pieces = pieces
         self.batch_size = pieces[-1][1] - pieces[0][0]
-        self._barrier = threading.Barrier(len(pieces), timeout=WAIT_SECONDS)
         # Two sets of slots, used in turn: a piece may start the next sum while
         # another still reads the last one.
         self._slots = ([None] * len(pieces), [None] * len(pieces))
         self._lock = threading.Lock()
         self._shared = {}
+        self._barrier = None  # made by the first sum: most layers never need one
+        self._aborted = False
+
+    def barrier(self):
+        """The barrier the pieces meet at (made on first use; broken once aborted)."""
+        with self._lock:
+            if self._barrier is None:
+                self._barrier = threading.Barrier(len(self.pieces), timeout=WAIT_SECONDS)
+                if self._aborted:
+                    self._barrier.abort()
+            return self._barrier
 
     def abort(self):
-        self._barrier.abort()
+        """Release every piece waiting at (or later coming to) the barrier with BrokenBarrierError."""
+        with self._lock:
+            self._aborted = True
+            if self._barrier is not None:
+                self._barrier.abort()
 
 
 class PieceSlot:
@@ -169,7 +183,7 @@ class PieceSlot:
         slots = self._group._slots[self._calls % 2]
         self._calls += 1
         slots[self._index] = values
-        self._group._barrier.wait()
+        self._group.barrier().wait()
         return tuple(functools.reduce(lambda left, right: left + right, terms)
                      for terms in zip(*slots))
 

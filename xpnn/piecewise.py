@@ -140,7 +140,24 @@ class PieceGroup:
         self._barrier = None  # made by the first sum: most layers never need one
         self._aborted = False
 
-    def barrier(self):
+    def sum(self, index, call, values):
+        """Piece ``index``'s ``values`` for its sum number ``call``: once every piece has
+        given its own, each value summed over the pieces (in piece order, so every piece
+        gets bit-identical sums)."""
+        slots = self._slots[call % 2]
+        slots[index] = values
+        self._barrier_made().wait()
+        return tuple(functools.reduce(lambda left, right: left + right, terms)
+                     for terms in zip(*slots))
+
+    def shared(self, key, make):
+        """``make()`` called by the first piece that asks for ``key``; every piece gets that value."""
+        with self._lock:
+            if key not in self._shared:
+                self._shared[key] = make()
+            return self._shared[key]
+
+    def _barrier_made(self):
         """The barrier the pieces meet at (made on first use; broken once aborted)."""
         with self._lock:
             if self._barrier is None:
@@ -176,20 +193,10 @@ class PieceSlot:
         self.batch_size = group.batch_size
 
     def all_sum(self, *values):
-        """Each of ``values`` summed over every piece (each piece must call this in turn).
-
-        Every piece adds in the same order, so all get bit-identical sums.
-        """
-        slots = self._group._slots[self._calls % 2]
+        """Each of ``values`` summed over every piece (every piece must call this in turn)."""
         self._calls += 1
-        slots[self._index] = values
-        self._group.barrier().wait()
-        return tuple(functools.reduce(lambda left, right: left + right, terms)
-                     for terms in zip(*slots))
+        return self._group.sum(self._index, self._calls, values)
 
     def shared(self, key, make):
         """``make()`` called by the first piece that asks for ``key``; every piece gets that value."""
-        with self._group._lock:
-            if key not in self._group._shared:
-                self._group._shared[key] = make()
-            return self._group._shared[key]
+        return self._group.shared(key, make)

@@ -29,10 +29,11 @@ class BaseLayer:
     #: duration of that layer's ``backward`` (nothing below it needs the
     #: gradient); a layer used on its own always computes it.
     skip_input_gradient = False
-    #: True for a layer that treats every sample of a batch on its own in training
-    #: (no batch statistics, no random draw): a network may then run it on pieces
-    #: of the batch at the same time, each piece through its own :meth:`replica`.
-    #: False (the safe default, e.g. for user-defined layers) runs it on the whole batch.
+    #: True for a layer that may run on pieces of a training batch at the same time,
+    #: each piece through its own :meth:`replica` (see :mod:`xpnn.piecewise`): it treats
+    #: every sample on its own, or (batch norm, dropout) acts for the whole batch
+    #: through its replica's ``piece``. False (the safe default, e.g. for a user's own
+    #: layer) keeps the whole network on one piece.
     runs_in_pieces = False
     #: A replica's :class:`xpnn.piecewise.PieceSlot` while it runs one piece of a
     #: batch cut into pieces (layers that couple samples use it); None otherwise.

@@ -121,3 +121,14 @@ def test_gpu_unavailable_is_a_clear_error():
     assert info.value.backend_name == "gpu"
     assert info.value.reason  # the driver's message, e.g. cudaErrorInsufficientDriver
     assert "xpnn[gpu]" in str(info.value) and "nvidia-smi" in str(info.value)
+
+
+def test_namespace_is_array_api_compats_on_every_backend(backend):
+    from array_api_compat import array_namespace
+    from xpnn.backend import namespace
+
+    x = backend.asarray(np.arange(3.0))
+    y = backend.asarray(np.ones(3))
+    assert namespace(x) is array_namespace(x)
+    assert namespace(x, y) is array_namespace(x, y)
+    assert namespace(np.ones(2)) is array_namespace(np.ones(2))

@@ -13,6 +13,7 @@ Names
 ``"torch"`` (PyTorch tensors through array-api-compat, CPU or CUDA).
 """
 import contextlib
+import functools
 import os
 import sys
 
@@ -167,6 +168,26 @@ class Backend:
 
 
 # -- library helpers (the only place that names libraries) --------------------
+
+def namespace(*arrays):
+    """``array_api_compat.array_namespace(*arrays)``, answered at once for NumPy arrays.
+
+    Optimizers, regularizers and losses ask on every training step, for every
+    parameter (~30 times a LeNet step); the general lookup costs 5 µs a call, this 0.5.
+    """
+    if len(arrays) == 1 and type(arrays[0]) is np.ndarray:
+        return _numpy_namespace()
+    import array_api_compat as compat
+
+    return compat.array_namespace(*arrays)
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_namespace():
+    import array_api_compat.numpy as xp
+
+    return xp
+
 
 def _library_of(x):
     import array_api_compat as compat

@@ -1,7 +1,7 @@
 """Loss layers (course API)."""
-from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import is_array_api_obj
 
-from xpnn.backend import Backend, asarray_like, get_backend, make_backend
+from xpnn.backend import Backend, asarray_like, get_backend, make_backend, namespace
 
 
 class CrossEntropyLoss:
@@ -39,14 +39,14 @@ class CrossEntropyLoss:
 
     @staticmethod
     def _epsilon(prediction_tensor):
-        xp = array_namespace(prediction_tensor)
+        xp = namespace(prediction_tensor)
         # A Python float: NumPy scalars must not meet other libraries' arrays.
         return float(xp.finfo(prediction_tensor.dtype).eps)
 
     def forward(self, prediction_tensor, label_tensor):
         """Return ``-sum(label * log(prediction + eps))`` as a 0-d array."""
         prediction_tensor, label_tensor = self._operands(prediction_tensor, label_tensor)
-        xp = array_namespace(prediction_tensor)
+        xp = namespace(prediction_tensor)
         self.prediction_tensor = prediction_tensor
         epsilon = self._epsilon(prediction_tensor)
         return -xp.sum(label_tensor * xp.log(prediction_tensor + epsilon))
@@ -71,7 +71,7 @@ class CrossEntropyLoss:
         if self.prediction_tensor is None:
             raise RuntimeError("CrossEntropyLoss: backward called before forward")
         prediction_tensor, label_tensor = self._operands(self.prediction_tensor, label_tensor)
-        xp = array_namespace(prediction_tensor)
+        xp = namespace(prediction_tensor)
         weighted = label_tensor * (prediction_tensor / (prediction_tensor + self._epsilon(prediction_tensor)))
         return prediction_tensor * xp.sum(weighted, axis=1, keepdims=True) - weighted
 

@@ -8,10 +8,8 @@ arrays are accepted (``Sgd(1.).calculate_update(1., 1.)`` returns ``0.0``).
 """
 import math
 
-from array_api_compat import array_namespace
-
 from xpnn._checks import finite_float
-from xpnn.backend import get_backend
+from xpnn.backend import get_backend, namespace
 
 
 def _as_arrays(weight_tensor, gradient_tensor):
@@ -22,7 +20,7 @@ def _as_arrays(weight_tensor, gradient_tensor):
         gradient = backend.asarray(float(gradient_tensor), dtype=backend.dtype)
         return weights, gradient, True
     if isinstance(gradient_tensor, (int, float)):
-        xp = array_namespace(weight_tensor)
+        xp = namespace(weight_tensor)
         gradient_tensor = xp.full(weight_tensor.shape, float(gradient_tensor),
                                   dtype=weight_tensor.dtype, device=weight_tensor.device)
     return weight_tensor, gradient_tensor, False
@@ -113,7 +111,7 @@ class Adam(Optimizer):
         self.step_count = 0
 
     def _step(self, weights, gradient):
-        xp = array_namespace(weights)
+        xp = namespace(weights)
         if self.first_moment is None or self.first_moment.shape != weights.shape:
             self.first_moment = xp.zeros_like(weights)
             self.second_moment = xp.zeros_like(weights)

@@ -4,9 +4,8 @@ They augment the loss independently of the loss function: the optimizer
 subtracts ``learning_rate * calculate_gradient(w)`` and the network adds
 ``norm(w)`` of every trainable layer to the data loss.
 """
-from array_api_compat import array_namespace
-
 from xpnn._checks import finite_float
+from xpnn.backend import namespace
 
 
 class L2_Regularizer:  # noqa: N801 - course name
@@ -19,7 +18,7 @@ class L2_Regularizer:  # noqa: N801 - course name
         return self.alpha * weights
 
     def norm(self, weights):
-        xp = array_namespace(weights)
+        xp = namespace(weights)
         return self.alpha * xp.sum(weights * weights)
 
 
@@ -30,9 +29,9 @@ class L1_Regularizer:  # noqa: N801 - course name
         self.alpha = finite_float("L1_Regularizer", "alpha", alpha)
 
     def calculate_gradient(self, weights):
-        xp = array_namespace(weights)
+        xp = namespace(weights)
         return self.alpha * xp.sign(weights)
 
     def norm(self, weights):
-        xp = array_namespace(weights)
+        xp = namespace(weights)
         return self.alpha * xp.sum(xp.abs(weights))

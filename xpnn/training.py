@@ -9,10 +9,10 @@ import sys
 import time
 
 import numpy as np
-from array_api_compat import array_namespace
 
 import xpnn
 from xpnn import checkpoint as ckpt
+from xpnn.backend import namespace
 from xpnn.reports import describe_model, write_metrics, write_plot
 
 
@@ -28,7 +28,7 @@ class StopRequested(Exception):
 
 def count_correct(prediction, one_hot):
     """Number of rows whose arg-max matches the label's, as a 0-d device array (no sync)."""
-    xp = array_namespace(prediction)
+    xp = namespace(prediction)
     hits = xp.argmax(prediction, axis=1) == xp.argmax(one_hot, axis=1)
     return xp.sum(xp.astype(hits, xp.int64))
 

@@ -202,3 +202,30 @@ def test_non_finite_hyper_parameters_rejected(make, bad):
 def test_bad_learning_rates_rejected(make):
     with pytest.raises(ValueError, match="learning_rate"):
         make()
+
+
+@pytest.mark.parametrize("make", [lambda: Sgd(0.1), lambda: SgdWithMomentum(0.1, 0.9),
+                                  lambda: Adam(0.1, 0.9, 0.999)], ids=["sgd", "momentum", "adam"])
+def test_updates_leave_the_weights_and_gradient_they_are_given_alone(backend, make):
+    # Adam works in place on its own arrays (moments, scratch): never on its inputs.
+    optimizer = make()
+    optimizer.add_regularizer(L2_Regularizer(0.5))
+    weights, gradient = backend.asarray(np.array(W0)), backend.asarray(np.array(G1))
+    for _ in range(3):
+        updated = optimizer.calculate_update(weights, gradient)
+    assert_close(weights, W0, rtol=0)
+    assert_close(gradient, G1, rtol=0)
+    assert updated is not weights
+
+
+def test_adam_keeps_stepping_after_moving_to_another_backend(backend):
+    optimizer = Adam(0.1, 0.9, 0.999)
+    with xpnn.use_backend("cpu", dtype="float64"):
+        expected = Adam(0.1, 0.9, 0.999)
+        host = expected.calculate_update(np.array(W0), np.array(G1))
+        host = expected.calculate_update(host, np.array(G2))
+    first = optimizer.calculate_update(np.array(W0), np.array(G1))  # scratch made for NumPy
+    optimizer.to(backend)
+    second = optimizer.calculate_update(backend.asarray(first), backend.asarray(np.array(G2)))
+    assert backend.owns(second)
+    assert_close(second, host, rtol=1e-15)

@@ -261,23 +261,25 @@ def test_relu_matches_generic_bit_for_bit(numpy_pair, shape):
             output, mask = fast.relu_forward(x_in)
             assert output.dtype == expected.dtype
             # Bit patterns: +0.0 where the generic path gives +0.0, NaN handled alike.
-            np.testing.assert_array_equal(output.view(f"u{output.itemsize}"),
-                                          expected.view(f"u{expected.itemsize}"))
+            _assert_same_bits(output, expected)
             backward = fast.relu_backward(error_in, mask)
-            np.testing.assert_array_equal(backward.view(f"u{backward.itemsize}"),
-                                          expected_error.view(f"u{expected_error.itemsize}"))
+            _assert_same_bits(backward, expected_error)
     # A mask of the generic form (a layer moved here from another backend) works too.
     np.testing.assert_array_equal(fast.relu_backward(error, generic_mask), expected_error)
     # Testing phase: one pass, the output stands in for the mask.
     for x_in in _layouts(x).values():
         output, stand_in = fast.relu_forward(x_in, need_backward=False)
-        np.testing.assert_array_equal(output.view(f"u{output.itemsize}"),
-                                      expected.view(f"u{expected.itemsize}"))
+        _assert_same_bits(output, expected)
         backward = fast.relu_backward(error, stand_in)
-        np.testing.assert_array_equal(backward.view(f"u{backward.itemsize}"),
-                                      expected_error.view(f"u{expected_error.itemsize}"))
+        _assert_same_bits(backward, expected_error)
         # ... also when the layer then moves to a backend with the generic ops.
         np.testing.assert_array_equal(generic.relu_backward(error, stand_in), expected_error)
+
+
+def _assert_same_bits(actual, expected):
+    """Equal bit patterns (+0.0 is not -0.0; NaNs must match too)."""
+    np.testing.assert_array_equal(actual.view(f"u{actual.itemsize}"),
+                                  expected.view(f"u{expected.itemsize}"))
 
 
 def test_generic_relu_backward_accepts_the_numpy_mask():

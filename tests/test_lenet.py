@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import xpnn
-from xpnn.layers import (BatchNormalization, Dropout, Flatten, FullyConnected, ReLU, SoftMax)
+from xpnn.layers import (BatchNormalization, Dropout, Flatten, FullyConnected, SoftMax)
 from xpnn.layers.conv import Conv
 from xpnn.layers.pooling import Pooling
 from xpnn.losses import CrossEntropyLoss

@@ -4,8 +4,6 @@ Three update steps from the same host-drawn weights and gradients are run on
 the backend under test and on the NumPy float64 reference; the weights after
 each step must agree to the dtype's tolerance (conftest.PARITY_RTOL).
 """
-import copy
-
 import numpy as np
 import pytest
 

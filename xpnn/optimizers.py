@@ -116,8 +116,8 @@ class Adam(Optimizer):
         if self.first_moment is None or self.first_moment.shape != weights.shape:
             self.first_moment = xp.zeros_like(weights)
             self.second_moment = xp.zeros_like(weights)
-            self._scratch = None
-        if getattr(self, "_scratch", None) is None:  # (None in an Adam pickled before it existed)
+            self._scratch = xp.empty_like(weights)
+        elif getattr(self, "_scratch", None) is None:  # after to(), or pickled before it existed
             self._scratch = xp.empty_like(weights)
         self.step_count += 1
         # The moments and the scratch array are this optimizer's own: everything is

@@ -287,3 +287,27 @@ def test_a_network_trained_in_pieces_pickles_without_its_pass(monkeypatch):
         del copy.__dict__["_piecewise"]  # a network pickled before passes in pieces existed
         revived = pickle.loads(pickle.dumps(copy))
         assert revived._piecewise is None
+
+
+def test_a_float32_step_in_pieces_stays_float32(monkeypatch):
+    # tests/test_float32.py checks whole batches; the joined outputs, summed gradients
+    # and batch-norm sums of a step in pieces must keep float32 too.
+    import xpnn.ops.numpy_ops as numpy_ops
+
+    monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
+    with xpnn.use_backend("cpu", dtype="float32") as backend:
+        monkeypatch.setattr(backend, "ops", NumpyOps(backend, threads=2))
+        xpnn.seed(5)
+        np.random.seed(7)
+        net = _coupled_net(CrossEntropyLoss())
+        images, labels = _data()
+        net.data_layer = CyclingBatches(images.astype(np.float32), labels.astype(np.float32), BATCH)
+        net.train(1)
+    assert net._piecewise is not None and net._piecewise.output.dtype == np.float32
+    assert net.loss[0].dtype == np.float32
+    for layer in net.layers:
+        for name in ("weights", "bias", "gradient_weights", "gradient_bias", "running_mean",
+                     "running_variance"):
+            value = getattr(layer, name, None)
+            if value is not None:
+                assert value.dtype == np.float32, (type(layer).__name__, name)

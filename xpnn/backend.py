@@ -302,7 +302,9 @@ def _make_torch(dtype, device):
     torch_device = torch.device(spec)
     if torch_device.type == "cuda":
         try:
-            torch.zeros(1, device=torch_device)
+            # "cuda" names the current device, but a tensor's device always has its
+            # index ("cuda:0"), and the two compare unequal: keep the index.
+            torch_device = torch.zeros(1, device=torch_device).device
         except Exception as error:  # any driver/runtime failure means: unusable
             raise BackendUnavailableError(
                 "torch", f"{type(error).__name__}: {error}",

@@ -229,3 +229,31 @@ def test_adam_keeps_stepping_after_moving_to_another_backend(backend):
     second = optimizer.calculate_update(backend.asarray(first), backend.asarray(np.array(G2)))
     assert backend.owns(second)
     assert_close(second, host, rtol=1e-15)
+
+
+def test_adam_folds_l2_into_its_step_exactly_as_the_base_class_applies_it(backend):
+    # Adam + L2 runs the decay inside its own step (one kernel on the GPU); the
+    # numbers must be those of the base class: Adam's step, then - lr * (alpha * w).
+    folded = Adam(0.1, 0.9, 0.999)
+    folded.add_regularizer(L2_Regularizer(0.5))
+    plain = Adam(0.1, 0.9, 0.999)
+    weights = backend.asarray(np.array(W0))
+    for gradient in (G1, G2):
+        gradient = backend.asarray(np.array(gradient))
+        updated = folded.calculate_update(weights, gradient)
+        expected = plain.calculate_update(weights, gradient) - 0.1 * (0.5 * weights)
+        assert_close(updated, xpnn.to_numpy(expected), rtol=1e-15 if backend.name == "gpu" else 0)
+        weights = updated
+
+
+def test_adam_leaves_a_subclassed_regularizer_to_the_base_class(backend):
+    class ScaledL2(L2_Regularizer):
+        def calculate_gradient(self, weights):
+            return 3.0 * super().calculate_gradient(weights)
+
+    optimizer = Adam(0.1, 0.9, 0.999)
+    optimizer.add_regularizer(ScaledL2(0.5))
+    plain = Adam(0.1, 0.9, 0.999)
+    weights, gradient = backend.asarray(np.array(W0)), backend.asarray(np.array(G1))
+    expected = plain.calculate_update(weights, gradient) - 0.1 * (1.5 * weights)
+    assert_close(optimizer.calculate_update(weights, gradient), xpnn.to_numpy(expected), rtol=1e-15)

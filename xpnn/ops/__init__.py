@@ -7,6 +7,7 @@ generic method here (the reference).
 """
 import contextlib
 
+from xpnn.ops import adam as _adam
 from xpnn.ops import batch_norm as _batch_norm
 from xpnn.ops import conv as _conv
 from xpnn.ops import pooling as _pooling
@@ -143,3 +144,10 @@ class Ops:
         See :func:`xpnn.ops.pooling.max_pool_backward`.
         """
         return _pooling.max_pool_backward(self.xp, self.backend.device, error, cache)
+
+    # -- optimizers --------------------------------------------------------------
+    def adam_update(self, weights, gradient, moments, mu, rho, step_size,
+                    inverse_root_correction, epsilon, learning_rate=0.0, decay=0.0):
+        """One Adam step, moments in place: see :func:`xpnn.ops.adam.adam_update`."""
+        return _adam.adam_update(self.xp, weights, gradient, moments, mu, rho, step_size,
+                                 inverse_root_correction, epsilon, learning_rate, decay)

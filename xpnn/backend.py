@@ -73,6 +73,9 @@ class Backend:
         The underlying library (numpy, cupy, torch, array_api_strict).
     device_spec : str or None
         What the user asked for as device; kept for pickling and ``repr``.
+    ops_class : type, optional
+        The :class:`xpnn.ops.Ops` subclass with this library's hot paths; by
+        default looked up by ``name`` (the generic ``Ops`` for most).
 
     Notes
     -----
@@ -80,7 +83,7 @@ class Backend:
     ``layer.backend is other.backend`` tells whether two layers share one.
     """
 
-    def __init__(self, name, xp, device, dtype, library, device_spec=None):
+    def __init__(self, name, xp, device, dtype, library, device_spec=None, ops_class=None):
         self.name = name
         self.xp = xp
         self.device = device
@@ -91,7 +94,8 @@ class Backend:
         # Hot paths (im2col, pooling, ...): the generic array-API versions,
         # overridden per library only where a benchmark shows it pays
         # (NumPy: batch-innermost convolution and pooling, scripts/bench.py).
-        self.ops = _OPS_CLASSES.get(name, Ops)(self)
+        # (GPU: fused CUDA kernels, passed in by the factory that imported CuPy.)
+        self.ops = (ops_class or _OPS_CLASSES.get(name, Ops))(self)
 
     def __repr__(self):
         spec = f", device={self.device_spec!r}" if self.device_spec else ""
@@ -329,8 +333,10 @@ def _make_cupy(dtype, device):
     except Exception as error:
         raise BackendUnavailableError("gpu", f"{type(error).__name__}: {error}", GPU_FIX) from error
     _seed_library_once(cupy)
+    from xpnn.ops.cupy_ops import CupyOps  # compiles nothing yet: kernels build on first use
+
     return Backend("gpu", xp, cuda_device, dtype, cupy,
-                   device_spec=None if device is None else str(device))
+                   device_spec=None if device is None else str(device), ops_class=CupyOps)
 
 
 #: Backends whose hot paths have a library-specific implementation.

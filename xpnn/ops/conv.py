@@ -62,7 +62,7 @@ def col2im(xp, device, columns, spatial_shape, kernel_shape, strides):
                               same_padding(kernel_shape))
 
 
-def conv_forward(xp, device, x, weights, bias, strides):
+def conv_forward(xp, device, x, weights, bias, strides, make_columns=None):
     """"Same"-padded strided cross-correlation plus bias.
 
     Parameters
@@ -71,6 +71,8 @@ def conv_forward(xp, device, x, weights, bias, strides):
     weights : array, shape ``(k, c, *kernel_shape)``
     bias : array, shape ``(k,)``
     strides : tuple of int, one per spatial axis
+    make_columns : callable ``(x, kernel_shape, strides) -> columns``, optional
+        A backend's own :func:`im2col` (same layout); by default this module's.
 
     Returns
     -------
@@ -82,7 +84,10 @@ def conv_forward(xp, device, x, weights, bias, strides):
     kernels = weights.shape[0]
     kernel_shape = tuple(weights.shape[2:])
     spatial_shape = tuple(x.shape[2:])
-    columns = im2col(xp, device, x, kernel_shape, strides)
+    if make_columns is None:
+        columns = im2col(xp, device, x, kernel_shape, strides)
+    else:
+        columns = make_columns(x, kernel_shape, strides)
     flat_weights = xp.reshape(weights, (kernels, columns.shape[1]))
     output_shape = same_output_shape(spatial_shape, kernel_shape, strides)
     products = xp.matmul(flat_weights, columns)
@@ -91,7 +96,7 @@ def conv_forward(xp, device, x, weights, bias, strides):
     return output, (columns, spatial_shape, tuple(strides))
 
 
-def conv_backward(xp, device, error, weights, cache, input_gradient=True):
+def conv_backward(xp, device, error, weights, cache, input_gradient=True, sum_columns=None):
     """Gradients of :func:`conv_forward`.
 
     Parameters
@@ -105,6 +110,8 @@ def conv_backward(xp, device, error, weights, cache, input_gradient=True):
     input_gradient : bool
         Compute the gradient with respect to the input (a first layer does
         not need it).
+    sum_columns : callable ``(columns, spatial_shape, kernel_shape, strides) -> image``, optional
+        A backend's own :func:`col2im`; by default this module's.
 
     Returns
     -------
@@ -122,6 +129,9 @@ def conv_backward(xp, device, error, weights, cache, input_gradient=True):
         return None, gradient_weights, gradient_bias
     flat_weights = xp.reshape(weights, (kernels, columns.shape[1]))
     column_gradient = xp.matmul(xp.permute_dims(flat_weights, (1, 0)), flat_error)
-    gradient_input = col2im(xp, device, column_gradient, spatial_shape,
-                            tuple(weights.shape[2:]), strides)
+    if sum_columns is None:
+        gradient_input = col2im(xp, device, column_gradient, spatial_shape,
+                                tuple(weights.shape[2:]), strides)
+    else:
+        gradient_input = sum_columns(column_gradient, spatial_shape, tuple(weights.shape[2:]), strides)
     return gradient_input, gradient_weights, gradient_bias

@@ -53,7 +53,7 @@ echo "== GPU tests beyond parity (every test on the cupy backend)"
 python3 -m pytest -q -p no:cacheprovider -k "cupy" tests 2>&1 | tail -n 15
 
 echo "== GPU benchmark: xpnn on CuPy vs PyTorch on CUDA"
-python3 scripts/bench.py --backend gpu --json "$out/bench-gpu.json" || echo "benchmark failed"
+python3 scripts/bench.py --backend gpu --iterations 100 --json "$out/bench-gpu.json" || echo "benchmark failed"
 
 if [ "$parity_status" -ne 0 ]; then
   echo "PARITY FAILED (pytest exit $parity_status)"

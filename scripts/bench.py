@@ -207,18 +207,50 @@ def summarize(rows, batch_size):
 # -- memory (one child process per framework) ------------------------------------
 
 def memory_child(framework, variant, batch_size, backend_name, threads):
-    """Run 20 training steps and print this process's peak resident memory in MiB."""
+    """Run 20 training steps and print the peak memory in MiB.
+
+    On the CPU the process's peak resident memory; on the GPU the peak of the
+    framework's device memory in use (its allocator's high-water mark: the
+    host side of a CUDA process is mostly the CUDA libraries themselves).
+    """
     images, labels = synthetic_data()
+    gpu = _torch_device(backend_name) == "cuda"
     if framework == "torch":
         import torch
 
         torch.set_num_threads(threads)
         runner = TorchRunner(torch, _torch_device(backend_name), variant, batch_size, images, labels)
-    else:
+        runner.train(20)
+        print(torch.cuda.max_memory_allocated() / 2**20 if gpu else _peak_resident_mib())
+        return
+    if not gpu:
         runner = XpnnRunner(backend_name, variant, batch_size, images, labels, threads)
-    del images, labels
-    runner.train(20)
-    print(_peak_resident_mib())
+        runner.train(20)
+        print(_peak_resident_mib())
+        return
+    import cupy
+
+    with _cupy_peak_hook(cupy) as hook:
+        runner = XpnnRunner(backend_name, variant, batch_size, images, labels, threads)
+        runner.train(20)
+    print(hook.peak_bytes / 2**20)
+
+
+def _cupy_peak_hook(cupy):
+    """A CuPy memory hook that records the peak of the default pool's bytes in use."""
+
+    class PeakHook(cupy.cuda.MemoryHook):
+        name = "PeakHook"
+
+        def __init__(self):
+            super().__init__()
+            self.pool = cupy.get_default_memory_pool()
+            self.peak_bytes = self.pool.used_bytes()
+
+        def malloc_postprocess(self, **kwargs):
+            self.peak_bytes = max(self.peak_bytes, self.pool.used_bytes())
+
+    return PeakHook()
 
 
 def _peak_resident_mib():
@@ -275,6 +307,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     images, labels = synthetic_data()
     results = {"machine": machine_description(torch, args.backend), "backend": args.backend,
+               "memory": ("peak GPU memory in use (CuPy pool / torch.cuda.max_memory_allocated)"
+                          if _torch_device(args.backend) == "cuda" else "peak resident memory"),
                "rounds": args.rounds, "iterations": args.iterations, "runs": []}
     print(f"{'variant':18} {'batch':>5} {'xpnn ms':>8} {'torch ms':>8} {'ratio':>6} {'spread':>11}"
           f" {'infer x/t s':>13} {'ratio':>6} {'peak MiB x/t':>13}")

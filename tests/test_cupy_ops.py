@@ -70,6 +70,16 @@ def _close(actual, expected, backend, what=""):
     assert_parity(actual, xpnn.to_numpy(expected), RTOL[backend.dtype_name], what)
 
 
+def test_compute_scope_makes_the_backends_device_current(cupy_pair):
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("gpu: needs two CUDA devices (the second must become current)")
+    second = make_backend("gpu", cupy_pair[2].dtype_name, 1)
+    with cupy.cuda.Device(0), second.ops.compute_scope():
+        assert cupy.cuda.Device().id == 1
+
+
 # -- sliding windows (im2col and its adjoint) ------------------------------------------
 
 WINDOW_CASES = [

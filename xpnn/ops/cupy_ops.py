@@ -164,6 +164,15 @@ _ADAM = cupy.ElementwiseKernel(
 class CupyOps(Ops):
     """:class:`xpnn.ops.Ops` with fused CUDA kernels for the hot paths (see the module docstring)."""
 
+    def compute_scope(self):
+        """The backend's GPU as CuPy's current device for a whole pass.
+
+        CuPy allocates and launches on the current device (the kernels above,
+        and ``cupy.empty``, take no ``device=``), so a backend on ``device=1``
+        runs its passes there.
+        """
+        return self.backend.device
+
     # -- sliding windows -------------------------------------------------------
     def extract_windows(self, x, window_shape, strides, padding):
         if len(window_shape) != 2:

@@ -236,3 +236,24 @@ def test_adam_update_matches_generic_over_steps(cupy_pair):
         for name, actual, reference in zip(("first", "second"), moments["fused"][:2],
                                            moments["generic"][:2]):
             _close(actual, reference, backend, f"{name} moment after step {step}")
+
+
+# -- dropout and the running statistics ---------------------------------------------------
+
+def test_dropout_matches_generic_bit_for_bit(cupy_pair):
+    fused, generic, backend = cupy_pair
+    x = _random(backend, (6, 5, 4, 3))
+    draws = backend.random_uniform((6, 5, 4, 3))
+    expected = generic.dropout_forward(x, draws, 0.8)
+    for layout, x_in in _layouts(x).items():
+        for name, actual, reference in zip(("output", "mask", "scale"),
+                                           fused.dropout_forward(x_in, draws, 0.8), expected):
+            _same_bits(actual, reference, f"{name} {layout}")
+
+
+def test_running_statistics_match_generic(cupy_pair):
+    fused, generic, backend = cupy_pair
+    arrays = [_random(backend, (7,), seed) for seed in range(4)]
+    for actual, reference in zip(fused.batch_norm_running_statistics(*arrays, 0.8),
+                                 generic.batch_norm_running_statistics(*arrays, 0.8)):
+        _close(actual, reference, backend)

@@ -136,9 +136,8 @@ class BatchNormalization(TrainableLayer):
         if self.running_mean is None:
             self.running_mean, self.running_variance = mean, variance
         else:
-            keep, take = self.decay, 1.0 - self.decay
-            self.running_mean = keep * self.running_mean + take * mean
-            self.running_variance = keep * self.running_variance + take * variance
+            self.running_mean, self.running_variance = self.backend.ops.batch_norm_running_statistics(
+                self.running_mean, self.running_variance, mean, variance, self.decay)
 
     def take_forward_state(self, replicas):
         """Keep the running statistics the replicas updated (the same in every one)."""

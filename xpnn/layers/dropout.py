@@ -46,16 +46,15 @@ class Dropout(BaseLayer):
         self._testing_forward = self.testing_phase
         if self.testing_phase:
             return input_tensor
-        xp = self.backend.xp
         if self.piece is None:
             draws = self.backend.random_uniform(input_tensor.shape)
         else:  # one piece of a batch: its rows of one draw for the whole batch
             shape = (self.piece.batch_size,) + tuple(input_tensor.shape[1:])
             first, last = self.piece.bounds
             draws = self.piece.shared("draws", lambda: self.backend.random_uniform(shape))[first:last, ...]
-        self.mask = xp.astype(draws < self.probability, input_tensor.dtype)
-        self._scale = self.mask / self.probability
-        return input_tensor * self._scale
+        output, self.mask, self._scale = self.backend.ops.dropout_forward(
+            input_tensor, draws, self.probability)
+        return output
 
     def backward(self, error_tensor):
         """Route the error through the units kept in the last forward pass, with the same scaling."""

@@ -132,6 +132,29 @@ class Ops:
         """(input, gamma, beta) gradients: see :func:`xpnn.ops.batch_norm.batch_norm_backward`."""
         return _batch_norm.batch_norm_backward(self.xp, error, gamma, cache)
 
+    def batch_norm_running_statistics(self, running_mean, running_variance, mean, variance,
+                                      decay):
+        """``decay * running + (1 - decay) * batch`` for the mean and the variance (new arrays)."""
+        keep, take = decay, 1.0 - decay
+        return keep * running_mean + take * mean, keep * running_variance + take * variance
+
+    # -- dropout ------------------------------------------------------------------
+    def dropout_forward(self, x, draws, probability):
+        """Training-phase dropout of ``x`` given uniform ``draws`` of its shape.
+
+        Returns
+        -------
+        output : array
+            ``x * scale``.
+        mask : array, the dtype of ``x``
+            1 where ``draws < probability`` (the unit is kept), else 0.
+        scale : array
+            ``mask / probability``, what backward multiplies the error by.
+        """
+        mask = self.xp.astype(draws < probability, x.dtype)
+        scale = mask / probability
+        return x * scale, mask, scale
+
     # -- max pooling ("valid") ------------------------------------------------
     def max_pool_forward(self, x, pool_shape, strides):
         """Pooled output and an opaque cache: see :func:`xpnn.ops.pooling.max_pool_forward`."""

@@ -12,11 +12,13 @@ and cached on disk by CuPy):
   kernel, the backward pass as one gather;
 * ReLU: output and mask in one kernel;
 * batch normalization: statistics in two reductions, normalization in one
-  kernel, the input gradient in one;
+  kernel, the input gradient in one, the running statistics in one;
+* dropout: mask, scale and output in one kernel after the draw;
 * Adam (with an L2 regularizer's step): moments and weights in one kernel.
 
 Every result equals the generic method's (:class:`xpnn.ops.Ops`) bit for bit
-where the same additions run in the same order (windows, pooling, ReLU) and to
+where the same operations run in the same order (windows, pooling, ReLU,
+dropout) and to
 rounding elsewhere (the compiler may fuse a multiply and an add);
 ``tests/test_cupy_ops.py`` compares each with the generic path. Other shapes
 (one or three spatial axes) and the piecewise batch-norm sums fall back to the
@@ -147,6 +149,18 @@ _BATCH_NORM_INPUT_GRADIENT = cupy.ElementwiseKernel(
     gradient = (gamma * error - gamma * error_sum / count
                 - normalized * (gamma * projection_sum / count)) * inverse_std;
     """, "xpnn_batch_norm_input_gradient")
+
+_RUNNING_STATISTICS = cupy.ElementwiseKernel(
+    "T running_mean, T running_variance, T mean, T variance, T keep, T take",
+    "T new_mean, T new_variance",
+    "new_mean = keep * running_mean + take * mean;"
+    "new_variance = keep * running_variance + take * variance;",
+    "xpnn_batch_norm_running_statistics")
+
+_DROPOUT = cupy.ElementwiseKernel(
+    "T x, T draws, T probability", "T mask, T scale, T output",
+    "mask = draws < probability ? (T)1 : (T)0; scale = mask / probability; output = x * scale;",
+    "xpnn_dropout")
 
 _ADAM = cupy.ElementwiseKernel(
     "T weights, T gradient, T mu, T one_minus_mu, T rho, T one_minus_rho, "
@@ -286,6 +300,18 @@ class CupyOps(Ops):
             cupy.reshape(gradient_beta, vector_shape), cupy.reshape(gradient_gamma, vector_shape),
             float(error.size // error.shape[1]))
         return gradient_input, gradient_gamma, gradient_beta
+
+    def batch_norm_running_statistics(self, running_mean, running_variance, mean, variance,
+                                      decay):
+        return _RUNNING_STATISTICS(running_mean, running_variance, mean, variance, decay,
+                                   1.0 - decay)
+
+    # -- dropout ----------------------------------------------------------------
+    def dropout_forward(self, x, draws, probability):
+        if draws.dtype != x.dtype:  # one kernel type T: leave mixed dtypes to the generic path
+            return super().dropout_forward(x, draws, probability)
+        mask, scale, output = _DROPOUT(x, draws, probability)
+        return output, mask, scale
 
     # -- optimizers ------------------------------------------------------------
     def adam_update(self, weights, gradient, moments, mu, rho, step_size,

@@ -18,8 +18,7 @@ and cached on disk by CuPy):
 
 Every result equals the generic method's (:class:`xpnn.ops.Ops`) bit for bit
 where the same operations run in the same order (windows, pooling, ReLU,
-dropout) and to
-rounding elsewhere (the compiler may fuse a multiply and an add);
+dropout) and to rounding elsewhere (the compiler may fuse a multiply and an add);
 ``tests/test_cupy_ops.py`` compares each with the generic path. Other shapes
 (one or three spatial axes) and the piecewise batch-norm sums fall back to the
 generic methods.

@@ -531,3 +531,39 @@ def test_map_samples_keeps_small_batches_whole_and_generic_ops_call_once():
     big = _random((1000, 3), "float32")
     np.testing.assert_array_equal(NumpyOps(backend, threads=2).map_samples(function, big), big * 2.0)
     assert sorted(calls[2:]) == [500, 500]
+
+
+# -- Adam ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(785, 120), (16, 6, 5, 5), (7,), ()], ids=["fc", "conv", "1d", "0d"])
+@pytest.mark.parametrize("decay", [0.0, 4e-4], ids=["no-l2", "l2"])
+def test_adam_update_matches_generic_bit_for_bit(numpy_pair, shape, decay):
+    fast, generic, dtype = numpy_pair
+    weights = {name: np.asarray(_random(shape, dtype, seed=1)) for name in ("fast", "generic")}
+    moments = {name: tuple(np.zeros(shape, dtype=dtype) for _ in range(2)) + (np.empty(shape, dtype=dtype),)
+               for name in weights}
+    for step in range(1, 6):
+        gradient = np.asarray(_random(shape, dtype, seed=10 + step) * 1e-2)
+        before = gradient.copy()
+        hyper = (0.9, 0.999, 5e-4 / (1 - 0.9 ** step), 1 / math.sqrt(1 - 0.999 ** step), 1e-8, 5e-4, decay)
+        previous = weights["fast"].copy()
+        weights["fast"] = fast.adam_update(weights["fast"], gradient, moments["fast"], *hyper)
+        weights["generic"] = generic.adam_update(weights["generic"], gradient, moments["generic"], *hyper)
+        _assert_same_bits(weights["fast"], weights["generic"])
+        for actual, expected in zip(moments["fast"][:2], moments["generic"][:2]):
+            _assert_same_bits(actual, expected)
+        assert not np.array_equal(weights["fast"], previous)  # it did take a step
+        np.testing.assert_array_equal(gradient, before)  # and left its gradient alone
+
+
+def test_adam_update_with_a_gradient_of_another_dtype_matches_generic():
+    backend = make_backend("cpu", "float32")
+    fast, generic = backend.ops, Ops(backend)
+    results = []
+    for ops in (fast, generic):
+        weights = _random((4, 3), "float32", seed=1)
+        moments = (np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32), np.empty((4, 3), np.float32))
+        gradient = _random((4, 3), "float64", seed=2) / 3.0  # not representable in float32
+        results.append(ops.adam_update(weights, gradient, moments, 0.9, 0.999, 1e-2, 1.5, 1e-8, 1e-2, 0.1))
+    assert results[0].dtype == np.float32
+    _assert_same_bits(results[0], results[1])

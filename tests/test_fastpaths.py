@@ -567,3 +567,16 @@ def test_adam_update_with_a_gradient_of_another_dtype_matches_generic():
         results.append(ops.adam_update(weights, gradient, moments, 0.9, 0.999, 1e-2, 1.5, 1e-8, 1e-2, 0.1))
     assert results[0].dtype == np.float32
     _assert_same_bits(results[0], results[1])
+
+
+def test_small_weight_gradients_are_one_product_and_large_ones_split():
+    from xpnn.ops.numpy_columns import Geometry
+
+    ops = NumpyOps(make_backend("cpu", "float32"), threads=2)
+    first = Geometry((1, 28, 28), (5, 5), (1, 1), 64)     # LeNet's first convolution: 6 x 25
+    second = Geometry((6, 14, 14), (5, 5), (1, 1), 64)    # and its second: 16 x 150
+    assert ops._conv_backward_jobs(first, first.columns_size(64), False, 6) == [(0, 28)]
+    assert ops._conv_backward_jobs(second, second.columns_size(64), False, 16) == [(0, 7), (7, 14)]
+    # With an input gradient to compute, that runs beside the weight gradient either way.
+    assert ops._conv_backward_jobs(first, first.columns_size(64), True, 6) == [None, (0, 28)]
+    assert ops._conv_backward_jobs(second, second.columns_size(64), True, 16) == [None, (0, 14)]

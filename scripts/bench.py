@@ -13,6 +13,7 @@ Examples
     python scripts/bench.py --json bench.json --rounds 7 --iterations 30
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=30, help="training iterations per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="threads for both: PyTorch intra-op threads and xpnn's CPU ops (NumpyOps.threads)")
+                        help="threads for both: PyTorch's intra-op threads; xpnn's CPU ops (NumpyOps.threads) "
+                             "with NumPy's BLAS held to as many")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-child", nargs=3, metavar=("FRAMEWORK", "VARIANT", "BATCH"),
@@ -225,7 +227,8 @@ def memory_child(framework, variant, batch_size, backend_name, threads):
         return
     if not gpu:
         runner = XpnnRunner(backend_name, variant, batch_size, images, labels, threads)
-        runner.train(20)
+        with blas_threads(threads):
+            runner.train(20)
         print(_peak_resident_mib())
         return
     import cupy
@@ -282,6 +285,17 @@ def _torch_device(backend_name):
     return "cuda" if backend_name in ("gpu", "cupy") else "cpu"
 
 
+def _numpy_blas_threads():
+    """The thread count NumPy's BLAS would use now (outside xpnn's passes), or None."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [pool["num_threads"] for pool in threadpool_info()
+              if pool.get("user_api") == "blas" and "numpy" in pool.get("filepath", "")]
+    return max(counts) if counts else None
+
+
 def machine_description(torch, backend_name):
     import xpnn
 
@@ -305,6 +319,27 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
+    with blas_threads(args.threads):
+        return measure(args, torch)
+
+
+def blas_threads(count):
+    """Hold NumPy's BLAS to ``count`` threads (threadpoolctl), as PyTorch is held to its count.
+
+    xpnn's CPU backend holds BLAS to one thread anyway while its own threads
+    split the work (``threads`` > 1); with ``--threads 1`` this keeps BLAS from
+    starting threads on the other cores, so both frameworks then use one core.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print("note: threadpoolctl is missing, NumPy's BLAS uses its own thread count", file=sys.stderr)
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=count, user_api="blas")
+
+
+def measure(args, torch):
+    """Time every variant and batch size (alternating rounds), print a row each, write the JSON."""
     images, labels = synthetic_data()
     results = {"machine": machine_description(torch, args.backend), "backend": args.backend,
                "memory": ("peak GPU memory in use (CuPy pool / torch.cuda.max_memory_allocated)"
@@ -328,6 +363,7 @@ def main(argv=None):
     import xpnn
 
     results["machine"]["xpnn_threads"] = getattr(xpnn.get_backend().ops, "threads", None)
+    results["machine"]["numpy_blas_threads"] = _numpy_blas_threads()
     results["machine"]["load_average_at_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as stream:

@@ -6,7 +6,7 @@ from xpnn._files import atomic_write_bytes
 from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
-from xpnn.piecewise import PiecewisePass
+from xpnn.piecewise import PiecewisePass, backward_chain
 
 
 class NeuralNetwork:
@@ -115,17 +115,8 @@ class NeuralNetwork:
             error_tensor = self.loss_layer.backward(self.label_tensor)
         if self._piecewise is not None:
             self._piecewise.backward(error_tensor, len(layers))
-            return
-        for layer in reversed(layers[1:]):
-            error_tensor = layer.backward(error_tensor)
-        if layers:
-            # Nothing below the first layer needs its input gradient: let it skip that work.
-            first = layers[0]
-            first.skip_input_gradient = True
-            try:
-                first.backward(error_tensor)
-            finally:
-                first.skip_input_gradient = False
+        else:
+            backward_chain(layers, error_tensor)
 
     def _softmax_feeds_cross_entropy(self):
         """True when the last forward ran a plain SoftMax straight into a plain CrossEntropyLoss."""

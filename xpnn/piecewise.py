@@ -35,6 +35,23 @@ import threading
 WAIT_SECONDS = 600.0
 
 
+def backward_chain(layers, error_tensor):
+    """Send ``error_tensor`` back down through ``layers`` (last first).
+
+    Nothing below the first layer needs its input gradient, so it runs with
+    ``skip_input_gradient`` set and may skip that work.
+    """
+    for layer in reversed(layers[1:]):
+        error_tensor = layer.backward(error_tensor)
+    if layers:
+        first = layers[0]
+        first.skip_input_gradient = True
+        try:
+            first.backward(error_tensor)
+        finally:
+            first.skip_input_gradient = False
+
+
 class PiecewisePass:
     """One training forward pass over pieces of a batch, kept for its backward pass.
 
@@ -83,13 +100,7 @@ class PiecewisePass:
         """
         def run(piece_index):
             first, last = self.pieces[piece_index]
-            piece = error_tensor[first:last, ...]
-            replicas = self._replicas[piece_index]
-            for index in reversed(range(1, stop)):
-                piece = replicas[index].backward(piece)
-            if stop:
-                replicas[0].skip_input_gradient = True
-                replicas[0].backward(piece)
+            backward_chain(self._replicas[piece_index][:stop], error_tensor[first:last, ...])
 
         self._run(run)
         for index, layer in enumerate(self.layers[:stop]):

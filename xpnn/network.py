@@ -7,6 +7,7 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
 from xpnn.piecewise import PiecewisePass, backward_chain
+from xpnn.process_pieces import PieceWorker, ProcessPass, layers_key
 
 
 class NeuralNetwork:
@@ -43,14 +44,16 @@ class NeuralNetwork:
         self.label_tensor = None
         self._testing_phase = False
         self._piecewise = None  # the last training forward's PiecewisePass, if it ran in pieces
+        self._worker = None  # the PieceWorker process of passes in two processes, once started
 
     def __getstate__(self):
-        # A pass in pieces holds replicas and their caches: not part of the model.
-        return {**self.__dict__, "_piecewise": None}
+        # A pass in pieces holds replicas and their caches, a worker is a process: not the model.
+        return {**self.__dict__, "_piecewise": None, "_worker": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__dict__.setdefault("_piecewise", None)  # pickled before passes in pieces existed
+        self.__dict__.setdefault("_worker", None)
 
     @property
     def phase(self):
@@ -74,9 +77,13 @@ class NeuralNetwork:
     def _run_layers(self, input_tensor):
         """Every layer's forward in turn; in training, on pieces of the batch where the backend cuts it."""
         if not self._testing_phase:  # (testing runs its own pieces, on helper threads: see test)
-            self._piecewise = self._piecewise_pass(input_tensor)
+            # The last pass (its replicas' caches) goes once this one has run: freed first,
+            # its memory went back to the system and the new arrays paid page faults again.
+            previous, self._piecewise = self._piecewise, self._piecewise_pass(input_tensor)
             if self._piecewise is not None:
-                return self._piecewise.forward(self.backend.asarray(input_tensor, dtype=self.backend.dtype))
+                output = self._piecewise.forward(self.backend.asarray(input_tensor, dtype=self.backend.dtype))
+                del previous
+                return output
         for layer in self.layers:
             input_tensor = layer.forward(input_tensor)
         return input_tensor
@@ -86,8 +93,21 @@ class NeuralNetwork:
         shape = getattr(input_tensor, "shape", None)
         if not shape or not self.layers or not all(layer.runs_in_pieces for layer in self.layers):
             return None
+        pieces = self.backend.ops.process_pieces(tuple(shape))
+        if pieces is not None:
+            return ProcessPass(self._piece_worker(pieces, tuple(shape)), self.layers, pieces)
         pieces = self.backend.ops.training_pieces(tuple(shape))
         return PiecewisePass(self.layers, pieces) if len(pieces) > 1 else None
+
+    def _piece_worker(self, pieces, shape):
+        """The worker process for a batch of ``shape``: the last one if its copies still match."""
+        piece_shape = (pieces[1][1] - pieces[1][0],) + shape[1:]
+        key = layers_key(self.layers, piece_shape, self.backend.dtype_name)
+        if self._worker is None or not self._worker.alive or self._worker.key != key:
+            if self._worker is not None:
+                self._worker.close()
+            self._worker = PieceWorker(self.layers, piece_shape, self.backend.dtype_name)
+        return self._worker
 
     def regularization_loss(self):
         """Sum of ``regularizer.norm(weights)`` over trainable layers (0 without one)."""

@@ -54,6 +54,15 @@ class Ops:
         """
         return [(0, shape[0])]
 
+    def process_pieces(self, shape):
+        """Two ``(start, stop)`` pieces when a training input of ``shape`` runs its second piece
+        in a worker process (see :mod:`xpnn.process_pieces`), else None. The generic one: None."""
+        return None
+
+    def one_part(self):
+        """Context manager: this thread's operations run in one part (a piece runs beside it)."""
+        return contextlib.nullcontext()
+
     def run_pieces(self, task, count):
         """``[task(index) for index in range(count)]``; a backend may run them at the same time.
 

@@ -22,8 +22,8 @@ convolutions for free, and turning such a view back into ``(c, y, x, b)`` is
 free too. An input in the ordinary C order is transposed once (one copy).
 Values never depend on the layout; only strides do.
 
-Threads
--------
+Threads and a worker process
+----------------------------
 Each operation splits into independent parts (output rows of a convolution,
 channels elsewhere) that a :class:`xpnn.ops.threads.Team` runs at the same
 time, one per core, with BLAS limited to one thread meanwhile (two BLAS calls
@@ -36,6 +36,11 @@ BLAS stays at one thread throughout: BLAS threads spin while they wait, which
 on a busy machine made training 2-3x slower (measured with one competing
 process: OpenBLAS on 2 threads 2.2-2.7x slower than one thread, these parts
 0.9-1.0x). ``XPNN_NUM_THREADS=1`` leaves BLAS its own threads instead.
+
+On two cores a training batch of 64 or more runs half in a forked worker
+process instead (:attr:`NumpyOps.processes`, :mod:`xpnn.process_pieces`): two
+processes share no GIL and hand over through shared memory in microseconds, which
+the threads could not match at that size.
 """
 import contextlib
 import functools
@@ -80,6 +85,9 @@ MIN_PARALLEL_ELEMENTS = 1 << 21
 #: piece must be large enough that NumPy spends far more time in its loops (GIL
 #: released) than in the layers' Python code (GIL held).
 MIN_SAMPLES_PER_THREAD = 128
+#: A training batch runs its second half in a worker process (``NumpyOps.processes = 2``)
+#: from this many samples per piece.
+MIN_SAMPLES_PER_PROCESS = 32
 #: Columns per block of output rows of a testing-phase convolution: the block's buffer
 #: stays in cache from im2col to the matrix product. Measured on one thread, 128 samples:
 #: LeNet's first convolution 10.6 ms in cache-sized batch chunks (each chunk's output then
@@ -105,6 +113,33 @@ def default_threads():
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, 4))
+
+
+def default_processes(threads):
+    """``XPNN_PROCESSES`` if set (1 or 2), else 2 with 2 threads, else 1.
+
+    Two processes were measured on two cores only (batch 64: 0.80-0.85x the time
+    of the threads' step, see :mod:`xpnn.process_pieces`); with more cores the
+    threads have more to share and keep the work.
+    """
+    configured = os.environ.get("XPNN_PROCESSES")
+    if not configured:
+        return 2 if threads == 2 else 1
+    if configured.strip() not in ("1", "2"):
+        raise ValueError(f"XPNN_PROCESSES must be 1 or 2, got {configured!r}")
+    return int(configured)
+
+
+def _can_fork():
+    """True where a worker process can be forked: Linux-style fork, x86-64 (the shared-memory
+    messages rely on its store order, see ``xpnn._shared_memory``), not inside a daemonic
+    process (which may have no children)."""
+    import multiprocessing
+    import platform
+
+    return ("fork" in multiprocessing.get_all_start_methods()
+            and platform.machine().lower() in ("x86_64", "amd64")
+            and not multiprocessing.current_process().daemon)
 
 
 @functools.lru_cache(maxsize=1)
@@ -138,13 +173,18 @@ class NumpyOps(Ops):
     ----------
     threads : int
         How many parts (threads) an operation is split into.
+    processes : int
+        2: a training batch of at least 2 x :data:`MIN_SAMPLES_PER_PROCESS`
+        runs its second half in a worker process (:mod:`xpnn.process_pieces`);
+        1: never. Default: ``XPNN_PROCESSES``, else 2 with 2 threads.
     """
 
-    def __init__(self, backend, threads=None):
+    def __init__(self, backend, threads=None, processes=None):
         super().__init__(backend)
         self._team = Team(1)
         self._scoped = _Depth()
         self.threads = default_threads() if threads is None else threads
+        self.processes = default_processes(self.threads) if processes is None else processes
 
     @property
     def threads(self):
@@ -210,6 +250,22 @@ class NumpyOps(Ops):
         if self._team.inside_part():  # the pieces could not run at the same time
             return [(0, shape[0])]
         return split_range(shape[0], min(self.threads, shape[0] // MIN_SAMPLES_PER_THREAD))
+
+    def process_pieces(self, shape):
+        """Same contract as :meth:`xpnn.ops.Ops.process_pieces`: halves of a batch of at least
+        2 x :data:`MIN_SAMPLES_PER_PROCESS` when :attr:`processes` is 2 (and fork and
+        threadpoolctl are available), else None."""
+        if (self.processes < 2 or shape[0] < 2 * MIN_SAMPLES_PER_PROCESS or self._team.inside_part()
+                or _blas_controller() is None or not _can_fork()):
+            return None
+        return split_range(shape[0], 2)
+
+    @contextlib.contextmanager
+    def one_part(self):
+        """Same contract as :meth:`xpnn.ops.Ops.one_part`; BLAS on one thread meanwhile."""
+        controller = _blas_controller()
+        with self._team.alone(), controller.limit(limits=1) if controller else contextlib.nullcontext():
+            yield
 
     def run_pieces(self, task, count):
         """Same contract as :meth:`xpnn.ops.Ops.run_pieces`: the pieces shared out over the threads."""

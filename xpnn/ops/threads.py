@@ -7,6 +7,7 @@ parts run on separate cores. The calling thread runs the first part itself;
 each other part goes to one long-lived helper thread (daemon, started on first
 use and again in a forked child process).
 """
+import contextlib
 import contextvars
 import os
 import queue
@@ -64,6 +65,16 @@ class Team:
             if error is not None:
                 raise error
         return [value for _, value, _ in outcomes]
+
+    @contextlib.contextmanager
+    def alone(self):
+        """While inside: this thread's jobs run their parts in turn, on this thread."""
+        helping = getattr(self._local, "helping", False)
+        self._local.helping = True
+        try:
+            yield
+        finally:
+            self._local.helping = helping
 
     def inside_part(self):
         """True on a thread running one of this team's parts (its own calls then run in turn)."""

@@ -1,0 +1,201 @@
+"""Training with half of each batch in a forked worker process (xpnn.process_pieces).
+
+Only the NumPy backend's ops cut a batch this way (``NumpyOps.processes = 2``);
+the generic Ops never do. The numbers must be those of a pass in one piece
+(float64, up to the order of sums), batch norm's statistics and dropout's mask
+included; the worker follows changes of the layers and ends with its network.
+"""
+import copy
+import gc
+import multiprocessing
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn import NeuralNetwork
+from xpnn._shared_memory import MessageRing
+from xpnn.backend import make_backend
+from xpnn.initializers import Constant, He
+from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnected, Pooling,
+                         ReLU, SoftMax)
+from xpnn.layers.base import BaseLayer
+from xpnn.losses import CrossEntropyLoss
+from xpnn.ops import Ops
+from xpnn.ops import numpy_ops
+from xpnn.optimizers import Sgd
+from xpnn.regularizers import L2_Regularizer
+from conftest import CyclingBatches
+
+BATCH = 2 * numpy_ops.MIN_SAMPLES_PER_PROCESS
+
+pytestmark = pytest.mark.skipif(not numpy_ops._can_fork(),
+                                reason="worker processes need fork on x86-64 (not this machine)")
+
+
+class FailsInTheWorker(BaseLayer):
+    """Identity, but a forward pass on the second piece of a batch raises."""
+
+    runs_in_pieces = True
+
+    def forward(self, input_tensor):
+        if self.piece is not None and self.piece.bounds[0] > 0:
+            raise ValueError("FailsInTheWorker: the second piece")
+        return input_tensor
+
+    def backward(self, error_tensor):
+        return error_tensor
+
+
+def _net(extra=()):
+    """Batch norm and dropout between convolutions and FC layers. Plain SGD: the bias in
+    front of batch norm has a gradient of rounding noise only, which Adam would scale up
+    to full steps of either sign (see test_fastpaths)."""
+    net = NeuralNetwork(Sgd(0.05), He(), Constant(0.1))
+    net.optimizer.add_regularizer(L2_Regularizer(1e-3))
+    for layer in (Conv((1, 1), (1, 3, 3), 4), BatchNormalization(4), ReLU(), Pooling((2, 2), (2, 2)),
+                  Flatten(), FullyConnected(4 * 4 * 4, 12), BatchNormalization(12), ReLU(),
+                  Dropout(0.7), *extra, FullyConnected(12, 4), SoftMax()):
+        net.append_layer(layer)
+    net.loss_layer = CrossEntropyLoss()
+    images = np.random.default_rng(0).random((3 * BATCH, 1, 8, 8))
+    labels = np.eye(4)[np.random.default_rng(1).integers(0, 4, 3 * BATCH)]
+    net.data_layer = CyclingBatches(images, labels, BATCH)
+    return net
+
+
+@pytest.fixture
+def cpu64(monkeypatch):
+    """The float64 NumPy backend, current, one thread (its ops patched back afterwards)."""
+    backend = make_backend("cpu", "float64")
+    monkeypatch.setattr(backend.ops, "threads", 1)
+    previous = xpnn.get_backend()
+    xpnn.set_backend("cpu", "float64")
+    yield backend
+    xpnn.set_backend(previous.name, previous.dtype_name)
+
+
+def _train(backend, monkeypatch, processes, steps=3, net=None):
+    monkeypatch.setattr(backend.ops, "processes", processes)
+    xpnn.seed(5)
+    net = net or _net()
+    net.train(steps)
+    return net
+
+
+def _assert_same_training(cut, whole):
+    np.testing.assert_allclose([float(v) for v in cut.loss], [float(v) for v in whole.loss], rtol=1e-12)
+    for mine, theirs in zip(cut.layers, whole.layers):
+        for name in ("weights", "bias", "gradient_weights", "gradient_bias", "running_mean",
+                     "running_variance"):
+            if getattr(theirs, name, None) is not None:
+                # (atol: the convolution's bias gradient is rounding noise, ~1e-16, in both.)
+                np.testing.assert_allclose(getattr(mine, name), getattr(theirs, name),
+                                           rtol=1e-10, atol=1e-12, err_msg=f"{mine.name}.{name}")
+
+
+def test_two_processes_train_like_one_piece(cpu64, monkeypatch):
+    whole = _train(cpu64, monkeypatch, processes=1)
+    cut = _train(cpu64, monkeypatch, processes=2)
+    assert whole._worker is None and cut._worker is not None and cut._worker.alive
+    assert cut.layers[0]._cache is None  # the replicas ran the pieces, not the layers
+    _assert_same_training(cut, whole)
+
+
+def test_the_worker_lasts_and_follows_the_layers_settings(cpu64, monkeypatch):
+    def train(processes):
+        # Two steps, one more, then a layer's setting changes (the worker's copies must
+        # follow) and two more; the global random stream runs through once per network.
+        net = _train(cpu64, monkeypatch, processes, steps=2)
+        worker = net._worker
+        net.train(1)
+        assert net._worker is worker  # the same worker (or none), step after step
+        net.layers[8].probability = 0.4
+        net.train(2)
+        return net, worker
+
+    (cut, first), (whole, _) = train(2), train(1)
+    assert first.alive is False and cut._worker.alive and cut._worker.pid != first.pid
+    _assert_same_training(cut, whole)
+
+
+def test_a_failure_in_the_worker_is_raised_here_and_the_next_pass_starts_another(cpu64, monkeypatch):
+    monkeypatch.setattr(cpu64.ops, "processes", 2)
+    net = _net(extra=[FailsInTheWorker()])
+    with pytest.raises(ValueError, match="the second piece"):
+        net.train(1)
+    failed = net._worker
+    assert not failed.alive
+    net.layers[9] = ReLU()  # the failing layer replaced: training goes on in a new worker
+    net.train(1)
+    assert net._worker is not failed and net._worker.alive
+
+
+def test_the_worker_ends_with_its_network(cpu64, monkeypatch):
+    net = _train(cpu64, monkeypatch, processes=2, steps=1)
+    process = net._worker._process
+    assert process.is_alive()
+    del net
+    gc.collect()
+    process.join(timeout=10)
+    assert not process.is_alive()
+
+
+def test_a_network_with_a_worker_pickles_and_copies_without_it(cpu64, monkeypatch):
+    net = _train(cpu64, monkeypatch, processes=2, steps=1)
+    for twin in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+        assert twin._worker is None
+        np.testing.assert_array_equal(twin.layers[0].weights, net.layers[0].weights)
+    assert net._worker.alive
+
+
+def test_which_batches_run_in_two_processes():
+    ops = numpy_ops.NumpyOps(make_backend("cpu", "float32"), threads=1, processes=2)
+    assert ops.process_pieces((BATCH, 1, 8, 8)) == [(0, BATCH // 2), (BATCH // 2, BATCH)]
+    assert ops.process_pieces((BATCH - 1, 1, 8, 8)) is None  # pieces under the minimum
+    with ops.one_part():  # a piece (in a worker or a thread) never cuts again
+        assert ops.process_pieces((BATCH, 1, 8, 8)) is None
+    ops.processes = 1
+    assert ops.process_pieces((BATCH, 1, 8, 8)) is None
+    assert Ops(make_backend("cpu", "float32")).process_pieces((BATCH, 1, 8, 8)) is None
+
+
+def test_processes_default_to_two_on_two_threads_and_follow_the_environment(monkeypatch):
+    monkeypatch.delenv("XPNN_PROCESSES", raising=False)
+    assert [numpy_ops.default_processes(threads) for threads in (1, 2, 4)] == [1, 2, 1]
+    monkeypatch.setenv("XPNN_PROCESSES", "1")
+    assert numpy_ops.default_processes(2) == 1
+    monkeypatch.setenv("XPNN_PROCESSES", "2")
+    assert numpy_ops.default_processes(4) == 2
+    monkeypatch.setenv("XPNN_PROCESSES", "3")
+    with pytest.raises(ValueError, match="XPNN_PROCESSES must be 1 or 2"):
+        numpy_ops.default_processes(2)
+
+
+def _echo(ring_in, ring_out, connection):
+    connection_alive = lambda: True  # noqa: E731
+    while True:
+        message = ring_in.take(connection, connection_alive, 60)
+        if message is None:
+            return
+        ring_out.post(message, connection, connection_alive, 60)
+
+
+def test_message_ring_keeps_order_wraps_around_and_sends_large_messages_by_pipe():
+    context = multiprocessing.get_context("fork")
+    to_child, to_parent = MessageRing(slots=2, slot_bytes=256), MessageRing(slots=2, slot_bytes=256)
+    mine, theirs = context.Pipe()
+    child = context.Process(target=_echo, args=(to_child, to_parent, theirs), daemon=True)
+    child.start()
+    alive = child.is_alive
+    messages = [("small", index) for index in range(5)] + [("large", np.arange(1000.0))]
+    for message in messages:  # more messages than slots: the ring wraps around
+        to_child.post(message, mine, alive, 60)
+        kind, value = to_parent.take(mine, alive, 60)
+        assert kind == message[0]
+        np.testing.assert_array_equal(value, message[1])
+    to_child.post(None, mine, alive, 60)
+    child.join(timeout=10)
+    assert child.exitcode == 0

@@ -1,0 +1,91 @@
+"""Memory shared with a forked worker process: fixed arrays, and rings of messages.
+
+Both are anonymous shared mappings, so they must be made before the fork.
+"""
+import mmap
+import os
+import pickle
+import time
+
+import numpy as np
+
+
+class SharedArrays:
+    """Arrays of fixed shapes (``arrays``) in one anonymous shared mapping."""
+
+    def __init__(self, shapes, dtype):
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        self._memory = mmap.mmap(-1, max(1, sum(sizes)) * np.dtype(dtype).itemsize)
+        flat = np.frombuffer(self._memory, dtype=dtype)
+        bounds = np.cumsum([0] + sizes)
+        self.arrays = [flat[start:stop].reshape(shape)
+                       for start, stop, shape in zip(bounds[:-1], bounds[1:], shapes)]
+
+
+class MessageRing:
+    """Messages in one direction between two processes, through shared memory.
+
+    The reader polls the ring instead of sleeping on a pipe: inside a training
+    pass both processes are busy and an answer is microseconds away, where a
+    pipe's wake-up costs 100-200 µs on a virtual machine (batch norm and dropout
+    exchange 14 messages a LeNet step: ~2 ms through a pipe). A message larger
+    than a slot goes through ``pipe`` after its slot is published. The writer
+    fills a slot, then publishes it by advancing a counter: x86-64 keeps those
+    stores in order for the reader (the only architecture this is used on).
+
+    Parameters
+    ----------
+    slots : int
+        Messages that may wait unread.
+    slot_bytes : int
+        Pickled size up to which a message travels in the ring.
+    """
+
+    def __init__(self, slots=8, slot_bytes=1 << 18):
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self._memory = mmap.mmap(-1, 8 * (2 + slots) + slots * slot_bytes)
+        self._counters = np.frombuffer(self._memory, np.int64, 2)  # written, read
+        self._lengths = np.frombuffer(self._memory, np.int64, slots, offset=16)
+        self._payload = np.frombuffer(self._memory, np.uint8, slots * slot_bytes,
+                                      offset=8 * (2 + slots)).reshape(slots, slot_bytes)
+
+    def post(self, message, pipe, alive, timeout):
+        """Append ``message``; waits (polling) while every slot is unread."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        written = int(self._counters[0])
+        _wait(lambda: written - int(self._counters[1]) < self.slots, alive, timeout)
+        slot = written % self.slots
+        if len(data) <= self.slot_bytes:
+            self._payload[slot, :len(data)] = np.frombuffer(data, np.uint8)
+            self._lengths[slot] = len(data)
+            self._counters[0] = written + 1
+        else:
+            self._lengths[slot] = -1
+            self._counters[0] = written + 1  # published first: the reader then reads the pipe
+            pipe.send_bytes(data)
+
+    def take(self, pipe, alive, timeout):
+        """The next message, waiting (polling) for it."""
+        read = int(self._counters[1])
+        _wait(lambda: int(self._counters[0]) > read, alive, timeout)
+        slot = read % self.slots
+        length = int(self._lengths[slot])
+        data = pipe.recv_bytes() if length < 0 else self._payload[slot, :length].tobytes()
+        self._counters[1] = read + 1
+        return pickle.loads(data)
+
+
+def _wait(ready, alive, timeout):
+    """Poll ``ready()``; every few hundred polls give the core away once and check the
+    other process (``alive()``) and the ``timeout`` in seconds."""
+    polls, deadline = 0, None
+    while not ready():
+        polls += 1
+        if polls % 256:
+            continue
+        if not alive():
+            raise RuntimeError("the other process of the training pass ended")
+        deadline = deadline or time.monotonic() + timeout
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the other process of the training pass did not answer in {timeout:.0f} s")
+        os.sched_yield()

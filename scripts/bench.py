@@ -44,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads for both: PyTorch's intra-op threads; xpnn's CPU ops (NumpyOps.threads) "
                              "with NumPy's BLAS held to as many")
+    parser.add_argument("--processes", type=int, choices=(1, 2), default=None,
+                        help="xpnn's CPU backend: 2 runs half of each training batch in a worker "
+                             "process (NumpyOps.processes; default: XPNN_PROCESSES, else 1)")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-child", nargs=3, metavar=("FRAMEWORK", "VARIANT", "BATCH"),
@@ -121,13 +124,15 @@ class CyclingDataLayer:
 class XpnnRunner:
     """The same LeNet built by xpnn.models.lenet.build on the chosen backend."""
 
-    def __init__(self, backend_name, variant, batch_size, images, labels, threads=None):
+    def __init__(self, backend_name, variant, batch_size, images, labels, threads=None, processes=None):
         import xpnn
         from xpnn.models import lenet
 
         self.backend = xpnn.set_backend(backend_name, dtype="float32")
         if threads is not None and hasattr(self.backend.ops, "threads"):
             self.backend.ops.threads = threads  # the CPU backend's own threads, like PyTorch's
+        if processes is not None and hasattr(self.backend.ops, "processes"):
+            self.backend.ops.processes = processes
         options = dict(VARIANTS[variant])
         if options["batch_norm"]:
             options["batch_norm_eps"] = 1e-5
@@ -208,7 +213,7 @@ def summarize(rows, batch_size):
 
 # -- memory (one child process per framework) ------------------------------------
 
-def memory_child(framework, variant, batch_size, backend_name, threads):
+def memory_child(framework, variant, batch_size, backend_name, threads, processes=None):
     """Run 20 training steps and print the peak memory in MiB.
 
     On the CPU the process's peak resident memory; on the GPU the peak of the
@@ -226,10 +231,11 @@ def memory_child(framework, variant, batch_size, backend_name, threads):
         print(torch.cuda.max_memory_allocated() / 2**20 if gpu else _peak_resident_mib())
         return
     if not gpu:
-        runner = XpnnRunner(backend_name, variant, batch_size, images, labels, threads)
+        runner = XpnnRunner(backend_name, variant, batch_size, images, labels, threads, processes)
         with blas_threads(threads):
             runner.train(20)
-        print(_peak_resident_mib())
+        worker = runner.net._worker  # a worker process's memory counts too (sum of the two peaks)
+        print(_peak_resident_mib() + (_peak_resident_mib(worker.pid) if worker is not None else 0.0))
         return
     import cupy
 
@@ -256,8 +262,8 @@ def _cupy_peak_hook(cupy):
     return PeakHook()
 
 
-def _peak_resident_mib():
-    """This process's peak resident memory in MiB.
+def _peak_resident_mib(pid="self"):
+    """This process's (or process ``pid``'s) peak resident memory in MiB.
 
     Linux: VmHWM of /proc/self/status, the high-water mark of this program's
     own memory. (getrusage's ru_maxrss survives execve, so in a child of the
@@ -265,7 +271,7 @@ def _peak_resident_mib():
     both frameworks: every figure came out the same.)
     """
     try:
-        with open("/proc/self/status") as status:
+        with open(f"/proc/{pid}/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024.0
@@ -277,6 +283,8 @@ def _peak_resident_mib():
 def peak_memory_mib(framework, variant, batch_size, args):
     command = [sys.executable, os.path.abspath(__file__), "--backend", args.backend,
                "--threads", str(args.threads), "--memory-child", framework, variant, str(batch_size)]
+    if args.processes is not None:
+        command += ["--processes", str(args.processes)]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return float(output.strip().splitlines()[-1])
 
@@ -315,7 +323,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
         framework, variant, batch_size = args.memory_child
-        return memory_child(framework, variant, int(batch_size), args.backend, args.threads)
+        return memory_child(framework, variant, int(batch_size), args.backend, args.threads,
+                            args.processes)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -351,7 +360,8 @@ def measure(args, torch):
         for batch_size in args.batch_sizes:
             torch.manual_seed(0)
             np.random.seed(0)
-            xpnn_runner = XpnnRunner(args.backend, variant, batch_size, images, labels, args.threads)
+            xpnn_runner = XpnnRunner(args.backend, variant, batch_size, images, labels, args.threads,
+                                     args.processes)
             torch_runner = TorchRunner(torch, _torch_device(args.backend), variant, batch_size, images, labels)
             summary = summarize(compare(xpnn_runner, torch_runner, args.rounds, args.iterations), batch_size)
             summary.update(variant=variant, batch_size=batch_size)

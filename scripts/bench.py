@@ -131,8 +131,11 @@ class XpnnRunner:
         self.backend = xpnn.set_backend(backend_name, dtype="float32")
         if threads is not None and hasattr(self.backend.ops, "threads"):
             self.backend.ops.threads = threads  # the CPU backend's own threads, like PyTorch's
-        if processes is not None and hasattr(self.backend.ops, "processes"):
-            self.backend.ops.processes = processes
+        if hasattr(self.backend.ops, "processes"):  # (its default follows the thread count)
+            from xpnn.ops.numpy_ops import default_processes
+
+            self.backend.ops.processes = default_processes(self.backend.ops.threads) \
+                if processes is None else processes
         options = dict(VARIANTS[variant])
         if options["batch_norm"]:
             options["batch_norm_eps"] = 1e-5
@@ -374,6 +377,7 @@ def measure(args, torch):
 
     results["machine"]["xpnn_threads"] = getattr(xpnn.get_backend().ops, "threads", None)
     results["machine"]["numpy_blas_threads"] = _numpy_blas_threads()
+    results["machine"]["xpnn_processes"] = getattr(xpnn.get_backend().ops, "processes", None)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as stream:

@@ -199,3 +199,29 @@ def test_message_ring_keeps_order_wraps_around_and_sends_large_messages_by_pipe(
     to_child.post(None, mine, alive, 60)
     child.join(timeout=10)
     assert child.exitcode == 0
+
+
+class FailsHere(BaseLayer):
+    """Identity, but a forward pass on the first piece of a batch (this process's) raises."""
+
+    runs_in_pieces = True
+
+    def forward(self, input_tensor):
+        if self.piece is not None and self.piece.bounds[0] == 0:
+            raise ValueError("FailsHere: the first piece")
+        return input_tensor
+
+    def backward(self, error_tensor):
+        return error_tensor
+
+
+def test_a_failure_here_ends_the_worker_waiting_in_the_pass(cpu64, monkeypatch):
+    # The failing layer sits before batch norm: the worker waits for this piece's sums.
+    monkeypatch.setattr(cpu64.ops, "processes", 2)
+    net = _net()
+    net.layers.insert(1, FailsHere())
+    with pytest.raises(ValueError, match="the first piece"):
+        net.train(1)
+    process = net._worker._process
+    process.join(timeout=10)
+    assert not process.is_alive()

@@ -106,19 +106,33 @@ def test_two_processes_train_like_one_piece(cpu64, monkeypatch):
 
 def test_the_worker_lasts_and_follows_the_layers_settings(cpu64, monkeypatch):
     def train(processes):
-        # Two steps, one more, then a layer's setting changes (the worker's copies must
-        # follow) and two more; the global random stream runs through once per network.
+        # Two steps, a testing pass (other shapes pass through the layers), a layer's
+        # setting changes (the worker's copies must follow) and two more steps; the
+        # global random stream runs through once per network.
         net = _train(cpu64, monkeypatch, processes, steps=2)
         worker = net._worker
-        net.train(1)
-        assert net._worker is worker  # the same worker (or none), step after step
+        net.test(net.data_layer.images[:5])
         net.layers[8].probability = 0.4
         net.train(2)
-        return net, worker
+        assert net._worker is worker  # the same worker (or none), step after step
+        return net
 
-    (cut, first), (whole, _) = train(2), train(1)
-    assert first.alive is False and cut._worker.alive and cut._worker.pid != first.pid
+    cut, whole = train(2), train(1)
+    assert cut._worker.alive
     _assert_same_training(cut, whole)
+
+
+def test_other_layers_or_batch_shapes_start_another_worker(cpu64, monkeypatch):
+    net = _train(cpu64, monkeypatch, processes=2, steps=1)
+    first = net._worker
+    net.data_layer.batch_size = BATCH + 2  # another piece shape
+    net.train(1)
+    second = net._worker
+    net.layers[2] = ReLU()  # another layer
+    net.data_layer.position = 0  # (a whole batch again: the data end cut the last one short)
+    net.train(1)
+    assert len({first.pid, second.pid, net._worker.pid}) == 3
+    assert not first.alive and not second.alive and net._worker.alive
 
 
 def test_a_failure_in_the_worker_is_raised_here_and_the_next_pass_starts_another(cpu64, monkeypatch):

@@ -19,11 +19,13 @@ Measured on 2 cores, LeNet, batch 64, one process alternating both ways: 9.0
 -> 7.5 ms a step (plain), 12.1 -> 9.8 ms (batch norm and dropout; with its 14
 exchanges a step through a pipe instead of the rings: 11.1 ms).
 
-The worker holds copies of the layers made when it forked. Each pass it takes
-the current parameters; a change of any other public setting of a layer
-(e.g. a dropout probability), of the layers themselves or of the batch shape
-starts a new worker (see :func:`layers_key`). A failure in either piece ends the
-worker; the next pass starts another. Linux only (``fork``).
+The worker holds copies of the layers made when it forked. Each pass they take
+the current parameters and every layer's public settings (numbers, strings,
+tuples of those: e.g. a dropout probability); other changes to a layer after
+the fork do not reach them. Other layers, parameter shapes or batch shapes
+start a new worker (see :func:`layers_key`). A failure in either piece ends
+the worker; the next pass starts another. Linux on x86-64 only (``fork``, and
+the store order the message rings rely on).
 """
 import multiprocessing
 import os
@@ -41,13 +43,16 @@ _SCALARS = (bool, int, float, str, type(None))
 
 
 def layers_key(layers, piece_shape, dtype):
-    """What a worker's copies must match: the layers, their public settings, the piece's shape."""
-    settings = tuple((id(layer), type(layer), tuple(sorted(
-        (name, value) for name, value in vars(layer).items()
-        if not name.startswith("_") and _is_setting(value))))
-        for layer in layers)
+    """What a worker was made for: these layers, their parameters' shapes, the piece's shape."""
     shapes = tuple((name, tuple(array.shape)) for name, array in _parameters(layers))
-    return settings, shapes, tuple(piece_shape), str(dtype)
+    return tuple(id(layer) for layer in layers), shapes, tuple(piece_shape), str(dtype)
+
+
+def _settings(layers):
+    """Every layer's public attributes that are numbers, strings, None or tuples of those: its
+    settings (e.g. a dropout probability), which the worker's copies take before each pass."""
+    return [{name: value for name, value in vars(layer).items()
+             if not name.startswith("_") and _is_setting(value)} for layer in layers]
 
 
 def _is_setting(value):
@@ -119,7 +124,7 @@ class PieceWorker:
         for shared, (_, array) in zip(self._parameters, _parameters(layers)):
             shared[...] = array
         self._input[...] = piece
-        self._connection.send(("forward", bounds, batch_size))
+        self._connection.send(("forward", bounds, batch_size, _settings(layers)))
 
     def start_backward(self, error, stop):
         """Hand the worker its piece of the error of layer ``stop - 1``'s output."""
@@ -184,7 +189,9 @@ class PieceWorker:
                     self.send("error", _picklable(error))
                     return
 
-    def _forward(self, layers, previous, bounds, batch_size):
+    def _forward(self, layers, previous, bounds, batch_size, settings):
+        for layer, values in zip(layers, settings):
+            vars(layer).update(values)
         arrays = iter(self._parameters)
         for index, name in self._names:
             setattr(layers[index], name, next(arrays))

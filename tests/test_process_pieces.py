@@ -239,3 +239,49 @@ def test_a_failure_here_ends_the_worker_waiting_in_the_pass(cpu64, monkeypatch):
     process = net._worker._process
     process.join(timeout=10)
     assert not process.is_alive()
+
+
+class ScaleWithOwnGradient(BaseLayer):
+    """A trainable layer of one's own (a learnt scale) whose gradient is not named like its weights."""
+
+    runs_in_pieces = True
+    gradient_names = ("gradient_scale",)
+
+    def __init__(self):
+        super().__init__()
+        self.trainable = True
+        self.weights = np.ones(1)
+        self.gradient_scale = None
+
+    def initialize(self, weights_initializer, bias_initializer):
+        self.weights = np.ones(1)
+
+    def forward(self, input_tensor):
+        self._input = input_tensor
+        return input_tensor * self.weights[0]
+
+    def backward(self, error_tensor):
+        self.gradient_scale = np.sum(error_tensor * self._input)
+        return error_tensor * self.weights[0]
+
+    def take_gradients(self, replicas):
+        self.gradient_scale = sum(replica.gradient_scale for replica in replicas)
+
+
+def test_layers_with_other_gradients_keep_the_threads(cpu64, monkeypatch):
+    net = _train(cpu64, monkeypatch, 2, steps=1, net=_seeded_net(extra=[ScaleWithOwnGradient()]))
+    assert net._worker is None
+    whole = _train(cpu64, monkeypatch, 1, steps=1, net=_seeded_net(extra=[ScaleWithOwnGradient()]))
+    np.testing.assert_allclose(net.layers[9].gradient_scale, whole.layers[9].gradient_scale, rtol=1e-12)
+
+
+def _seeded_net(extra):
+    xpnn.seed(5)
+    return _net(extra)
+
+
+def test_moving_the_network_ends_its_worker(cpu64, monkeypatch):
+    net = _train(cpu64, monkeypatch, processes=2, steps=1)
+    worker = net._worker
+    net.to("cpu", "float32")
+    assert net._worker is None and not worker.alive

@@ -7,7 +7,7 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
 from xpnn.piecewise import PiecewisePass, backward_chain
-from xpnn.process_pieces import PieceWorker, ProcessPass, layers_key
+from xpnn.process_pieces import PieceWorker, ProcessPass, layers_key, supports
 
 
 class NeuralNetwork:
@@ -94,7 +94,7 @@ class NeuralNetwork:
         if not shape or not self.layers or not all(layer.runs_in_pieces for layer in self.layers):
             return None
         pieces = self.backend.ops.process_pieces(tuple(shape))
-        if pieces is not None:
+        if pieces is not None and supports(self.layers):
             return ProcessPass(self._piece_worker(pieces, tuple(shape)), self.layers, pieces)
         pieces = self.backend.ops.training_pieces(tuple(shape))
         return PiecewisePass(self.layers, pieces) if len(pieces) > 1 else None
@@ -175,6 +175,9 @@ class NeuralNetwork:
         if not isinstance(backend, Backend) and dtype is None:
             dtype = self.backend.dtype_name
         target = make_backend(backend, dtype)
+        if self._worker is not None:  # its copies hold the old backend's arrays
+            self._worker.close()
+            self._worker = None
         for layer in self.layers:
             layer.to(target)
         if self.loss_layer is not None and hasattr(self.loss_layer, "to"):

@@ -29,6 +29,7 @@ the store order the message rings rely on).
 """
 import multiprocessing
 import os
+import pickle
 import signal
 import weakref
 
@@ -40,6 +41,13 @@ from xpnn.piecewise import backward_chain
 #: Seconds this process waits for the worker's answer before giving up.
 WAIT_SECONDS = 600.0
 _SCALARS = (bool, int, float, str, type(None))
+
+
+def supports(layers):
+    """True when every trainable layer's gradients are of its ``weights``/``bias`` (what the
+    worker hands back); a layer of your own with other gradients keeps the threads."""
+    return all(set(layer.gradient_names) <= {"gradient_weights", "gradient_bias"}
+               for layer in layers if layer.trainable)
 
 
 def layers_key(layers, piece_shape, dtype):
@@ -69,7 +77,7 @@ def _parameters(layers):
         if not layer.trainable:
             continue
         for name in ("weights", "bias"):
-            if getattr(layer, name) is not None and "gradient_" + name in layer.gradient_names:
+            if getattr(layer, name, None) is not None and "gradient_" + name in layer.gradient_names:
                 found.append(((index, name), getattr(layer, name)))
     return found
 
@@ -218,8 +226,6 @@ def _replica(layer, slot):
 
 def _picklable(error):
     """``error`` if it survives pickling, else a RuntimeError carrying its text."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(error))
         return error
@@ -275,7 +281,11 @@ class ProcessSlot:
 
 class ProcessPass:
     """One training pass over two pieces, piece 1 in ``worker``; the interface of
-    :class:`xpnn.piecewise.PiecewisePass` (``forward``, ``backward``, ``output``)."""
+    :class:`xpnn.piecewise.PiecewisePass` (``forward``, ``backward``, ``output``).
+
+    The worker's replicas stay in the worker: ``take_forward_state`` sees this
+    process's replica only (batch norm's running statistics are the same in both).
+    """
 
     def __init__(self, worker, layers, pieces):
         self.worker = worker

@@ -8,7 +8,6 @@ included; the worker follows changes of the layers and ends with its network.
 import copy
 import gc
 import multiprocessing
-import os
 import pickle
 
 import numpy as np
@@ -24,14 +23,14 @@ from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnec
 from xpnn.layers.base import BaseLayer
 from xpnn.losses import CrossEntropyLoss
 from xpnn.ops import Ops
-from xpnn.ops import numpy_ops
+from xpnn.ops import numpy_ops, numpy_settings
 from xpnn.optimizers import Sgd
 from xpnn.regularizers import L2_Regularizer
 from conftest import CyclingBatches
 
 BATCH = 2 * numpy_ops.MIN_SAMPLES_PER_PROCESS
 
-pytestmark = pytest.mark.skipif(not numpy_ops._can_fork(),
+pytestmark = pytest.mark.skipif(not numpy_settings.can_fork(),
                                 reason="worker processes need fork on x86-64 (not this machine)")
 
 
@@ -178,14 +177,14 @@ def test_which_batches_run_in_two_processes():
 
 def test_processes_default_to_two_on_two_threads_and_follow_the_environment(monkeypatch):
     monkeypatch.delenv("XPNN_PROCESSES", raising=False)
-    assert [numpy_ops.default_processes(threads) for threads in (1, 2, 4)] == [1, 2, 1]
+    assert [numpy_settings.default_processes(threads) for threads in (1, 2, 4)] == [1, 2, 1]
     monkeypatch.setenv("XPNN_PROCESSES", "1")
-    assert numpy_ops.default_processes(2) == 1
+    assert numpy_settings.default_processes(2) == 1
     monkeypatch.setenv("XPNN_PROCESSES", "2")
-    assert numpy_ops.default_processes(4) == 2
+    assert numpy_settings.default_processes(4) == 2
     monkeypatch.setenv("XPNN_PROCESSES", "3")
     with pytest.raises(ValueError, match="XPNN_PROCESSES must be 1 or 2"):
-        numpy_ops.default_processes(2)
+        numpy_settings.default_processes(2)
 
 
 def _echo(ring_in, ring_out, connection):

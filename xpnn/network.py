@@ -77,13 +77,14 @@ class NeuralNetwork:
     def _run_layers(self, input_tensor):
         """Every layer's forward in turn; in training, on pieces of the batch where the backend cuts it."""
         if not self._testing_phase:  # (testing runs its own pieces, on helper threads: see test)
-            # The last pass (its replicas' caches) goes once this one has run: freed first,
-            # its memory went back to the system and the new arrays paid page faults again.
-            previous, self._piecewise = self._piecewise, self._piecewise_pass(input_tensor)
-            if self._piecewise is not None:
-                output = self._piecewise.forward(self.backend.asarray(input_tensor, dtype=self.backend.dtype))
-                del previous
+            pass_in_pieces = self._piecewise_pass(input_tensor)
+            if pass_in_pieces is not None:
+                # The last pass (its replicas' caches) goes only once this one has run: freed
+                # first, its memory went back to the system and the new arrays paid page faults.
+                output = pass_in_pieces.forward(self.backend.asarray(input_tensor, dtype=self.backend.dtype))
+                self._piecewise = pass_in_pieces
                 return output
+            self._piecewise = None
         for layer in self.layers:
             input_tensor = layer.forward(input_tensor)
         return input_tensor

@@ -44,7 +44,6 @@ the threads could not match at that size.
 """
 import contextlib
 import functools
-import os
 import threading
 
 import numpy as np
@@ -66,6 +65,7 @@ from xpnn.ops.numpy_columns import (
     same_width_integer,
     window_view,
     zero_padded)
+from xpnn.ops.numpy_settings import blas_controller, can_fork, default_processes, default_threads
 from xpnn.ops.threads import Team, split_range
 
 #: Convolutions with fewer column entries than this run in one part (a hand-off to a
@@ -95,61 +95,6 @@ MIN_SAMPLES_PER_PROCESS = 32
 #: the second 8.1 ms in chunks, 3.8-3.9 ms in row blocks of 512 KiB-1 MiB. A whole
 #: LeNet pass over 500 images went from ~40 to 29.4 ms.
 BLOCK_BYTES = 1 << 20
-
-
-def default_threads():
-    """``XPNN_NUM_THREADS`` if set, else the usable cores (at most 4); 1 without threadpoolctl.
-
-    Without threadpoolctl BLAS cannot be held to one thread while the parts
-    run, and two BLAS calls that each start threads on every core fight.
-    """
-    configured = os.environ.get("XPNN_NUM_THREADS")
-    if configured:
-        return max(1, int(configured))
-    if _blas_controller() is None:
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 4))
-
-
-def default_processes(threads):
-    """``XPNN_PROCESSES`` if set (1 or 2), else 2 with 2 threads, else 1.
-
-    Two processes were measured on two cores only (batch 64: 0.80-0.85x the time
-    of the threads' step, see :mod:`xpnn.process_pieces`); with more cores the
-    threads have more to share and keep the work.
-    """
-    configured = os.environ.get("XPNN_PROCESSES")
-    if not configured:
-        return 2 if threads == 2 else 1
-    if configured.strip() not in ("1", "2"):
-        raise ValueError(f"XPNN_PROCESSES must be 1 or 2, got {configured!r}")
-    return int(configured)
-
-
-def _can_fork():
-    """True where a worker process can be forked: Linux-style fork, x86-64 (the shared-memory
-    messages rely on its store order, see ``xpnn._shared_memory``), not inside a daemonic
-    process (which may have no children)."""
-    import multiprocessing
-    import platform
-
-    return ("fork" in multiprocessing.get_all_start_methods()
-            and platform.machine().lower() in ("x86_64", "amd64")
-            and not multiprocessing.current_process().daemon)
-
-
-@functools.lru_cache(maxsize=1)
-def _blas_controller():
-    """threadpoolctl's handle on the loaded BLAS libraries, or None without threadpoolctl."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    return ThreadpoolController().select(user_api="blas")
 
 
 def batch_innermost(x):
@@ -207,7 +152,7 @@ class NumpyOps(Ops):
         connected layers) wakes BLAS's own threads, which then spin-wait on the
         cores the helper threads need.
         """
-        controller = _blas_controller()
+        controller = blas_controller()
         limit = self.threads > 1 and not self._scoped.depth and controller is not None
         with controller.limit(limits=1) if limit else contextlib.nullcontext():
             self._scoped.depth += 1
@@ -221,7 +166,7 @@ class NumpyOps(Ops):
         if len(parts) == 1 or self.threads == 1 or self._team.inside_part():
             # (Inside a part, e.g. a piece of a batch, the team runs them in turn anyway.)
             return [task(part) for part in parts]
-        controller = _blas_controller()
+        controller = blas_controller()
         if self._scoped.depth or controller is None:
             return self._team.run(task, parts)
         with controller.limit(limits=1):
@@ -256,14 +201,14 @@ class NumpyOps(Ops):
         2 x :data:`MIN_SAMPLES_PER_PROCESS` when :attr:`processes` is 2 (and fork and
         threadpoolctl are available), else None."""
         if (self.processes < 2 or shape[0] < 2 * MIN_SAMPLES_PER_PROCESS or self._team.inside_part()
-                or _blas_controller() is None or not _can_fork()):
+                or blas_controller() is None or not can_fork()):
             return None
         return split_range(shape[0], 2)
 
     @contextlib.contextmanager
     def one_part(self):
         """Same contract as :meth:`xpnn.ops.Ops.one_part`; BLAS on one thread meanwhile."""
-        controller = _blas_controller()
+        controller = blas_controller()
         with self._team.alone(), controller.limit(limits=1) if controller else contextlib.nullcontext():
             yield
 

@@ -1,0 +1,62 @@
+"""How many threads and processes the CPU backend uses, and its handle on BLAS's threads.
+
+Split from :mod:`xpnn.ops.numpy_ops` (the operations); see its docstring for why
+the counts are what they are.
+"""
+import functools
+import os
+
+
+def default_threads():
+    """``XPNN_NUM_THREADS`` if set, else the usable cores (at most 4); 1 without threadpoolctl.
+
+    Without threadpoolctl BLAS cannot be held to one thread while the parts
+    run, and two BLAS calls that each start threads on every core fight.
+    """
+    configured = os.environ.get("XPNN_NUM_THREADS")
+    if configured:
+        return max(1, int(configured))
+    if blas_controller() is None:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def default_processes(threads):
+    """``XPNN_PROCESSES`` if set (1 or 2), else 2 with 2 threads, else 1.
+
+    Two processes were measured on two cores only (batch 64: 0.80-0.85x the time
+    of the threads' step, see :mod:`xpnn.process_pieces`); with more cores the
+    threads have more to share and keep the work.
+    """
+    configured = os.environ.get("XPNN_PROCESSES")
+    if not configured:
+        return 2 if threads == 2 else 1
+    if configured.strip() not in ("1", "2"):
+        raise ValueError(f"XPNN_PROCESSES must be 1 or 2, got {configured!r}")
+    return int(configured)
+
+
+def can_fork():
+    """True where a worker process can be forked: Linux-style fork, x86-64 (the shared-memory
+    messages rely on its store order, see ``xpnn._shared_memory``), not inside a daemonic
+    process (which may have no children)."""
+    import multiprocessing
+    import platform
+
+    return ("fork" in multiprocessing.get_all_start_methods()
+            and platform.machine().lower() in ("x86_64", "amd64")
+            and not multiprocessing.current_process().daemon)
+
+
+@functools.lru_cache(maxsize=1)
+def blas_controller():
+    """threadpoolctl's handle on the loaded BLAS libraries, or None without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController().select(user_api="blas")

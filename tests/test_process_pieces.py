@@ -1,4 +1,4 @@
-"""Training with half of each batch in a forked worker process (xpnn.process_pieces).
+"""Training with half of each batch in a forked worker process (xpnn.ops.numpy_processes).
 
 Only the NumPy backend's ops cut a batch this way (``NumpyOps.processes = 2``);
 the generic Ops never do. The numbers must be those of a pass in one piece
@@ -15,7 +15,7 @@ import pytest
 
 import xpnn
 from xpnn import NeuralNetwork
-from xpnn._shared_memory import MessageRing
+from xpnn.ops.shared_memory import MessageRing
 from xpnn.backend import make_backend
 from xpnn.initializers import Constant, He
 from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnected, Pooling,
@@ -172,7 +172,8 @@ def test_which_batches_run_in_two_processes():
         assert ops.process_pieces((BATCH, 1, 8, 8)) is None
     ops.processes = 1
     assert ops.process_pieces((BATCH, 1, 8, 8)) is None
-    assert Ops(make_backend("cpu", "float32")).process_pieces((BATCH, 1, 8, 8)) is None
+    assert ops.process_pass([], (BATCH, 1, 8, 8), "last") == (None, "last")
+    assert Ops(make_backend("cpu", "float32")).process_pass([], (BATCH, 1, 8, 8), "last") == (None, "last")
 
 
 def test_processes_default_to_two_on_two_threads_and_follow_the_environment(monkeypatch):

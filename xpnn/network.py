@@ -7,7 +7,6 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
 from xpnn.piecewise import PiecewisePass, backward_chain
-from xpnn.process_pieces import PieceWorker, ProcessPass, layers_key, supports
 
 
 class NeuralNetwork:
@@ -44,7 +43,7 @@ class NeuralNetwork:
         self.label_tensor = None
         self._testing_phase = False
         self._piecewise = None  # the last training forward's PiecewisePass, if it ran in pieces
-        self._worker = None  # the PieceWorker process of passes in two processes, once started
+        self._worker = None  # the backend's worker process for passes in processes, once started
 
     def __getstate__(self):
         # A pass in pieces holds replicas and their caches, a worker is a process: not the model.
@@ -94,21 +93,12 @@ class NeuralNetwork:
         shape = getattr(input_tensor, "shape", None)
         if not shape or not self.layers or not all(layer.runs_in_pieces for layer in self.layers):
             return None
-        pieces = self.backend.ops.process_pieces(tuple(shape))
-        if pieces is not None and supports(self.layers):
-            return ProcessPass(self._piece_worker(pieces, tuple(shape)), self.layers, pieces)
-        pieces = self.backend.ops.training_pieces(tuple(shape))
+        ops = self.backend.ops
+        pass_in_processes, self._worker = ops.process_pass(self.layers, tuple(shape), self._worker)
+        if pass_in_processes is not None:
+            return pass_in_processes
+        pieces = ops.training_pieces(tuple(shape))
         return PiecewisePass(self.layers, pieces) if len(pieces) > 1 else None
-
-    def _piece_worker(self, pieces, shape):
-        """The worker process for a batch of ``shape``: the last one if its copies still match."""
-        piece_shape = (pieces[1][1] - pieces[1][0],) + shape[1:]
-        key = layers_key(self.layers, piece_shape, self.backend.dtype_name)
-        if self._worker is None or not self._worker.alive or self._worker.key != key:
-            if self._worker is not None:
-                self._worker.close()
-            self._worker = PieceWorker(self.layers, piece_shape, self.backend.dtype_name)
-        return self._worker
 
     def regularization_loss(self):
         """Sum of ``regularizer.norm(weights)`` over trainable layers (0 without one)."""

@@ -54,14 +54,15 @@ class Ops:
         """
         return [(0, shape[0])]
 
-    def process_pieces(self, shape):
-        """Two ``(start, stop)`` pieces when a training input of ``shape`` runs its second piece
-        in a worker process (see :mod:`xpnn.process_pieces`), else None. The generic one: None."""
-        return None
+    def process_pass(self, layers, shape, worker):
+        """A training pass of ``layers`` over a batch of ``shape`` with pieces in worker processes.
 
-    def one_part(self):
-        """Context manager: this thread's operations run in one part (a piece runs beside it)."""
-        return contextlib.nullcontext()
+        Returns ``(pass, worker)``: the pass (``forward``, ``backward``, ``output``
+        as :class:`xpnn.piecewise.PiecewisePass`) or None, and the worker to keep
+        for the next call (``worker`` is the last one; it has ``close()``). The
+        generic one: ``(None, worker)``, never a process.
+        """
+        return None, worker
 
     def run_pieces(self, task, count):
         """``[task(index) for index in range(count)]``; a backend may run them at the same time.

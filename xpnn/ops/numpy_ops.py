@@ -38,7 +38,7 @@ process: OpenBLAS on 2 threads 2.2-2.7x slower than one thread, these parts
 0.9-1.0x). ``XPNN_NUM_THREADS=1`` leaves BLAS its own threads instead.
 
 On two cores a training batch of 64 or more runs half in a forked worker
-process instead (:attr:`NumpyOps.processes`, :mod:`xpnn.process_pieces`): two
+process instead (:attr:`NumpyOps.processes`, :mod:`xpnn.ops.numpy_processes`): two
 processes share no GIL and hand over through shared memory in microseconds, which
 the threads could not match at that size.
 """
@@ -120,7 +120,7 @@ class NumpyOps(Ops):
         How many parts (threads) an operation is split into.
     processes : int
         2: a training batch of at least 2 x :data:`MIN_SAMPLES_PER_PROCESS`
-        runs its second half in a worker process (:mod:`xpnn.process_pieces`);
+        runs its second half in a worker process (:mod:`xpnn.ops.numpy_processes`);
         1: never. Default: ``XPNN_PROCESSES``, else 2 with 2 threads.
     """
 
@@ -196,10 +196,20 @@ class NumpyOps(Ops):
             return [(0, shape[0])]
         return split_range(shape[0], min(self.threads, shape[0] // MIN_SAMPLES_PER_THREAD))
 
+    def process_pass(self, layers, shape, worker):
+        """Same contract as :meth:`xpnn.ops.Ops.process_pass`: the batch's halves in this
+        process and a forked worker (:mod:`xpnn.ops.numpy_processes`) where
+        :meth:`process_pieces` cuts it."""
+        pieces = self.process_pieces(shape)
+        if pieces is None:
+            return None, worker
+        from xpnn.ops import numpy_processes  # (multiprocessing is imported only when used)
+
+        return numpy_processes.process_pass(layers, pieces, shape, self.backend.dtype_name, worker)
+
     def process_pieces(self, shape):
-        """Same contract as :meth:`xpnn.ops.Ops.process_pieces`: halves of a batch of at least
-        2 x :data:`MIN_SAMPLES_PER_PROCESS` when :attr:`processes` is 2 (and fork and
-        threadpoolctl are available), else None."""
+        """Halves of a training batch of at least 2 x :data:`MIN_SAMPLES_PER_PROCESS` when
+        :attr:`processes` is 2 (and fork and threadpoolctl are available), else None."""
         if (self.processes < 2 or shape[0] < 2 * MIN_SAMPLES_PER_PROCESS or self._team.inside_part()
                 or blas_controller() is None or not can_fork()):
             return None
@@ -207,7 +217,8 @@ class NumpyOps(Ops):
 
     @contextlib.contextmanager
     def one_part(self):
-        """Same contract as :meth:`xpnn.ops.Ops.one_part`; BLAS on one thread meanwhile."""
+        """Context manager: this thread's operations run in one part, BLAS on one thread (a
+        piece of a batch runs beside it, in a worker process)."""
         controller = blas_controller()
         with self._team.alone(), controller.limit(limits=1) if controller else contextlib.nullcontext():
             yield

@@ -29,7 +29,7 @@ def default_processes(threads):
     """``XPNN_PROCESSES`` if set (1 or 2), else 2 with 2 threads, else 1.
 
     Two processes were measured on two cores only (batch 64: 0.80-0.85x the time
-    of the threads' step, see :mod:`xpnn.process_pieces`); with more cores the
+    of the threads' step, see :mod:`xpnn.ops.numpy_processes`); with more cores the
     threads have more to share and keep the work.
     """
     configured = os.environ.get("XPNN_PROCESSES")
@@ -42,7 +42,7 @@ def default_processes(threads):
 
 def can_fork():
     """True where a worker process can be forked: Linux-style fork, x86-64 (the shared-memory
-    messages rely on its store order, see ``xpnn._shared_memory``), not inside a daemonic
+    messages rely on its store order, see ``xpnn.ops.shared_memory``), not inside a daemonic
     process (which may have no children)."""
     import multiprocessing
     import platform

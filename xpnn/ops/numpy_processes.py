@@ -1,5 +1,7 @@
 """Training passes with a batch cut in two pieces: one in this process, one in a forked worker.
 
+The NumPy backend's (``NumpyOps.process_pass``); the network holds the worker it returns.
+
 The threads of :mod:`xpnn.piecewise` share one GIL and hand work over in tens
 of microseconds, so on two cores a batch of 64 gains little from them. A
 worker *process* shares neither: :class:`PieceWorker` forks once with a copy
@@ -9,7 +11,7 @@ input and its gradients travel through shared arrays; the commands through a
 pipe (the worker sleeps between passes); its output and error and the sums
 that batch normalization and dropout need across the pieces (see
 :class:`xpnn.piecewise.PieceSlot`) through rings of messages in shared memory
-that the receiver polls (:mod:`xpnn._shared_memory`). Every trainable layer
+that the receiver polls (:mod:`xpnn.ops.shared_memory`). Every trainable layer
 then takes the sum of the two pieces' gradients and its optimizer steps once,
 as for threads: the numbers are those of a pass in one piece up to the order
 of floating-point sums, and dropout's mask comes from this process's random
@@ -36,7 +38,7 @@ import weakref
 
 import numpy as np
 
-from xpnn._shared_memory import MessageRing, SharedArrays
+from xpnn.ops.shared_memory import MessageRing, SharedArrays
 from xpnn.piecewise import backward_chain
 
 #: Seconds this process waits for the worker's answer before giving up.
@@ -46,6 +48,24 @@ WAIT_SECONDS = 600.0
 #: sleeping process takes 0.1-0.2 ms to wake here (two wake-ups a step).
 COMMAND_POLL_SECONDS = 0.005
 _SCALARS = (bool, int, float, str, type(None))
+
+
+def process_pass(layers, pieces, shape, dtype, worker):
+    """A :class:`ProcessPass` over ``pieces`` of a batch of ``shape`` and the worker it runs in.
+
+    ``worker`` (the last one, or None) is kept when it was made for these layers
+    and this piece shape, else closed and replaced. Returns ``(None, worker)``
+    when a layer's gradients are not all of weights/bias (see :func:`supports`).
+    """
+    if not supports(layers):
+        return None, worker
+    piece_shape = (pieces[1][1] - pieces[1][0],) + tuple(shape[1:])
+    key = layers_key(layers, piece_shape, dtype)
+    if worker is None or not worker.alive or worker.key != key:
+        if worker is not None:
+            worker.close()
+        worker = PieceWorker(layers, piece_shape, dtype)
+    return ProcessPass(worker, layers, pieces), worker
 
 
 def supports(layers):

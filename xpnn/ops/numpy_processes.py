@@ -7,11 +7,12 @@ of microseconds, so on two cores a batch of 64 gains little from them. A
 worker *process* shares neither: :class:`PieceWorker` forks once with a copy
 of the network's layers and then runs the second piece of every training
 pass, while this process runs the first. Parameters, the worker's piece of the
-input and its gradients travel through shared arrays; the commands through a
-pipe (the worker sleeps between passes); its output and error and the sums
-that batch normalization and dropout need across the pieces (see
-:class:`xpnn.piecewise.PieceSlot`) through rings of messages in shared memory
-that the receiver polls (:mod:`xpnn.ops.shared_memory`). Every trainable layer
+input and its gradients travel through shared arrays; the commands (the
+backward one with the worker's piece of the error) through a pipe, which the
+worker polls for a few milliseconds after each pass before it sleeps; its
+output and the sums that batch normalization and dropout need across the
+pieces (see :class:`xpnn.piecewise.PieceSlot`) through rings of messages in
+shared memory that the receiver polls (:mod:`xpnn.ops.shared_memory`). Every trainable layer
 then takes the sum of the two pieces' gradients and its optimizer steps once,
 as for threads: the numbers are those of a pass in one piece up to the order
 of floating-point sums, and dropout's mask comes from this process's random
@@ -210,11 +211,14 @@ class PieceWorker:
                     return
                 try:
                     if message[0] == "forward":
-                        replicas = self._forward(layers, replicas, *message[1:])
+                        # (The last pass's replicas go only once this one has made its own
+                        # caches: freed first, their memory went back to the system and
+                        # every new array paid its page faults again.)
+                        replicas = self._forward(layers, *message[1:])
                         self.send("done", self._output)
                     elif message[0] == "backward":
                         backward_chain(replicas[:message[2]], message[1])
-                        self._put_gradients(layers, replicas)
+                        self._put_gradients(replicas)
                         self.send("done", None)
                     else:
                         return
@@ -222,23 +226,21 @@ class PieceWorker:
                     self.send("error", _picklable(error))
                     return
 
-    def _forward(self, layers, previous, bounds, batch_size, settings):
+    def _forward(self, layers, bounds, batch_size, settings):
+        """Take the settings and parameters, run the worker's piece; returns the replicas."""
         for layer, values in zip(layers, settings):
             vars(layer).update(values)
         arrays = iter(self._parameters)
         for index, name in self._names:
             setattr(layers[index], name, next(arrays))
-        # The last pass's replicas go only once this pass has made its own caches: freed
-        # first, their memory went back to the system and every new array paid page faults.
         replicas = [_replica(layer, ProcessSlot(self, 1, bounds, batch_size)) for layer in layers]
         piece = np.array(self._input)
         for replica in replicas:
             piece = replica.forward(piece)
         self._output = piece
-        del previous
         return replicas
 
-    def _put_gradients(self, layers, replicas):
+    def _put_gradients(self, replicas):
         for shared, (index, name) in zip(self._gradients, self._names):
             shared[...] = getattr(replicas[index], "gradient_" + name)
 

@@ -74,7 +74,7 @@ class PiecewisePass:
         self.pieces = pieces
         self.output = None
         self._groups = [PieceGroup(pieces) for _ in layers]
-        self._replicas = [[_replica(layer, PieceSlot(group, index))
+        self._replicas = [[replica_in(PieceSlot(group, index), layer)
                            for layer, group in zip(layers, self._groups)]
                           for index in range(len(pieces))]
 
@@ -131,7 +131,8 @@ class PiecewisePass:
         return self.layers[0].backend.ops
 
 
-def _replica(layer, slot):
+def replica_in(slot, layer):
+    """``layer.replica()`` with ``slot`` as its ``piece``."""
     twin = layer.replica()
     twin.piece = slot
     return twin

@@ -40,7 +40,7 @@ import weakref
 import numpy as np
 
 from xpnn.ops.shared_memory import MessageRing, SharedArrays
-from xpnn.piecewise import backward_chain
+from xpnn.piecewise import backward_chain, replica_in
 
 #: Seconds this process waits for the worker's answer before giving up.
 WAIT_SECONDS = 600.0
@@ -233,7 +233,7 @@ class PieceWorker:
         arrays = iter(self._parameters)
         for index, name in self._names:
             setattr(layers[index], name, next(arrays))
-        replicas = [_replica(layer, ProcessSlot(self, 1, bounds, batch_size)) for layer in layers]
+        replicas = [replica_in(ProcessSlot(self, 1, bounds, batch_size), layer) for layer in layers]
         piece = np.array(self._input)
         for replica in replicas:
             piece = replica.forward(piece)
@@ -251,12 +251,6 @@ def _next_command(connection):
     while not connection.poll(0) and time.monotonic() < deadline:
         pass
     return connection.recv()
-
-
-def _replica(layer, slot):
-    twin = layer.replica()
-    twin.piece = slot
-    return twin
 
 
 def _picklable(error):
@@ -349,7 +343,7 @@ class ProcessPass:
         (first, middle), (_, last) = self.pieces
         ops = self.layers[0].backend.ops
         self.worker.start_forward(self.layers, tensor[middle:last, ...], (middle, last), last - first)
-        self._replicas = [_replica(layer, ProcessSlot(self.worker, 0, (first, middle), last - first))
+        self._replicas = [replica_in(ProcessSlot(self.worker, 0, (first, middle), last - first), layer)
                           for layer in self.layers]
         piece = tensor[first:middle, ...]
         with ops.one_part():

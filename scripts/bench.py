@@ -46,7 +46,7 @@ def parse_args(argv=None):
                              "with NumPy's BLAS held to as many")
     parser.add_argument("--processes", type=int, choices=(1, 2), default=None,
                         help="xpnn's CPU backend: 2 runs half of each training batch in a worker "
-                             "process (NumpyOps.processes; default: XPNN_PROCESSES, else 1)")
+                             "process (NumpyOps.processes; default: XPNN_PROCESSES, else 2 with 2 threads)")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-child", nargs=3, metavar=("FRAMEWORK", "VARIANT", "BATCH"),
@@ -132,7 +132,7 @@ class XpnnRunner:
         if threads is not None and hasattr(self.backend.ops, "threads"):
             self.backend.ops.threads = threads  # the CPU backend's own threads, like PyTorch's
         if hasattr(self.backend.ops, "processes"):  # (its default follows the thread count)
-            from xpnn.ops.numpy_ops import default_processes
+            from xpnn.ops.numpy_settings import default_processes
 
             self.backend.ops.processes = default_processes(self.backend.ops.threads) \
                 if processes is None else processes

@@ -62,6 +62,7 @@ from xpnn.ops.numpy_columns import (
     normalize_channels,
     normalize_piece,
     pool_quarters,
+    row_dots,
     same_width_integer,
     window_view,
     zero_padded)
@@ -465,7 +466,7 @@ class NumpyOps(Ops):
             c = slice(*part)
             if totals is None:  # (else computed below, before the sums over the pieces)
                 gradient_beta[c] = np.sum(rows[c], axis=1)
-                gradient_gamma[c] = np.sum(rows[c] * normalized[c], axis=1)
+                gradient_gamma[c] = row_dots(rows[c], normalized[c])
             scale = (gamma[c] * inverse_std[c])[:, None]
             if not batch_statistics:
                 np.multiply(rows[c], scale, out=gradient[c])
@@ -481,7 +482,7 @@ class NumpyOps(Ops):
             self._parallel(channels, self._parts(rows.shape[0], rows.size))
         else:  # the sums of every piece first (this runs on one of the pieces' threads)
             gradient_beta[...] = np.sum(rows, axis=1)
-            gradient_gamma[...] = np.sum(rows * normalized, axis=1)
+            gradient_gamma[...] = row_dots(rows, normalized)
             totals = all_sum(rows.shape[1], gradient_gamma, gradient_beta)
             channels((0, rows.shape[0]))
         return batch_outermost(np.reshape(gradient, errors.shape)), gradient_gamma, gradient_beta

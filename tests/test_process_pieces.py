@@ -215,6 +215,36 @@ def test_message_ring_keeps_order_wraps_around_and_sends_large_messages_by_pipe(
     assert child.exitcode == 0
 
 
+def test_message_ring_carries_arrays_of_every_kind_exactly():
+    # Arrays travel as (dtype, shape, bytes), not pickled: the same values, dtype, shape.
+    context = multiprocessing.get_context("fork")
+    to_child, to_parent = MessageRing(), MessageRing()
+    mine, theirs = context.Pipe()
+    child = context.Process(target=_echo, args=(to_child, to_parent, theirs), daemon=True)
+    child.start()
+    grid = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    values = (3, 2.5, None, np.float64(0.25), np.array(-0.0), np.array([np.nan, np.inf]),
+              grid, grid[:, ::2, ::-1], np.asfortranarray(grid[0]), np.array([True, False]),
+              np.arange(5, dtype=np.int64), (np.ones((0, 3)), ("nested", np.int8(7))))
+    to_child.post(("sum", values), mine, child.is_alive, 60)
+    kind, echoed = to_parent.take(mine, child.is_alive, 60)
+    to_child.post(None, mine, child.is_alive, 60)
+    child.join(timeout=10)
+    assert kind == "sum" and len(echoed) == len(values)
+    flat_sent = list(values[:-1]) + [values[-1][0], values[-1][1][1]]
+    flat_echoed = list(echoed[:-1]) + [echoed[-1][0], echoed[-1][1][1]]
+    assert echoed[-1][1][0] == "nested"
+    for sent, got in zip(flat_sent, flat_echoed):
+        assert type(got) is type(sent)
+        if isinstance(sent, np.ndarray):
+            assert got.dtype == sent.dtype and got.shape == sent.shape and got.flags.writeable
+            np.testing.assert_array_equal(got, sent)
+            if sent.dtype.kind == "f":  # (-0.0 keeps its sign)
+                np.testing.assert_array_equal(np.signbit(got), np.signbit(sent))
+        else:
+            assert got == sent
+
+
 class FailsHere(BaseLayer):
     """Identity, but a forward pass on the first piece of a batch (this process's) raises."""
 

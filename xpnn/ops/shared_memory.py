@@ -51,7 +51,7 @@ class MessageRing:
 
     def post(self, message, pipe, alive, timeout):
         """Append ``message``; waits (polling) while every slot is unread."""
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(_packed(message), protocol=pickle.HIGHEST_PROTOCOL)
         written = int(self._counters[0])
         _wait(lambda: written - int(self._counters[1]) < self.slots, alive, timeout)
         slot = written % self.slots
@@ -72,7 +72,30 @@ class MessageRing:
         length = int(self._lengths[slot])
         data = pipe.recv_bytes() if length < 0 else self._payload[slot, :length].tobytes()
         self._counters[1] = read + 1
-        return pickle.loads(data)
+        return _unpacked(pickle.loads(data))
+
+
+#: Marks an array packed by :func:`_packed` (messages are the library's own: sums, masks, errors).
+_ARRAY = "\x00xpnn-array"
+
+
+def _packed(value):
+    """``value`` with every NumPy array in it (through tuples) as a tuple of its dtype,
+    shape and bytes: pickling an array costs ~5 µs each way, that tuple well under 1."""
+    if type(value) is np.ndarray and not value.dtype.hasobject:
+        return _ARRAY, value.dtype.str, value.shape, value.tobytes()
+    if type(value) is tuple:
+        return tuple(_packed(entry) for entry in value)
+    return value
+
+
+def _unpacked(value):
+    """The inverse of :func:`_packed` (arrays come back writable, C-ordered)."""
+    if type(value) is tuple:
+        if len(value) == 4 and value[0] == _ARRAY:
+            return np.frombuffer(value[3], value[1]).reshape(value[2]).copy()
+        return tuple(_unpacked(entry) for entry in value)
+    return value
 
 
 def _wait(ready, alive, timeout):

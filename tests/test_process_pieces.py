@@ -6,8 +6,11 @@ the generic Ops never do. The numbers must be those of a pass in one piece
 included; the worker follows changes of the layers and ends with its network.
 """
 import copy
+import ctypes
+import ctypes.util
 import gc
 import multiprocessing
+import os
 import pickle
 
 import numpy as np
@@ -23,7 +26,7 @@ from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnec
 from xpnn.layers.base import BaseLayer
 from xpnn.losses import CrossEntropyLoss
 from xpnn.ops import Ops
-from xpnn.ops import numpy_ops, numpy_settings
+from xpnn.ops import numpy_ops, numpy_processes, numpy_settings
 from xpnn.optimizers import Sgd
 from xpnn.regularizers import L2_Regularizer
 from conftest import CyclingBatches
@@ -315,3 +318,58 @@ def test_moving_the_network_ends_its_worker(cpu64, monkeypatch):
     worker = net._worker
     net.to("cpu", "float32")
     assert net._worker is None and not worker.alive
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _page_faults(pid):
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[7])  # minflt
+
+
+def _freed_memory_in_child(connection):
+    """(resident bytes given back after freeing 16 MB) with glibc's documented defaults, then
+    after keep_freed_memory(); sent to the parent (this runs in a forked child)."""
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD: the defaults, whatever the
+    mallopt(-3, 128 * 1024)  # parent's allocator has done to them
+    given_back = []
+    for keep in (False, True):
+        if keep:
+            assert numpy_processes.keep_freed_memory()
+        array = np.ones(4 << 20, dtype=np.float32)  # 16 MB
+        peak = _resident_bytes()
+        del array
+        given_back.append(peak - _resident_bytes())
+    connection.send(given_back)
+
+
+@pytest.mark.skipif(not ctypes.util.find_library("c"), reason="no C library with mallopt here")
+def test_keep_freed_memory_keeps_a_freed_array_for_the_next_one():
+    parent_end, child_end = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_freed_memory_in_child, args=(child_end,))
+    child.start()
+    by_default, kept = parent_end.recv()
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert by_default > 8 << 20 and kept < 1 << 20
+
+
+def test_the_worker_keeps_its_memory_from_pass_to_pass(monkeypatch):
+    # LeNet at batch 64, float32: a pass frees arrays of MBs; the worker allocates them again
+    # without page faults (~100 a step with glibc's defaults).
+    from xpnn.models import lenet
+
+    with xpnn.use_backend("cpu", dtype="float32") as backend:
+        monkeypatch.setattr(backend.ops, "processes", 2)
+        net = lenet.build()
+        images = np.random.default_rng(0).random((2 * 64, 1, 28, 28), dtype=np.float32)
+        net.data_layer = CyclingBatches(images, np.eye(10, dtype=np.float32)[np.arange(128) % 10], 64)
+        net.train(3)
+        before = _page_faults(net._worker.pid)
+        net.train(4)
+        assert (_page_faults(net._worker.pid) - before) / 4 < 20
+        net._worker.close()

@@ -30,6 +30,8 @@ start a new worker (see :func:`layers_key`). A failure in either piece ends
 the worker; the next pass starts another. Linux on x86-64 only (``fork``, and
 the store order the message rings rely on).
 """
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
 import pickle
@@ -49,6 +51,10 @@ WAIT_SECONDS = 600.0
 #: sleeping process takes 0.1-0.2 ms to wake here (two wake-ups a step).
 COMMAND_POLL_SECONDS = 0.005
 _SCALARS = (bool, int, float, str, type(None))
+#: glibc's ``mallopt`` parameters (malloc.h) and the worker's values: freed memory is kept
+#: for the next pass (up to 1 GiB at the heap's top), arrays up to 32 MiB come from the heap.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_WORKER_MALLOC = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_MMAP_THRESHOLD, 32 << 20))
 
 
 def process_pass(layers, pieces, shape, dtype, worker):
@@ -199,6 +205,7 @@ class PieceWorker:
     def _serve(self, connection, layers):
         # Ctrl-C reaches the whole process group: this process's owner handles it (and ends us).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        keep_freed_memory()
         self._connection.close()  # this process's copy of the other end: EOF once that one goes
         self._connection, self._in_worker = connection, True
         ops = layers[0].backend.ops
@@ -243,6 +250,26 @@ class PieceWorker:
     def _put_gradients(self, replicas):
         for shared, (index, name) in zip(self._gradients, self._names):
             shared[...] = getattr(replicas[index], "gradient_" + name)
+
+
+def keep_freed_memory():
+    """In the worker: glibc's malloc keeps the memory a pass frees for the next pass.
+
+    By default glibc hands freed memory above a few MB back to the system, and
+    every pass then pays page faults for it again (~120 a LeNet step in each
+    process here). This is the worker's own process, so its allocator may be
+    told otherwise (the owner's, the user's process, is left alone); its
+    resident size stays at its peak. Measured on 2 cores, interleaved in one
+    process: the worker's page faults 110-130 -> 1-2 a LeNet step; the step
+    0.94-1.00 of its time at batch 64 (five runs, median 0.97), with batch
+    norm and dropout 0.99-1.02. Returns False where the C library has no
+    ``mallopt`` (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in _WORKER_MALLOC)
 
 
 def _next_command(connection):

@@ -40,6 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--settle", type=float, default=0.1,
+                        help="seconds of quiet before each timed run (not timed): the other framework's "
+                             "idle threads or worker may still spin for a few ms")
     parser.add_argument("--iterations", type=int, default=30, help="training iterations per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads for both: PyTorch's intra-op threads; xpnn's CPU ops (NumpyOps.threads) "
@@ -173,14 +176,22 @@ def synthetic_data(count=INFERENCE_IMAGES, seed=0):
 
 # -- timing -------------------------------------------------------------------
 
-def _time(function, *args):
+def _time(function, *args, settle=0.0):
+    """Seconds ``function(*args)`` takes, after ``settle`` seconds of quiet (not timed)."""
+    time.sleep(settle)
     start = time.perf_counter()
     function(*args)
     return time.perf_counter() - start
 
 
-def compare(xpnn_runner, torch_runner, rounds, iterations):
-    """Alternate xpnn and PyTorch; return per-round ms/iteration and inference seconds."""
+def compare(xpnn_runner, torch_runner, rounds, iterations, settle=0.0):
+    """Alternate xpnn and PyTorch; return per-round ms/iteration and inference seconds.
+
+    Each timed run starts after ``settle`` seconds: the framework that ran before
+    may still keep a core busy for a few milliseconds (PyTorch's OpenMP threads
+    spin after their last parallel region, ~10 ms here; xpnn's worker process
+    polls 5 ms for its next command), and that time belongs to neither.
+    """
     for runner in (xpnn_runner, torch_runner):  # warm-up: allocations, caches, lazy init
         runner.train(3)
         runner.infer()
@@ -189,7 +200,8 @@ def compare(xpnn_runner, torch_runner, rounds, iterations):
         order = (xpnn_runner, torch_runner) if round_index % 2 == 0 else (torch_runner, xpnn_runner)
         times = {}
         for runner in order:
-            times[runner] = (_time(runner.train, iterations) / iterations * 1e3, _time(runner.infer))
+            times[runner] = (_time(runner.train, iterations, settle=settle) / iterations * 1e3,
+                             _time(runner.infer, settle=settle))
         rows.append({"xpnn_ms": times[xpnn_runner][0], "torch_ms": times[torch_runner][0],
                      "xpnn_infer_s": times[xpnn_runner][1], "torch_infer_s": times[torch_runner][1]})
     return rows
@@ -356,7 +368,7 @@ def measure(args, torch):
     results = {"machine": machine_description(torch, args.backend), "backend": args.backend,
                "memory": ("peak GPU memory in use (CuPy pool / torch.cuda.max_memory_allocated)"
                           if _torch_device(args.backend) == "cuda" else "peak resident memory"),
-               "rounds": args.rounds, "iterations": args.iterations, "runs": []}
+               "rounds": args.rounds, "iterations": args.iterations, "settle_s": args.settle, "runs": []}
     print(f"{'variant':18} {'batch':>5} {'xpnn ms':>8} {'torch ms':>8} {'ratio':>6} {'spread':>11}"
           f" {'infer x/t s':>13} {'ratio':>6} {'peak MiB x/t':>13}")
     for variant in args.variants:
@@ -366,7 +378,8 @@ def measure(args, torch):
             xpnn_runner = XpnnRunner(args.backend, variant, batch_size, images, labels, args.threads,
                                      args.processes)
             torch_runner = TorchRunner(torch, _torch_device(args.backend), variant, batch_size, images, labels)
-            summary = summarize(compare(xpnn_runner, torch_runner, args.rounds, args.iterations), batch_size)
+            summary = summarize(compare(xpnn_runner, torch_runner, args.rounds, args.iterations,
+                                        args.settle), batch_size)
             summary.update(variant=variant, batch_size=batch_size)
             if not args.skip_memory:
                 summary["xpnn_peak_mib"] = peak_memory_mib("xpnn", variant, batch_size, args)

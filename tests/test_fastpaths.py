@@ -104,7 +104,7 @@ def test_conv_forward_and_backward_match_generic(numpy_pair, shape, kernel_shape
 @pytest.mark.parametrize("shape, kernel_shape, strides", CONV_CASES, ids=CONV_IDS)
 def test_testing_phase_conv_forward_in_row_blocks_matches_generic(numpy_pair, monkeypatch, shape,
                                                                kernel_shape, strides, rows_per_block):
-    import xpnn.ops.numpy_ops as numpy_ops
+    import xpnn.ops.numpy_conv as numpy_conv
 
     fast, generic, dtype = numpy_pair
     # Blocks of one or two output rows (an odd row count leaves a short last block):
@@ -112,7 +112,7 @@ def test_testing_phase_conv_forward_in_row_blocks_matches_generic(numpy_pair, mo
     output_columns = -(-shape[3] // strides[1]) if len(shape) == 4 else 1
     row_bytes = (shape[1] * math.prod(kernel_shape) * output_columns * shape[0]
                  * np.dtype(dtype).itemsize)
-    monkeypatch.setattr(numpy_ops, "BLOCK_BYTES", rows_per_block * row_bytes)
+    monkeypatch.setattr(numpy_conv, "BLOCK_BYTES", rows_per_block * row_bytes)
     weights = _random((4, shape[1]) + kernel_shape, dtype, seed=1)
     bias = _random((4,), dtype, seed=2)
     x = _random(shape, dtype)

@@ -1,10 +1,11 @@
 """Batch-innermost building blocks of the CPU fast paths in :mod:`xpnn.ops.numpy_ops`.
 
-Plain NumPy functions and small classes with no threads: the geometry of a
+Plain NumPy functions and small classes with no threads: the turn between the
+public ``(b, c, ...)`` shape and the batch-innermost layout, the geometry of a
 "same" convolution on a ``(c, y, x, b)`` array, its window view (im2col) and
 adjoint (col2im), the quarters of 2x2 pooling windows, batch-norm arithmetic
 on ``(c, y*x*b)`` rows, and the opaque cache types the fast paths hand to
-layers. ``numpy_ops`` decides how the work is split over threads.
+layers. ``numpy_ops`` and ``numpy_conv`` decide how the work is split over threads.
 """
 import functools
 
@@ -17,6 +18,16 @@ from xpnn.ops.windows import same_padding, window_output_shape
 def same_width_integer(dtype):
     """The signed integer type as wide as a float type (int32 for float32)."""
     return np.dtype(f"int{np.dtype(dtype).itemsize * 8}")
+
+
+def batch_innermost(x):
+    """``(b, c, *spatial)`` -> a C-contiguous ``(c, *spatial, b)`` (free for our own views)."""
+    return np.ascontiguousarray(np.transpose(x, tuple(range(1, x.ndim)) + (0,)))
+
+
+def batch_outermost(t):
+    """``(c, *spatial, b)`` -> a ``(b, c, *spatial)`` view (no copy)."""
+    return np.transpose(t, (t.ndim - 1,) + tuple(range(t.ndim - 1)))
 
 
 def channel_index(part):

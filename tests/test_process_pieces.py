@@ -26,7 +26,7 @@ from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnec
 from xpnn.layers.base import BaseLayer
 from xpnn.losses import CrossEntropyLoss
 from xpnn.ops import Ops
-from xpnn.ops import numpy_ops, numpy_processes, numpy_settings
+from xpnn.ops import numpy_ops, numpy_settings, piece_worker
 from xpnn.optimizers import Sgd
 from xpnn.regularizers import L2_Regularizer
 from conftest import CyclingBatches
@@ -339,7 +339,7 @@ def _freed_memory_in_child(connection):
     given_back = []
     for keep in (False, True):
         if keep:
-            assert numpy_processes.keep_freed_memory()
+            assert piece_worker.keep_freed_memory()
         array = np.ones(4 << 20, dtype=np.float32)  # 16 MB
         peak = _resident_bytes()
         del array

@@ -1,0 +1,290 @@
+"""The worker process of a training pass cut in two (see :mod:`xpnn.ops.numpy_processes`).
+
+:class:`PieceWorker` is both ends of the channel to a forked process holding
+copies of the network's layers: this process hands over the parameters, the
+worker's piece of the input and the commands; the worker runs its piece and
+hands back its output and gradients. :class:`ProcessSlot` is a replica's
+place in the pass (batch norm's sums and dropout's mask cross through it).
+:func:`layers_key` says what a worker was made for; each pass the worker's
+copies take the layers' public settings (:func:`_settings`) and parameters.
+"""
+import ctypes
+import ctypes.util
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+import weakref
+
+import numpy as np
+
+from xpnn.ops.shared_memory import MessageRing, SharedArrays
+from xpnn.piecewise import backward_chain, replica_in
+
+#: Seconds this process waits for the worker's answer before giving up.
+WAIT_SECONDS = 600.0
+#: Seconds the worker keeps polling for its next command before it sleeps on the pipe: the
+#: backward pass and the next step come within a millisecond or so while training, and a
+#: sleeping process takes 0.1-0.2 ms to wake here (two wake-ups a step).
+COMMAND_POLL_SECONDS = 0.005
+_SCALARS = (bool, int, float, str, type(None))
+#: glibc's ``mallopt`` parameters (malloc.h) and the worker's values: freed memory is kept
+#: for the next pass (up to 1 GiB at the heap's top), arrays up to 32 MiB come from the heap.
+#: Both, always: setting one turns glibc's adaptive thresholds off, and the trim threshold
+#: alone (``MALLOC_TRIM_THRESHOLD_`` for a whole benchmark process) left every array over
+#: 128 KiB mapped and unmapped afresh: both frameworks 2x slower.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_WORKER_MALLOC = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_MMAP_THRESHOLD, 32 << 20))
+
+def layers_key(layers, piece_shape, dtype):
+    """What a worker was made for: these layers, their parameters' shapes, the piece's shape."""
+    shapes = tuple((name, tuple(array.shape)) for name, array in _parameters(layers))
+    return tuple(id(layer) for layer in layers), shapes, tuple(piece_shape), str(dtype)
+
+
+def _settings(layers):
+    """Every layer's public attributes that are numbers, strings, None or tuples of those: its
+    settings (e.g. a dropout probability), which the worker's copies take before each pass."""
+    return [{name: value for name, value in vars(layer).items()
+             if not name.startswith("_") and _is_setting(value)} for layer in layers]
+
+
+def _is_setting(value):
+    """A number, string, None, or a tuple of those (e.g. a stride): not an array or object."""
+    if isinstance(value, tuple):
+        return all(isinstance(entry, _SCALARS) for entry in value)
+    return isinstance(value, _SCALARS)
+
+
+def _parameters(layers):
+    """``(name, array)`` of every parameter that has a gradient: ``weights``/``bias`` per layer."""
+    found = []
+    for index, layer in enumerate(layers):
+        if not layer.trainable:
+            continue
+        for name in ("weights", "bias"):
+            if getattr(layer, name, None) is not None and "gradient_" + name in layer.gradient_names:
+                found.append(((index, name), getattr(layer, name)))
+    return found
+
+
+class PieceWorker:
+    """A forked process with copies of ``layers`` that runs piece 1 of each training pass.
+
+    Parameters
+    ----------
+    layers : list
+        The network's layers (all ``runs_in_pieces``).
+    piece_shape : tuple
+        Shape of the worker's piece of the input.
+    dtype : dtype
+        The backend's float dtype (shared arrays).
+    """
+
+    def __init__(self, layers, piece_shape, dtype):
+        self.key = layers_key(layers, piece_shape, dtype)
+        self._names = [name for name, _ in _parameters(layers)]
+        shapes = [tuple(array.shape) for _, array in _parameters(layers)]
+        self._parameters = SharedArrays(shapes, dtype).arrays
+        self._gradients = SharedArrays(shapes, dtype).arrays
+        self._input = SharedArrays([piece_shape], dtype).arrays[0]
+        self._to_worker, self._to_main = MessageRing(), MessageRing()
+        self._in_worker = False
+        self._parent = os.getpid()
+        context = multiprocessing.get_context("fork")
+        self._connection, worker_end = context.Pipe()
+        self._process = context.Process(target=self._serve, args=(worker_end, layers),
+                                        name="xpnn-piece-worker", daemon=True)
+        self._process.start()
+        worker_end.close()
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._connection)
+
+    @property
+    def pid(self):
+        """The worker process's id."""
+        return self._process.pid
+
+    @property
+    def alive(self):
+        return self._finalizer.alive and self._process.is_alive()
+
+    def close(self):
+        """End the worker process (also done when this object is collected or Python exits)."""
+        self._finalizer()
+
+    # -- this process's side -------------------------------------------------------
+    def start_forward(self, layers, piece, bounds, batch_size):
+        """Hand the current parameters and the worker's ``piece`` over; it starts its forward pass."""
+        for shared, (_, array) in zip(self._parameters, _parameters(layers)):
+            shared[...] = array
+        self._input[...] = piece
+        self._connection.send(("forward", bounds, batch_size, _settings(layers)))
+
+    def start_backward(self, error, stop):
+        """Hand the worker its piece of the error of layer ``stop - 1``'s output."""
+        self._connection.send(("backward", np.ascontiguousarray(error), stop))
+
+    def gradients(self, index):
+        """The worker's gradients of layer ``index`` after a backward pass, by name."""
+        return {"gradient_" + name: array for (layer, name), array in zip(self._names, self._gradients)
+                if layer == index}
+
+    def send(self, kind, value):
+        """A message to the other process of the pass (from either side)."""
+        ring = self._to_main if self._in_worker else self._to_worker
+        ring.post((kind, value), self._connection, self._other_alive, WAIT_SECONDS)
+
+    def receive(self, expected):
+        """The other process's next message, which must be of kind ``expected``.
+
+        A failure the worker reports is raised here (in this process).
+        """
+        ring = self._to_worker if self._in_worker else self._to_main
+        try:
+            kind, value = ring.take(self._connection, self._other_alive, WAIT_SECONDS)
+        except (EOFError, OSError):
+            raise RuntimeError("the piece worker process ended unexpectedly") from None
+        if kind == "error":
+            raise value
+        if kind != expected:
+            raise RuntimeError(f"piece worker: {kind!r} came where {expected!r} was due")
+        return value
+
+    def _other_alive(self):
+        if self._in_worker:
+            return os.getppid() == self._parent
+        return self._process.is_alive()
+
+    # -- the worker's side (in the forked process) ----------------------------------
+    def _serve(self, connection, layers):
+        # Ctrl-C reaches the whole process group: this process's owner handles it (and ends us).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        keep_freed_memory()
+        self._connection.close()  # this process's copy of the other end: EOF once that one goes
+        self._connection, self._in_worker = connection, True
+        ops = layers[0].backend.ops
+        replicas = None
+        with ops.one_part():
+            while True:
+                try:
+                    message = _next_command(connection)
+                except (EOFError, OSError):
+                    return
+                try:
+                    if message[0] == "forward":
+                        # (The last pass's replicas go only once this one has made its own
+                        # caches: freed first, their memory went back to the system and
+                        # every new array paid its page faults again.)
+                        replicas = self._forward(layers, *message[1:])
+                        self.send("done", self._output)
+                    elif message[0] == "backward":
+                        backward_chain(replicas[:message[2]], message[1])
+                        self._put_gradients(replicas)
+                        self.send("done", None)
+                    else:
+                        return
+                except BaseException as error:  # handed over; this worker's state is now unknown
+                    self.send("error", _picklable(error))
+                    return
+
+    def _forward(self, layers, bounds, batch_size, settings):
+        """Take the settings and parameters, run the worker's piece; returns the replicas."""
+        for layer, values in zip(layers, settings):
+            vars(layer).update(values)
+        arrays = iter(self._parameters)
+        for index, name in self._names:
+            setattr(layers[index], name, next(arrays))
+        replicas = [replica_in(ProcessSlot(self, 1, bounds, batch_size), layer) for layer in layers]
+        piece = np.array(self._input)
+        for replica in replicas:
+            piece = replica.forward(piece)
+        self._output = piece
+        return replicas
+
+    def _put_gradients(self, replicas):
+        for shared, (index, name) in zip(self._gradients, self._names):
+            shared[...] = getattr(replicas[index], "gradient_" + name)
+
+
+def keep_freed_memory():
+    """In the worker: glibc's malloc keeps the memory a pass frees for the next pass.
+
+    By default glibc hands freed memory above a few MB back to the system, and
+    every pass then pays page faults for it again (~120 a LeNet step in each
+    process here). This is the worker's own process, so its allocator may be
+    told otherwise (the owner's, the user's process, is left alone); its
+    resident size stays at its peak. Measured on 2 cores, interleaved in one
+    process: the worker's page faults 110-130 -> 1-2 a LeNet step; the step
+    0.94-1.00 of its time at batch 64 (five runs, median 0.97), with batch
+    norm and dropout 0.99-1.02. Returns False where the C library has no
+    ``mallopt`` (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in _WORKER_MALLOC)
+
+
+def _next_command(connection):
+    """The next command on ``connection``: polled for a while, then waited for asleep."""
+    deadline = time.monotonic() + COMMAND_POLL_SECONDS
+    while not connection.poll(0) and time.monotonic() < deadline:
+        pass
+    return connection.recv()
+
+
+def _picklable(error):
+    """``error`` if it survives pickling, else a RuntimeError carrying its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # an exception type that cannot be rebuilt in the other process
+        return RuntimeError(f"in the piece worker: {error!r}")
+
+
+def _stop(process, connection):
+    """Ask the worker to end; one stuck in a pass (this process failed in its piece) is ended."""
+    try:
+        connection.send(("stop", None))
+    except (OSError, ValueError):
+        pass
+    process.join(timeout=0.5)  # an idle worker reads "stop" at once
+    if process.is_alive():
+        process.terminate()
+        process.join(timeout=5)
+    connection.close()
+
+
+class ProcessSlot:
+    """Like :class:`xpnn.piecewise.PieceSlot`, for a piece in one of two processes.
+
+    Attributes
+    ----------
+    bounds : (start, stop)
+        The piece's rows of the whole batch.
+    batch_size : int
+        Samples in the whole batch.
+    """
+
+    def __init__(self, worker, index, bounds, batch_size):
+        self._worker = worker
+        self._index = index  # 0: this process, 1: the worker
+        self.bounds = bounds
+        self.batch_size = batch_size
+
+    def all_sum(self, *values):
+        """Each of ``values`` summed over both pieces, piece 0's first (the same bits in both)."""
+        self._worker.send("sum", values)
+        if self._index == 0:  # (sums in piece order: both processes get the same bits)
+            return tuple(mine + theirs for mine, theirs in zip(values, self._worker.receive("sum")))
+        return tuple(theirs + mine for mine, theirs in zip(values, self._worker.receive("sum")))
+
+    def shared(self, key, make):
+        """``make()`` in piece 0's process (its random stream), handed to the other piece."""
+        if self._index == 0:
+            value = make()
+            self._worker.send("shared", value)
+            return value
+        return self._worker.receive("shared")

@@ -12,13 +12,14 @@ import gc
 import multiprocessing
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
 
 import xpnn
 from xpnn import NeuralNetwork
-from xpnn.ops.shared_memory import MessageRing
+from xpnn.ops.shared_memory import MessageRing, SharedArrays
 from xpnn.backend import make_backend
 from xpnn.initializers import Constant, He
 from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnected, Pooling,
@@ -103,6 +104,96 @@ def test_two_processes_train_like_one_piece(cpu64, monkeypatch):
     cut = _train(cpu64, monkeypatch, processes=2)
     assert whole._worker is None and cut._worker is not None and cut._worker.alive
     assert cut.layers[0]._cache is None  # the replicas ran the pieces, not the layers
+    _assert_same_training(cut, whole)
+
+
+class CountingBatches(CyclingBatches):
+    """Counts ``next()``; raises ``fail_at``'s error on that call (1-based) when given."""
+
+    def __init__(self, images, labels, batch_size, fail_at=None):
+        super().__init__(images, labels, batch_size)
+        self.calls, self.fail_at = 0, fail_at
+
+    def next(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise StopIteration("CountingBatches: no more data")
+        return super().next()
+
+
+def _counting(net, images_count=3 * BATCH, fail_at=None):
+    images = np.random.default_rng(0).random((images_count, 1, 8, 8))
+    labels = np.eye(4)[np.random.default_rng(1).integers(0, 4, images_count)]
+    net.data_layer = CountingBatches(images, labels, BATCH, fail_at)
+    return net
+
+
+class SlowSgd(Sgd):
+    """Sgd that takes its time: the worker, started ahead, must wait for each layer's update."""
+
+    def calculate_update(self, weight_tensor, gradient_tensor):
+        time.sleep(0.01)
+        return super().calculate_update(weight_tensor, gradient_tensor)
+
+
+def _slow(net):
+    for layer in net.layers:
+        if layer.trainable:
+            layer.optimizer = SlowSgd(0.05)
+            layer.optimizer.add_regularizer(L2_Regularizer(1e-3))
+    return net
+
+
+def test_train_takes_each_batch_once_and_equals_steps_one_by_one(cpu64, monkeypatch):
+    # In two processes train() takes the next batch during the backward pass and the worker
+    # starts on it (and goes into its own backward pass) while this process still updates
+    # the parameters (slowly here); the numbers and the batches taken are those of
+    # forward() / backward() one step at a time.
+    monkeypatch.setattr(cpu64.ops, "processes", 2)
+    xpnn.seed(5)
+    ahead = _counting(_slow(_net()))
+    ahead.train(5)
+    monkeypatch.setattr(cpu64.ops, "processes", 1)
+    xpnn.seed(5)
+    one_by_one = _counting(_slow(_net()))
+    for _ in range(5):
+        one_by_one.loss.append(one_by_one.forward())
+        one_by_one.backward()
+    assert ahead.data_layer.calls == one_by_one.data_layer.calls == 5
+    _assert_same_training(ahead, one_by_one)
+
+
+def test_a_short_batch_and_a_loss_of_your_own_train_as_one_piece(cpu64, monkeypatch):
+    # A short last batch (no worker for it, none started ahead) and a CrossEntropyLoss
+    # subclass (the worker waits for this process's error instead of computing its own).
+    class MyLoss(CrossEntropyLoss):
+        pass
+
+    def trained(processes):
+        monkeypatch.setattr(cpu64.ops, "processes", processes)
+        xpnn.seed(5)
+        net = _counting(_net(), images_count=3 * BATCH + 10)
+        net.train(5)  # batches of 64, 64, 64, 10, 64
+        net.loss_layer = MyLoss()
+        net.train(3)
+        return net
+
+    _assert_same_training(trained(2), trained(1))
+
+
+def test_a_data_layer_failing_during_train_fails_where_it_would_have(cpu64, monkeypatch):
+    # train() takes batch 4 early, in step 3's backward pass; its failure must not stop step
+    # 3's update and is raised by step 4's forward pass, as without taking it early.
+    def trained(processes):
+        monkeypatch.setattr(cpu64.ops, "processes", processes)
+        xpnn.seed(5)
+        net = _counting(_net(), fail_at=4)
+        with pytest.raises(StopIteration, match="no more data"):
+            net.train(6)
+        return net
+
+    cut, whole = trained(2), trained(1)
+    assert len(cut.loss) == len(whole.loss) == 3 and cut.data_layer.calls == 4
     _assert_same_training(cut, whole)
 
 
@@ -325,11 +416,6 @@ def _resident_bytes():
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _page_faults(pid):
-    with open(f"/proc/{pid}/stat") as handle:
-        return int(handle.read().rsplit(")", 1)[1].split()[7])  # minflt
-
-
 def _freed_memory_in_child(connection):
     """(resident bytes given back after freeing 16 MB) with glibc's documented defaults, then
     after keep_freed_memory(); sent to the parent (this runs in a forked child)."""
@@ -358,18 +444,18 @@ def test_keep_freed_memory_keeps_a_freed_array_for_the_next_one():
     assert by_default > 8 << 20 and kept < 1 << 20
 
 
-def test_the_worker_keeps_its_memory_from_pass_to_pass(monkeypatch):
-    # LeNet at batch 64, float32: a pass frees arrays of MBs; the worker allocates them again
-    # without page faults (~100 a step with glibc's defaults).
-    from xpnn.models import lenet
+def test_the_worker_keeps_the_memory_it_frees(cpu64, monkeypatch):
+    # The worker (forked from this process, with this module as patched here) calls
+    # keep_freed_memory() first thing, and it succeeds; what it does is checked above.
+    called = SharedArrays([(1,)], np.int64).arrays[0]
 
-    with xpnn.use_backend("cpu", dtype="float32") as backend:
-        monkeypatch.setattr(backend.ops, "processes", 2)
-        net = lenet.build()
-        images = np.random.default_rng(0).random((2 * 64, 1, 28, 28), dtype=np.float32)
-        net.data_layer = CyclingBatches(images, np.eye(10, dtype=np.float32)[np.arange(128) % 10], 64)
-        net.train(3)
-        before = _page_faults(net._worker.pid)
-        net.train(4)
-        assert (_page_faults(net._worker.pid) - before) / 4 < 20
-        net._worker.close()
+    def recording():
+        kept = keep_freed_memory()
+        called[0] = 1 if kept else -1
+        return kept
+
+    keep_freed_memory = piece_worker.keep_freed_memory
+    monkeypatch.setattr(piece_worker, "keep_freed_memory", recording)
+    net = _train(cpu64, monkeypatch, processes=2, steps=1)
+    assert int(called[0]) == 1
+    net._worker.close()

@@ -51,10 +51,14 @@ class NeuralNetwork:
         self._order = None  # the layers in the order the last forward ran them
         self._piecewise = None  # the last training forward's PiecewisePass, if it ran in pieces
         self._worker = None  # the backend's worker process for passes in processes, once started
+        self._in_train = False  # inside train(): a backward pass follows every forward pass
+        self._ahead = False  # inside train(), and another step follows this one
+        self._next_batch = None  # the next batch, when train() took it early (see backward)
 
     def __getstate__(self):
         # A pass in pieces holds replicas and their caches, a worker is a process: not the model.
-        return {**self.__dict__, "_piecewise": None, "_worker": None, "_order": None}
+        return {**self.__dict__, "_piecewise": None, "_worker": None, "_order": None,
+                "_next_batch": None, "_in_train": False, "_ahead": False}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -62,6 +66,8 @@ class NeuralNetwork:
         self.__dict__.setdefault("_worker", None)
         self.__dict__.setdefault("_order", None)
         self.__dict__.setdefault("pool_before_relu", True)
+        for name in ("_in_train", "_ahead", "_next_batch"):
+            self.__dict__.setdefault(name, None if name == "_next_batch" else False)
 
     @property
     def phase(self):
@@ -82,16 +88,20 @@ class NeuralNetwork:
         layer.testing_phase = self._testing_phase
         self.layers.append(layer)
 
-    def _run_layers(self, input_tensor):
+    def _run_layers(self, input_tensor, labels=None):
         """Every layer's forward in turn (in :func:`run_order`); in training, on pieces of the
-        batch where the backend cuts it."""
+        batch where the backend cuts it (``labels``: see :meth:`_labels_ahead`)."""
         layers = self._order = run_order(self.layers) if self.pool_before_relu else list(self.layers)
         if not self._testing_phase:  # (testing runs its own pieces, on helper threads: see test)
             pass_in_pieces = self._piecewise_pass(input_tensor, layers)
             if pass_in_pieces is not None:
                 # The last pass (its replicas' caches) goes only once this one has run: freed
                 # first, its memory went back to the system and the new arrays paid page faults.
-                output = pass_in_pieces.forward(self.backend.asarray(input_tensor, dtype=self.backend.dtype))
+                tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
+                if getattr(pass_in_pieces, "runs_ahead", False):
+                    output = pass_in_pieces.forward(tensor, labels)
+                else:
+                    output = pass_in_pieces.forward(tensor)
                 self._piecewise = pass_in_pieces
                 return output
             self._piecewise = None
@@ -124,9 +134,34 @@ class NeuralNetwork:
 
     def forward(self):
         """Pull the next batch, run every layer and the loss; return data + regularization loss."""
-        input_tensor, self.label_tensor = self.data_layer.next()
-        prediction = self._run_layers(input_tensor)
+        batch, self._next_batch = self._next_batch, None
+        if isinstance(batch, _FailedBatch):
+            raise batch.error  # where it would have been raised had it not been taken early
+        input_tensor, self.label_tensor = batch if batch is not None else self.data_layer.next()
+        prediction = self._run_layers(input_tensor, self._labels_ahead())
         return self.loss_layer.forward(prediction, self.label_tensor) + self.regularization_loss()
+
+    def _labels_ahead(self):
+        """The labels, for a pass in pieces to start each piece's backward pass by itself:
+        inside :meth:`train` with a plain SoftMax last and a plain CrossEntropyLoss (the
+        fused gradient of a row is that row's alone); else None."""
+        if (self._in_train and self.layers and type(self.layers[-1]) is SoftMax
+                and type(self.loss_layer) is CrossEntropyLoss):
+            return self.label_tensor
+        return None
+
+    def _following(self):
+        """Inside :meth:`train`, when another step follows and the pass can start on it
+        while this one updates the parameters: the next batch, taken now (the next
+        :meth:`forward` uses it); else None."""
+        if not (self._ahead and getattr(self._piecewise, "runs_ahead", False)):
+            return None
+        try:
+            self._next_batch = self.data_layer.next()
+        except Exception as error:  # raised by the next forward, as without taking it early
+            self._next_batch = _FailedBatch(error)
+            return None
+        return self._next_batch
 
     def backward(self):
         """Propagate the loss gradient down through every layer (updating parameters)."""
@@ -138,7 +173,9 @@ class NeuralNetwork:
             layers = layers[:-1]
         else:
             error_tensor = self.loss_layer.backward(self.label_tensor)
-        if self._piecewise is not None:
+        if getattr(self._piecewise, "runs_ahead", False):
+            self._piecewise.backward(error_tensor, len(layers), self._following())
+        elif self._piecewise is not None:
             self._piecewise.backward(error_tensor, len(layers))
         else:
             backward_chain(layers, error_tensor)
@@ -153,12 +190,23 @@ class NeuralNetwork:
                 and prediction is not None and prediction is self.loss_layer.prediction_tensor)
 
     def train(self, iterations):
-        """Run ``iterations`` forward/backward passes in training phase, recording the loss."""
+        """Run ``iterations`` forward/backward passes in training phase, recording the loss.
+
+        The data layer's ``next()`` is called once per iteration; a pass in a
+        worker process (the NumPy backend on 2 cores) takes the next batch
+        already during the backward pass, before the parameters are updated,
+        and starts on it meanwhile.
+        """
         self.phase = False
+        count = int(iterations)
         with self.backend.ops.compute_scope():
-            for _ in range(int(iterations)):
-                self.loss.append(self.forward())
-                self.backward()
+            try:
+                for step in range(count):
+                    self._in_train, self._ahead = True, step + 1 < count
+                    self.loss.append(self.forward())
+                    self.backward()
+            finally:
+                self._in_train = self._ahead = False
 
     def test(self, input_tensor):
         """Run the layers in testing phase; returns the last layer's output (SoftMax)."""
@@ -193,6 +241,13 @@ class NeuralNetwork:
     def backend(self):
         """The backend of the first layer (the current backend for an empty network)."""
         return self.layers[0].backend if self.layers else get_backend()
+
+
+class _FailedBatch:
+    """The data layer's failure to give the batch that :meth:`NeuralNetwork.train` took early."""
+
+    def __init__(self, error):
+        self.error = error
 
 
 def run_order(layers):

@@ -19,7 +19,8 @@ import weakref
 
 import numpy as np
 
-from xpnn.ops.shared_memory import MessageRing, SharedArrays
+from xpnn.losses import CrossEntropyLoss
+from xpnn.ops.shared_memory import MessageRing, SharedArrays, wait_until
 from xpnn.piecewise import backward_chain, replica_in
 
 #: Seconds this process waits for the worker's answer before giving up.
@@ -89,6 +90,14 @@ class PieceWorker:
         self._parameters = SharedArrays(shapes, dtype).arrays
         self._gradients = SharedArrays(shapes, dtype).arrays
         self._input = SharedArrays([piece_shape], dtype).arrays[0]
+        # Per layer: the number of the last forward pass whose parameters it holds (see publish).
+        self._ready = SharedArrays([(len(layers),)], np.int64).arrays[0]
+        self._passes = 0
+        #: True while the worker runs a forward pass for a batch this process has not
+        #: started yet (see :meth:`start_forward`'s ``ahead``).
+        self.ahead = False
+        #: True when the worker goes on into its backward pass by itself (see start_forward).
+        self.speculative = False
         self._to_worker, self._to_main = MessageRing(), MessageRing()
         self._in_worker = False
         self._parent = os.getpid()
@@ -114,12 +123,34 @@ class PieceWorker:
         self._finalizer()
 
     # -- this process's side -------------------------------------------------------
-    def start_forward(self, layers, piece, bounds, batch_size):
-        """Hand the current parameters and the worker's ``piece`` over; it starts its forward pass."""
-        for shared, (_, array) in zip(self._parameters, _parameters(layers)):
-            shared[...] = array
+    def start_forward(self, layers, piece, bounds, batch_size, labels=None, stop=None, ahead=False):
+        """Hand the worker's ``piece`` over (and the parameters); it starts its forward pass.
+
+        With ``labels`` (its rows of the one-hot labels) the worker goes on
+        into its backward pass without waiting for the error: the gradient of
+        SoftMax + cross-entropy of a row is that row's alone (the same values
+        :meth:`xpnn.losses.CrossEntropyLoss.backward_through_softmax` gives),
+        down through ``layers[:stop]``. With ``ahead`` the parameters are not
+        handed over now: this process is still updating them, and
+        :meth:`publish` hands over each layer's as soon as it is updated; the
+        worker waits for them layer by layer.
+        """
+        self._passes += 1
+        if not ahead:
+            for shared, (_, array) in zip(self._parameters, _parameters(layers)):
+                shared[...] = array
+            self._ready[...] = self._passes
         self._input[...] = piece
-        self._connection.send(("forward", bounds, batch_size, _settings(layers)))
+        self.ahead, self.speculative = ahead, labels is not None
+        self._connection.send(("forward", bounds, batch_size, _settings(layers), self._passes,
+                               None if labels is None else np.asarray(labels), stop))
+
+    def publish(self, layers, index):
+        """Hand over layer ``index``'s parameters for the forward pass started ``ahead``."""
+        for shared, (layer, name) in zip(self._parameters, self._names):
+            if layer == index:
+                shared[...] = getattr(layers[index], name)
+        self._ready[index] = self._passes
 
     def start_backward(self, error, stop):
         """Hand the worker its piece of the error of layer ``stop - 1``'s output."""
@@ -176,20 +207,22 @@ class PieceWorker:
                         # (The last pass's replicas go only once this one has made its own
                         # caches: freed first, their memory went back to the system and
                         # every new array paid its page faults again.)
-                        replicas = self._forward(layers, *message[1:])
+                        replicas = self._forward(layers, *message[1:5])
                         self.send("done", self._output)
+                        labels, stop = message[5:7]
+                        if labels is not None:
+                            self._backward(replicas, _fused_error(self._output, labels), stop)
                     elif message[0] == "backward":
-                        backward_chain(replicas[:message[2]], message[1])
-                        self._put_gradients(replicas)
-                        self.send("done", None)
+                        self._backward(replicas, message[1], message[2])
                     else:
                         return
                 except BaseException as error:  # handed over; this worker's state is now unknown
                     self.send("error", _picklable(error))
                     return
 
-    def _forward(self, layers, bounds, batch_size, settings):
-        """Take the settings and parameters, run the worker's piece; returns the replicas."""
+    def _forward(self, layers, bounds, batch_size, settings, number):
+        """Take the settings, run the worker's piece through the shared parameters (each
+        layer's once it holds those of pass ``number``); returns the replicas."""
         for layer, values in zip(layers, settings):
             vars(layer).update(values)
         arrays = iter(self._parameters)
@@ -197,10 +230,17 @@ class PieceWorker:
             setattr(layers[index], name, next(arrays))
         replicas = [replica_in(ProcessSlot(self, 1, bounds, batch_size), layer) for layer in layers]
         piece = np.array(self._input)
-        for replica in replicas:
+        for index, replica in enumerate(replicas):
+            if replica.trainable:
+                wait_until(lambda: int(self._ready[index]) >= number, self._other_alive, WAIT_SECONDS)
             piece = replica.forward(piece)
         self._output = piece
         return replicas
+
+    def _backward(self, replicas, error, stop):
+        backward_chain(replicas[:stop], error)
+        self._put_gradients(replicas)
+        self.send("done", None)
 
     def _put_gradients(self, replicas):
         for shared, (index, name) in zip(self._gradients, self._names):
@@ -225,6 +265,13 @@ def keep_freed_memory():
     except (OSError, AttributeError, TypeError):
         return False
     return all(mallopt(parameter, value) == 1 for parameter, value in _WORKER_MALLOC)
+
+
+def _fused_error(output, labels):
+    """The gradient of cross-entropy through SoftMax for these rows (``output``: their SoftMax)."""
+    loss = CrossEntropyLoss()
+    loss.forward(output, labels)
+    return loss.backward_through_softmax(labels)
 
 
 def _next_command(connection):

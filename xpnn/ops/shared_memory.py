@@ -53,7 +53,7 @@ class MessageRing:
         """Append ``message``; waits (polling) while every slot is unread."""
         data = pickle.dumps(_packed(message), protocol=pickle.HIGHEST_PROTOCOL)
         written = int(self._counters[0])
-        _wait(lambda: written - int(self._counters[1]) < self.slots, alive, timeout)
+        wait_until(lambda: written - int(self._counters[1]) < self.slots, alive, timeout)
         slot = written % self.slots
         if len(data) <= self.slot_bytes:
             self._payload[slot, :len(data)] = np.frombuffer(data, np.uint8)
@@ -67,7 +67,7 @@ class MessageRing:
     def take(self, pipe, alive, timeout):
         """The next message, waiting (polling) for it."""
         read = int(self._counters[1])
-        _wait(lambda: int(self._counters[0]) > read, alive, timeout)
+        wait_until(lambda: int(self._counters[0]) > read, alive, timeout)
         slot = read % self.slots
         length = int(self._lengths[slot])
         data = pipe.recv_bytes() if length < 0 else self._payload[slot, :length].tobytes()
@@ -98,7 +98,7 @@ def _unpacked(value):
     return value
 
 
-def _wait(ready, alive, timeout):
+def wait_until(ready, alive, timeout):
     """Poll ``ready()``; every few hundred polls give the core away once and check the
     other process (``alive()``) and the ``timeout`` in seconds."""
     polls, deadline = 0, None

@@ -163,6 +163,30 @@ def test_train_takes_each_batch_once_and_equals_steps_one_by_one(cpu64, monkeypa
     _assert_same_training(ahead, one_by_one)
 
 
+def test_a_pass_on_another_batch_than_the_one_started_ahead_restarts_the_worker(cpu64, monkeypatch):
+    # A step of train() stopped between its backward pass (the worker started on the next
+    # batch) and the next forward pass, then a training pass on other data (as
+    # xpnn.training.train_step runs them): the worker's pass ahead must not be used.
+    from xpnn.training import train_step
+
+    def steps(processes):
+        monkeypatch.setattr(cpu64.ops, "processes", processes)
+        xpnn.seed(5)
+        net = _counting(_net())
+        net._in_train, net._ahead = True, True  # as inside train(), a step before the last
+        net.loss.append(net.forward())
+        net.backward()
+        net._in_train = net._ahead = False
+        started_ahead = net._worker is not None and net._worker.ahead
+        images, labels = net.data_layer.images[-BATCH:], net.data_layer.labels[-BATCH:]
+        net.loss.append(train_step(net, images, labels)[0])
+        return net, started_ahead
+
+    (cut, started_ahead), (whole, _) = steps(2), steps(1)
+    assert started_ahead and cut._worker is not None and not cut._worker.ahead
+    _assert_same_training(cut, whole)
+
+
 def test_a_short_batch_and_a_loss_of_your_own_train_as_one_piece(cpu64, monkeypatch):
     # A short last batch (no worker for it, none started ahead) and a CrossEntropyLoss
     # subclass (the worker waits for this process's error instead of computing its own).

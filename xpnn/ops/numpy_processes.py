@@ -34,6 +34,8 @@ start a new worker (see :func:`xpnn.ops.piece_worker.layers_key`). A failure in 
 the worker; the next pass starts another. Linux on x86-64 only (``fork``, and
 the store order the message rings rely on).
 """
+import numpy as np
+
 from xpnn.ops.piece_worker import PieceWorker, ProcessSlot, layers_key
 from xpnn.piecewise import backward_chain, replica_in
 
@@ -144,7 +146,7 @@ class ProcessPass:
         if labels is None:
             return None, None
         middle, last = self.pieces[1]
-        return labels[middle:last, ...], len(self.layers) - 1  # (down to below the SoftMax)
+        return np.asarray(labels)[middle:last, ...], len(self.layers) - 1  # (down to below the SoftMax)
 
     def _backward(self, error_tensor, stop, following):
         (first, middle), (_, last) = self.pieces

@@ -187,6 +187,33 @@ def test_a_pass_on_another_batch_than_the_one_started_ahead_restarts_the_worker(
     _assert_same_training(cut, whole)
 
 
+def test_a_forward_pass_without_its_backward_pass_inside_train_is_harmless(cpu64, monkeypatch):
+    # The worker went into its backward pass by itself; the step stopped before this process's
+    # (the loss raised): the next training pass must not take that answer for its own.
+    class FailsOnce(CrossEntropyLoss):
+        failed = False
+
+        def forward(self, prediction_tensor, label_tensor):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise ValueError("FailsOnce: the first loss")
+            return super().forward(prediction_tensor, label_tensor)
+
+    def trained(processes):
+        monkeypatch.setattr(cpu64.ops, "processes", processes)
+        xpnn.seed(5)
+        net = _counting(_net())
+        FailsOnce.failed = False
+        net.loss_layer = FailsOnce()
+        monkeypatch.setattr(NeuralNetwork, "_labels_ahead", lambda self: self.label_tensor)
+        with pytest.raises(ValueError, match="the first loss"):
+            net.train(3)
+        net.train(3)
+        return net
+
+    _assert_same_training(trained(2), trained(1))
+
+
 def test_a_short_batch_and_a_loss_of_your_own_train_as_one_piece(cpu64, monkeypatch):
     # A short last batch (no worker for it, none started ahead) and a CrossEntropyLoss
     # subclass (the worker waits for this process's error instead of computing its own).

@@ -51,7 +51,10 @@ def process_pass(layers, pieces, shape, dtype, worker):
         return None, worker
     piece_shape = (pieces[1][1] - pieces[1][0],) + tuple(shape[1:])
     key = layers_key(layers, piece_shape, dtype)
-    if worker is None or not worker.alive or worker.key != key:
+    # (A backward pass the worker went into by itself, for a forward pass whose own backward
+    # never came, e.g. the loss raised: its answer would be taken for the next pass's.)
+    stale = worker is not None and worker.owes_backward and not worker.ahead
+    if worker is None or not worker.alive or worker.key != key or stale:
         if worker is not None:
             worker.close()
         worker = PieceWorker(layers, piece_shape, dtype)
@@ -158,6 +161,7 @@ class ProcessPass:
         with ops.one_part():
             backward_chain(self._replicas[:stop], error_tensor[first:middle, ...])
         self.worker.receive("done")
+        self.worker.owes_backward = False
         ahead = following is not None and tuple(getattr(following[0], "shape", ())) == self._shape
         if ahead:
             tensor = ops.backend.asarray(following[0], dtype=ops.backend.dtype)

@@ -98,6 +98,8 @@ class PieceWorker:
         self.ahead = False
         #: True when the worker goes on into its backward pass by itself (see start_forward).
         self.speculative = False
+        #: True from such a start until this process has taken that backward pass's answer.
+        self.owes_backward = False
         self._to_worker, self._to_main = MessageRing(), MessageRing()
         self._in_worker = False
         self._parent = os.getpid()
@@ -142,6 +144,7 @@ class PieceWorker:
             self._ready[...] = self._passes
         self._input[...] = piece
         self.ahead, self.speculative = ahead, labels is not None
+        self.owes_backward = self.speculative
         self._connection.send(("forward", bounds, batch_size, _settings(layers), self._passes,
                                None if labels is None else np.asarray(labels), stop))
 

@@ -177,13 +177,13 @@ def test_a_pass_on_another_batch_than_the_one_started_ahead_restarts_the_worker(
         net.loss.append(net.forward())
         net.backward()
         net._in_train = net._ahead = False
-        started_ahead = net._worker is not None and net._worker.ahead
+        started_ahead = net._worker is not None and net._worker.ahead_input is not None
         images, labels = net.data_layer.images[-BATCH:], net.data_layer.labels[-BATCH:]
         net.loss.append(train_step(net, images, labels)[0])
         return net, started_ahead
 
     (cut, started_ahead), (whole, _) = steps(2), steps(1)
-    assert started_ahead and cut._worker is not None and not cut._worker.ahead
+    assert started_ahead and cut._worker is not None and cut._worker.ahead_input is None
     _assert_same_training(cut, whole)
 
 

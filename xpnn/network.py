@@ -54,12 +54,11 @@ class NeuralNetwork:
         self._in_train = False  # inside train(): a backward pass follows every forward pass
         self._ahead = False  # inside train(), and another step follows this one
         self._next_batch = None  # the next batch, when train() took it early (see backward)
-        self._following_batch = None  # the batch the worker process last started on ahead
 
     def __getstate__(self):
         # A pass in pieces holds replicas and their caches, a worker is a process: not the model.
         return {**self.__dict__, "_piecewise": None, "_worker": None, "_order": None,
-                "_next_batch": None, "_following_batch": None, "_in_train": False, "_ahead": False}
+                "_next_batch": None, "_in_train": False, "_ahead": False}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -67,10 +66,9 @@ class NeuralNetwork:
         self.__dict__.setdefault("_worker", None)
         self.__dict__.setdefault("_order", None)
         self.__dict__.setdefault("pool_before_relu", True)
+        self.__dict__.setdefault("_next_batch", None)
         for name in ("_in_train", "_ahead"):
             self.__dict__.setdefault(name, False)
-        for name in ("_next_batch", "_following_batch"):
-            self.__dict__.setdefault(name, None)
 
     @property
     def phase(self):
@@ -119,11 +117,10 @@ class NeuralNetwork:
         shape = getattr(input_tensor, "shape", None)
         if not shape or not layers or not all(layer.runs_in_pieces for layer in layers):
             return None
-        ahead = self._worker is not None and self._worker.ahead
-        if ahead and (self._following_batch is None or input_tensor is not self._following_batch[0]):
+        ahead_input = None if self._worker is None else self._worker.ahead_input
+        if ahead_input is not None and ahead_input is not input_tensor:
             self._worker.close()  # it runs ahead on a batch this pass is not for
             self._worker = None
-        self._following_batch = None
         ops = self.backend.ops
         pass_in_processes, self._worker = ops.process_pass(layers, tuple(shape), self._worker)
         if pass_in_processes is not None:
@@ -169,7 +166,6 @@ class NeuralNetwork:
         except Exception as error:  # raised by the next forward, as without taking it early
             self._next_batch = _FailedBatch(error)
             return None
-        self._following_batch = self._next_batch  # (the worker's pass ahead is for this one)
         return self._next_batch
 
     def backward(self):

@@ -53,7 +53,7 @@ def process_pass(layers, pieces, shape, dtype, worker):
     key = layers_key(layers, piece_shape, dtype)
     # (A backward pass the worker went into by itself, for a forward pass whose own backward
     # never came, e.g. the loss raised: its answer would be taken for the next pass's.)
-    stale = worker is not None and worker.owes_backward and not worker.ahead
+    stale = worker is not None and worker.owes_backward and worker.ahead_input is None
     if worker is None or not worker.alive or worker.key != key or stale:
         if worker is not None:
             worker.close()
@@ -127,8 +127,8 @@ class ProcessPass:
         (first, middle), (_, last) = self.pieces
         ops = self.layers[0].backend.ops
         self._shape = tuple(tensor.shape)
-        if self.worker.ahead:  # started by the last pass's backward, on this batch
-            self.worker.ahead = False
+        if self.worker.ahead_input is not None:  # started by the last pass's backward, on this batch
+            self.worker.ahead_input = None
         else:
             self.worker.start_forward(self.layers, tensor[middle:last, ...], (middle, last),
                                       last - first, *self._speculation(labels))
@@ -154,7 +154,7 @@ class ProcessPass:
     def _backward(self, error_tensor, stop, following):
         (first, middle), (_, last) = self.pieces
         ops = self.layers[0].backend.ops
-        if not self.worker.speculative:
+        if not self.worker.owes_backward:
             self.worker.start_backward(error_tensor[middle:last, ...], stop)
         elif stop != len(self.layers) - 1:
             raise RuntimeError("piece worker: its backward pass went down from another layer")
@@ -166,7 +166,7 @@ class ProcessPass:
         if ahead:
             tensor = ops.backend.asarray(following[0], dtype=ops.backend.dtype)
             self.worker.start_forward(self.layers, tensor[middle:last, ...], (middle, last), last - first,
-                                      *self._speculation(following[1]), ahead=True)
+                                      *self._speculation(following[1]), ahead_input=following[0])
         for index, layer in enumerate(self.layers[:stop]):
             if layer.trainable:
                 layer.take_gradients([self._replicas[index], _Gradients(self.worker.gradients(index))])

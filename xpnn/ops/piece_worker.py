@@ -93,12 +93,11 @@ class PieceWorker:
         # Per layer: the number of the last forward pass whose parameters it holds (see publish).
         self._ready = SharedArrays([(len(layers),)], np.int64).arrays[0]
         self._passes = 0
-        #: True while the worker runs a forward pass for a batch this process has not
-        #: started yet (see :meth:`start_forward`'s ``ahead``).
-        self.ahead = False
-        #: True when the worker goes on into its backward pass by itself (see start_forward).
-        self.speculative = False
-        #: True from such a start until this process has taken that backward pass's answer.
+        #: The input (as the data layer gave it) of the batch the worker runs a forward pass
+        #: on ahead of this process (see :meth:`start_forward`), else None.
+        self.ahead_input = None
+        #: True from a start with labels (the worker goes on into its backward pass by
+        #: itself) until this process has taken that backward pass's answer.
         self.owes_backward = False
         self._to_worker, self._to_main = MessageRing(), MessageRing()
         self._in_worker = False
@@ -125,31 +124,32 @@ class PieceWorker:
         self._finalizer()
 
     # -- this process's side -------------------------------------------------------
-    def start_forward(self, layers, piece, bounds, batch_size, labels=None, stop=None, ahead=False):
+    def start_forward(self, layers, piece, bounds, batch_size, labels=None, stop=None,
+                      ahead_input=None):
         """Hand the worker's ``piece`` over (and the parameters); it starts its forward pass.
 
         With ``labels`` (its rows of the one-hot labels) the worker goes on
         into its backward pass without waiting for the error: the gradient of
         SoftMax + cross-entropy of a row is that row's alone (the same values
         :meth:`xpnn.losses.CrossEntropyLoss.backward_through_softmax` gives),
-        down through ``layers[:stop]``. With ``ahead`` the parameters are not
-        handed over now: this process is still updating them, and
-        :meth:`publish` hands over each layer's as soon as it is updated; the
-        worker waits for them layer by layer.
+        down through ``layers[:stop]``. With ``ahead_input`` (the batch's input as
+        the data layer gave it, of which ``piece`` is the worker's rows) the
+        parameters are not handed over now: this process is still updating
+        them, and :meth:`publish` hands over each layer's as soon as it is
+        updated; the worker waits for them layer by layer.
         """
         self._passes += 1
-        if not ahead:
+        if ahead_input is None:
             for shared, (_, array) in zip(self._parameters, _parameters(layers)):
                 shared[...] = array
             self._ready[...] = self._passes
         self._input[...] = piece
-        self.ahead, self.speculative = ahead, labels is not None
-        self.owes_backward = self.speculative
+        self.ahead_input, self.owes_backward = ahead_input, labels is not None
         self._connection.send(("forward", bounds, batch_size, _settings(layers), self._passes,
                                None if labels is None else np.asarray(labels), stop))
 
     def publish(self, layers, index):
-        """Hand over layer ``index``'s parameters for the forward pass started ``ahead``."""
+        """Hand over layer ``index``'s parameters for the forward pass started ahead."""
         for shared, (layer, name) in zip(self._parameters, self._names):
             if layer == index:
                 shared[...] = getattr(layers[index], name)

@@ -99,10 +99,7 @@ class NeuralNetwork:
                 # The last pass (its replicas' caches) goes only once this one has run: freed
                 # first, its memory went back to the system and the new arrays paid page faults.
                 tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
-                if getattr(pass_in_pieces, "runs_ahead", False):
-                    output = pass_in_pieces.forward(tensor, labels)
-                else:
-                    output = pass_in_pieces.forward(tensor)
+                output = pass_in_pieces.forward(tensor, labels)
                 self._piecewise = pass_in_pieces
                 return output
             self._piecewise = None
@@ -159,7 +156,7 @@ class NeuralNetwork:
         """Inside :meth:`train`, when another step follows and the pass can start on it
         while this one updates the parameters: the next batch, taken now (the next
         :meth:`forward` uses it); else None."""
-        if not (self._ahead and getattr(self._piecewise, "runs_ahead", False)):
+        if not (self._ahead and self._piecewise.runs_ahead):
             return None
         try:
             self._next_batch = self.data_layer.next()
@@ -178,10 +175,8 @@ class NeuralNetwork:
             layers = layers[:-1]
         else:
             error_tensor = self.loss_layer.backward(self.label_tensor)
-        if getattr(self._piecewise, "runs_ahead", False):
+        if self._piecewise is not None:
             self._piecewise.backward(error_tensor, len(layers), self._following())
-        elif self._piecewise is not None:
-            self._piecewise.backward(error_tensor, len(layers))
         else:
             backward_chain(layers, error_tensor)
 

@@ -69,6 +69,10 @@ class PiecewisePass:
         What :meth:`forward` returned (the network's prediction).
     """
 
+    #: Threads do not run ahead: ``labels`` and ``following`` (see
+    #: :class:`xpnn.ops.numpy_processes.ProcessPass`) are not used here.
+    runs_ahead = False
+
     def __init__(self, layers, pieces):
         self.layers = layers
         self.pieces = pieces
@@ -78,7 +82,7 @@ class PiecewisePass:
                            for layer, group in zip(layers, self._groups)]
                           for index in range(len(pieces))]
 
-    def forward(self, tensor):
+    def forward(self, tensor, labels=None):
         """Run every layer on ``tensor`` (the whole batch); returns the joined outputs."""
         def run(piece_index):
             first, last = self.pieces[piece_index]
@@ -92,7 +96,7 @@ class PiecewisePass:
             layer.take_forward_state([replicas[index] for replicas in self._replicas])
         return self.output
 
-    def backward(self, error_tensor, stop):
+    def backward(self, error_tensor, stop, following=None):
         """Send ``error_tensor`` (of layer ``stop - 1``'s output) back down through ``layers[:stop]``.
 
         The first layer skips its input gradient, as in :meth:`xpnn.NeuralNetwork.backward`;

@@ -560,6 +560,53 @@ def test_adam_update_matches_generic_bit_for_bit(numpy_pair, shape, decay):
         np.testing.assert_array_equal(gradient, before)  # and left its gradient alone
 
 
+@pytest.mark.parametrize("shape", [(785, 120), (16, 6, 5, 5), (7,), ()], ids=["fc", "conv", "1d", "0d"])
+def test_sum_of_squares_matches_generic(numpy_pair, shape):
+    fast, generic, dtype = numpy_pair
+    for x in _layouts(_random(shape, dtype, seed=3)).values() if shape else [_random(shape, dtype)]:
+        x = np.asarray(x)
+        actual, expected = np.asarray(fast.sum_of_squares(x)), np.asarray(generic.sum_of_squares(x))
+        _close(actual, expected, dtype)
+
+
+def test_l2_norm_uses_the_backends_sum_of_squares(monkeypatch):
+    from xpnn.regularizers import L2_Regularizer
+
+    weights = _random((785, 120), "float32", seed=4)
+    seen = []
+    with xpnn.use_backend("cpu", dtype="float32") as backend:
+        monkeypatch.setattr(NumpyOps, "sum_of_squares",
+                            lambda self, x: seen.append(x.shape) or np.float32(2.0))
+        assert float(L2_Regularizer(0.5).norm(weights)) == 1.0 and seen == [(785, 120)]
+        monkeypatch.undo()
+        np.testing.assert_allclose(float(L2_Regularizer(0.5).norm(weights)),
+                                   0.5 * float(Ops(backend).sum_of_squares(weights)), rtol=2e-5)
+
+
+@pytest.mark.parametrize("shape, kernel_shape, strides", CONV_CASES, ids=CONV_IDS)
+def test_window_view_holds_every_window_entry(shape, kernel_shape, strides):
+    from numpy.lib.stride_tricks import sliding_window_view
+    from xpnn.ops.numpy_columns import Geometry, window_view, zero_padded
+
+    if len(shape) != 4:
+        pytest.skip("window_view is of images (1-D inputs get a unit axis first)")
+    geometry = Geometry(shape[1:], kernel_shape, strides, shape[0])
+    padded = zero_padded(geometry.input_shape, geometry.padding, np.float32)
+    padded[...] = _random(padded.shape, "float32", seed=5)
+    # Every window entry, from NumPy's own sliding windows, in the view's axis order.
+    windows = np.transpose(sliding_window_view(padded, kernel_shape, axis=(1, 2)), (0, 4, 5, 1, 2, 3))
+    expected = windows[:, :, :, ::strides[0], ::strides[1]][:, :, :, :geometry.output_shape[0],
+                                                            :geometry.output_shape[1]]
+    view = window_view(padded, geometry)
+    _assert_same_bits(view, expected)
+    assert not view.flags.writeable
+    needed_rows = (geometry.output_shape[0] - 1) * strides[0] + kernel_shape[0]
+    with pytest.raises(ValueError, match="do not fit"):  # one row short
+        window_view(np.ascontiguousarray(padded[:, :needed_rows - 1]), geometry)
+    with pytest.raises(ValueError, match="do not fit"):  # not C-contiguous
+        window_view(np.asfortranarray(padded), geometry)
+
+
 def test_adam_update_with_a_gradient_of_another_dtype_matches_generic():
     backend = make_backend("cpu", "float32")
     fast, generic = backend.ops, Ops(backend)

@@ -178,7 +178,11 @@ class Ops:
         """
         return _pooling.max_pool_backward(self.xp, self.backend.device, error, cache)
 
-    # -- optimizers --------------------------------------------------------------
+    # -- optimizers and regularizers ----------------------------------------------
+    def sum_of_squares(self, x):
+        """``sum(x * x)`` over every entry (an L2 regularizer's norm, each training step)."""
+        return self.xp.sum(x * x)
+
     def adam_update(self, weights, gradient, moments, mu, rho, step_size,
                     inverse_root_correction, epsilon, learning_rate=0.0, decay=0.0):
         """One Adam step, moments in place: see :func:`xpnn.ops.adam.adam_update`."""

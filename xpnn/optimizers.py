@@ -126,6 +126,23 @@ class Adam(Optimizer):
 
     def _step(self, weights, gradient, decay=0.0):
         xp = namespace(weights)
+        moments, hyper = self.next_step(weights, decay)
+        backend = get_backend()
+        if backend.xp is xp:  # the current backend's hot path (a fused kernel on the GPU)
+            return backend.ops.adam_update(weights, gradient, moments, *hyper)
+        return adam_update(xp, weights, gradient, moments, *hyper)
+
+    def next_step(self, weights, decay=0.0):
+        """Count one more step; returns ``(moments, hyper)`` for ``ops.adam_update``.
+
+        All of a step but the array work: the moments made (zeros) if missing,
+        the step count advanced, the bias corrections computed. ``moments`` is
+        ``(first_moment, second_moment, scratch)``; ``hyper`` the arguments
+        after them, ``decay`` an L2 regularizer's alpha (0: none). The NumPy
+        backend's worker process runs the array work of some layers' steps on
+        these very moments (see :mod:`xpnn.ops.delegated_updates`).
+        """
+        xp = namespace(weights)
         if self.first_moment is None or self.first_moment.shape != weights.shape:
             self.first_moment = xp.zeros_like(weights)
             self.second_moment = xp.zeros_like(weights)
@@ -138,12 +155,8 @@ class Adam(Optimizer):
         step_size = self.learning_rate / (1.0 - self.mu ** self.step_count)
         inverse_root_correction = 1.0 / math.sqrt(1.0 - self.rho ** self.step_count)
         moments = (self.first_moment, self.second_moment, self._scratch)
-        hyper = (self.mu, self.rho, step_size, inverse_root_correction, self.epsilon,
-                 self.learning_rate, decay)
-        backend = get_backend()
-        if backend.xp is xp:  # the current backend's hot path (a fused kernel on the GPU)
-            return backend.ops.adam_update(weights, gradient, moments, *hyper)
-        return adam_update(xp, weights, gradient, moments, *hyper)
+        return moments, (self.mu, self.rho, step_size, inverse_root_correction, self.epsilon,
+                         self.learning_rate, decay)
 
     def to(self, backend):
         """Move the moments; the scratch array is made afresh on the new backend."""

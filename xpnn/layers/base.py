@@ -188,9 +188,13 @@ class TrainableLayer(BaseLayer):
         The loss is a sum over samples, so the gradient of a whole batch is
         the sum of its pieces' gradients.
         """
+        self.sum_gradients(replicas)
+        self._update_parameters()
+
+    def sum_gradients(self, replicas):
+        """Set this layer's gradients to the sum of its replicas' (in their order); no update."""
         for name in self.gradient_names:
             setattr(self, name, functools.reduce(operator.add, (getattr(twin, name) for twin in replicas)))
-        self._update_parameters()
 
     def _update_parameters(self):
         """Apply the optimizer (if set) to weights and bias after a backward pass."""

@@ -162,16 +162,29 @@ class ProcessPass:
             backward_chain(self._replicas[:stop], error_tensor[first:middle, ...])
         self.worker.receive("done")
         self.worker.owes_backward = False
+        delegated = self.worker.updates.active(self.layers, stop)
+        for index in delegated:  # first: the worker steps them while this process steps the others
+            self.layers[index].sum_gradients(self._pieces_gradients(index))
+        if delegated:
+            self.worker.start_update(self.layers, delegated)
         ahead = following is not None and tuple(getattr(following[0], "shape", ())) == self._shape
         if ahead:
             tensor = ops.backend.asarray(following[0], dtype=ops.backend.dtype)
             self.worker.start_forward(self.layers, tensor[middle:last, ...], (middle, last), last - first,
                                       *self._speculation(following[1]), ahead_input=following[0])
-        for index, layer in enumerate(self.layers[:stop]):
-            if layer.trainable:
-                layer.take_gradients([self._replicas[index], _Gradients(self.worker.gradients(index))])
-                if ahead:
-                    self.worker.publish(self.layers, index)
+        try:
+            for index, layer in enumerate(self.layers[:stop]):
+                if layer.trainable and index not in delegated:
+                    layer.take_gradients(self._pieces_gradients(index))
+                if layer.trainable and ahead:
+                    self.worker.publish(self.layers, index, copy=index not in delegated)
+        finally:  # (also after a failure here: the delegated layers' steps are counted already)
+            if delegated:
+                self.worker.finish_update(self.layers, delegated)
+
+    def _pieces_gradients(self, index):
+        """What ``take_gradients`` of layer ``index`` sums: this process's replica, the worker's."""
+        return [self._replicas[index], _Gradients(self.worker.gradients(index))]
 
 
 class _Gradients:

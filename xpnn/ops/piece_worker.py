@@ -20,6 +20,7 @@ import weakref
 import numpy as np
 
 from xpnn.losses import CrossEntropyLoss
+from xpnn.ops.delegated_updates import DelegatedUpdates
 from xpnn.ops.shared_memory import MessageRing, SharedArrays, wait_until
 from xpnn.piecewise import backward_chain, replica_in
 
@@ -92,6 +93,8 @@ class PieceWorker:
         self._input = SharedArrays([piece_shape], dtype).arrays[0]
         # Per layer: the number of the last forward pass whose parameters it holds (see publish).
         self._ready = SharedArrays([(len(layers),)], np.int64).arrays[0]
+        #: The layers whose optimizer steps this worker runs (see :mod:`xpnn.ops.delegated_updates`).
+        self.updates = DelegatedUpdates(layers, _parameters(layers), dtype)
         self._passes = 0
         #: The input (as the data layer gave it) of the batch the worker runs a forward pass
         #: on ahead of this process (see :meth:`start_forward`), else None.
@@ -148,12 +151,23 @@ class PieceWorker:
         self._connection.send(("forward", bounds, batch_size, _settings(layers), self._passes,
                                None if labels is None else np.asarray(labels), stop))
 
-    def publish(self, layers, index):
-        """Hand over layer ``index``'s parameters for the forward pass started ahead."""
+    def publish(self, layers, index, copy=True):
+        """Hand over layer ``index``'s parameters for the forward pass started ahead
+        (``copy=False``: the worker updated them itself, see :meth:`start_update`)."""
         for shared, (layer, name) in zip(self._parameters, self._names):
-            if layer == index:
+            if layer == index and copy:
                 shared[...] = getattr(layers[index], name)
         self._ready[index] = self._passes
+
+    def start_update(self, layers, indices):
+        """The worker runs the optimizer steps of layers ``indices`` (their gradients summed:
+        :meth:`DelegatedUpdates.hand_over`) before its next command."""
+        self._connection.send(("update", self.updates.hand_over(layers, indices)))
+
+    def finish_update(self, layers, indices):
+        """Wait for the steps of :meth:`start_update`; the layers take their updated parameters."""
+        self.receive("updated")
+        self.updates.take_back(layers, indices, self._parameters)
 
     def start_backward(self, error, stop):
         """Hand the worker its piece of the error of layer ``stop - 1``'s output."""
@@ -217,6 +231,9 @@ class PieceWorker:
                             self._backward(replicas, _fused_error(self._output, labels), stop)
                     elif message[0] == "backward":
                         self._backward(replicas, message[1], message[2])
+                    elif message[0] == "update":
+                        self.updates.run(message[1], ops, self._parameters)
+                        self.send("updated", None)
                     else:
                         return
                 except BaseException as error:  # handed over; this worker's state is now unknown

@@ -1,0 +1,193 @@
+"""Adam steps that the worker process runs (xpnn.ops.delegated_updates).
+
+With a batch cut in two processes the worker runs the array work of the
+largest layers' Adam steps on moments in shared memory while this process
+steps the others. The bits must be those of this process stepping every layer
+itself (the same operations on the same values), the optimizer objects must
+stay the truth (moments, step counts), and anything the worker cannot do
+exactly (another optimizer, a replaced one, a regularizer other than L2) is
+stepped here.
+"""
+import copy
+
+import numpy as np
+import pytest
+
+import xpnn
+from xpnn import NeuralNetwork
+from xpnn.backend import make_backend
+from xpnn.initializers import Constant, He
+from xpnn.layers import BatchNormalization, Conv, Flatten, FullyConnected, Pooling, ReLU, SoftMax
+from xpnn.losses import CrossEntropyLoss
+from xpnn.ops import delegated_updates, numpy_ops, numpy_settings
+from xpnn.ops.numpy_ops import NumpyOps
+from xpnn.optimizers import Adam, Sgd
+from xpnn.regularizers import L1_Regularizer, L2_Regularizer
+from conftest import CyclingBatches
+
+BATCH = 2 * numpy_ops.MIN_SAMPLES_PER_PROCESS
+BIG = (16 * 4 * 4 + 1, 120)  # the first fully connected layer's weights: the worker's step
+
+pytestmark = pytest.mark.skipif(not numpy_settings.can_fork(),
+                                reason="worker processes need fork on x86-64 (not this machine)")
+
+
+@pytest.fixture
+def cpu64(monkeypatch):
+    """The float64 NumPy backend, current, one thread, two processes."""
+    backend = make_backend("cpu", "float64")
+    monkeypatch.setattr(backend.ops, "threads", 1)
+    monkeypatch.setattr(backend.ops, "processes", 2)
+    previous = xpnn.get_backend()
+    xpnn.set_backend("cpu", "float64")
+    yield backend
+    xpnn.set_backend(previous.name, previous.dtype_name)
+
+
+def _net(seed=5):
+    xpnn.seed(seed)
+    optimizer = Adam(1e-3, 0.9, 0.999)
+    optimizer.add_regularizer(L2_Regularizer(1e-3))
+    net = NeuralNetwork(optimizer, He(), Constant(0.1))
+    for layer in (Conv((1, 1), (1, 3, 3), 16), BatchNormalization(16), ReLU(), Pooling((2, 2), (2, 2)),
+                  Flatten(), FullyConnected(BIG[0] - 1, BIG[1]), ReLU(), FullyConnected(BIG[1], 4),
+                  SoftMax()):
+        net.append_layer(layer)
+    net.loss_layer = CrossEntropyLoss()
+    images = np.random.default_rng(0).random((3 * BATCH, 1, 8, 8))
+    labels = np.eye(4)[np.random.default_rng(1).integers(0, 4, 3 * BATCH)]
+    net.data_layer = CyclingBatches(images, labels, BATCH)
+    return net
+
+
+@pytest.fixture
+def steps_here(monkeypatch):
+    """Shapes of the weights whose Adam steps ran in this process (the worker's are its own)."""
+    shapes = []
+    step = NumpyOps.adam_update
+
+    def recording(self, weights, *arguments):
+        shapes.append(tuple(weights.shape))
+        return step(self, weights, *arguments)
+
+    monkeypatch.setattr(NumpyOps, "adam_update", recording)
+    return shapes
+
+
+def _without_delegation(monkeypatch):
+    monkeypatch.setattr(delegated_updates, "choose", lambda layers, parameters, dtype: [])
+
+
+def _state(net):
+    """Every number that training changes, bit for bit comparable."""
+    found = [np.asarray([float(value) for value in net.loss])]
+    for layer in net.layers:
+        if not layer.trainable:
+            continue
+        found += [layer.weights, layer.gradient_weights, np.asarray(layer.optimizer.step_count)]
+        found += [layer.optimizer.first_moment, layer.optimizer.second_moment]
+        if layer._bias is not None:
+            found += [layer.bias, layer.gradient_bias, layer._bias_optimizer.first_moment]
+    return [np.array(value, copy=True) for value in found]
+
+
+def _assert_same_bits(mine, theirs):
+    assert len(mine) == len(theirs)
+    for index, (a, b) in enumerate(zip(mine, theirs)):
+        np.testing.assert_array_equal(a, b, err_msg=f"entry {index}")
+
+
+def test_the_worker_steps_the_largest_layer_with_the_same_bits(cpu64, monkeypatch, steps_here):
+    net = _net()
+    net.train(4)
+    delegated = net._order.index(net.layers[5])  # (run order: the ReLU moved behind the pooling)
+    assert net._worker.updates.layers == [delegated]
+    assert BIG not in steps_here and (16, 1, 3, 3) in steps_here  # the worker stepped it, this not
+    # The optimizer keeps the moments the worker updated (they live in shared memory).
+    moment = net.layers[5].optimizer.first_moment
+    assert np.count_nonzero(moment) > moment.size // 2 and net.layers[5].optimizer.step_count == 4
+    delegating = _state(net)
+    net._worker.close()
+    _without_delegation(monkeypatch)
+    steps_here.clear()
+    reference = _net()
+    reference.train(4)
+    assert reference._worker.updates.layers == [] and BIG in steps_here
+    _assert_same_bits(delegating, _state(reference))
+
+
+def test_a_replaced_optimizer_is_stepped_here(cpu64, monkeypatch, steps_here):
+    def train(net):
+        net.train(2)
+        replacement = copy.deepcopy(net.layers[5].optimizer)  # same numbers, its own moments
+        net.layers[5].optimizer = replacement
+        net.layers[5]._bias_optimizer = copy.deepcopy(replacement)
+        steps_here.clear()
+        net.train(2)
+        return _state(net)
+
+    delegating = train(_net())
+    assert BIG in steps_here  # no longer the worker's
+    _without_delegation(monkeypatch)
+    _assert_same_bits(delegating, train(_net()))
+
+
+def test_a_failing_step_here_still_takes_the_workers_steps(cpu64, monkeypatch):
+    # The last layer's step fails on the third backward pass; the worker has already run the
+    # large layer's step, counted by its optimizer: this process must take its result, as a
+    # pass stepping every layer here would have stepped it before the failing one.
+    class FailsOnTheThirdStep(Adam):
+        def calculate_update(self, weight_tensor, gradient_tensor):
+            if self.step_count == 2:
+                raise FloatingPointError("FailsOnTheThirdStep")
+            return super().calculate_update(weight_tensor, gradient_tensor)
+
+    def train(net):
+        net.layers[7].optimizer = FailsOnTheThirdStep(1e-3, 0.9, 0.999)
+        with pytest.raises(FloatingPointError, match="FailsOnTheThirdStep"):
+            net.train(4)
+        return _state(net)
+
+    delegating = train(_net())
+    _without_delegation(monkeypatch)
+    _assert_same_bits(delegating, train(_net()))
+
+
+class OwnUpdate(FullyConnected):
+    """A fully connected layer that steps its parameters its own way (here: as usual)."""
+
+    def _update_parameters(self):
+        super()._update_parameters()
+
+
+@pytest.mark.parametrize("change", ["sgd", "l1", "own update", "float32"])
+def test_only_plain_adam_steps_of_the_layers_dtype_are_delegated(change):
+    layer = OwnUpdate(8, 4) if change == "own update" else FullyConnected(8, 4)
+    optimizer = Sgd(0.1) if change == "sgd" else Adam(1e-3, 0.9, 0.999)
+    if change == "l1":
+        optimizer.add_regularizer(L1_Regularizer(1e-3))
+    layer.optimizer = optimizer
+    layer.initialize(He(), Constant(0.1))
+    parameters = [((0, "weights"), layer.weights)]
+    dtype = np.float32 if change == "float32" else layer.weights.dtype
+    assert delegated_updates.choose([layer], parameters, dtype) == []
+    plain = FullyConnected(8, 4)
+    plain.optimizer = Adam(1e-3, 0.9, 0.999)
+    plain.initialize(He(), Constant(0.1))
+    assert delegated_updates.choose([plain], [((0, "weights"), plain.weights)], plain.weights.dtype) == [0]
+
+
+def test_the_worker_takes_about_half_of_the_work():
+    # Largest first, each to the side with less: one large layer is the worker's alone.
+    layers, parameters = [], []
+    for index, shape in enumerate([(785, 120), (121, 84), (85, 10), (120, 2)]):
+        layer = FullyConnected(shape[0] - 1, shape[1])
+        layer.optimizer = Adam(1e-3, 0.9, 0.999)
+        layer.initialize(He(), Constant(0.1))
+        layers.append(layer)
+        parameters.append(((index, "weights"), layer.weights))
+    dtype = layers[0].weights.dtype
+    assert delegated_updates.choose(layers, parameters, dtype) == [0]
+    # Two equal layers: one each.
+    assert delegated_updates.choose(layers[1:2] * 2, [((0, "weights"), layers[1].weights),
+                                                      ((1, "weights"), layers[1].weights)], dtype) == [0]

@@ -31,6 +31,7 @@ WAIT_SECONDS = 600.0
 #: sleeping process takes 0.1-0.2 ms to wake here (two wake-ups a step).
 COMMAND_POLL_SECONDS = 0.005
 _SCALARS = (bool, int, float, str, type(None))
+_PLAIN = frozenset(_SCALARS)
 #: glibc's ``mallopt`` parameters (malloc.h) and the worker's values: freed memory is kept
 #: for the next pass (up to 1 GiB at the heap's top), arrays up to 32 MiB come from the heap.
 #: Both, always: setting one turns glibc's adaptive thresholds off, and the trim threshold
@@ -48,8 +49,9 @@ def layers_key(layers, piece_shape, dtype):
 def _settings(layers):
     """Every layer's public attributes that are numbers, strings, None or tuples of those: its
     settings (e.g. a dropout probability), which the worker's copies take before each pass."""
+    # (The exact types first: 36 instead of 52 µs for LeNet's 21 layers, each pass.)
     return [{name: value for name, value in vars(layer).items()
-             if not name.startswith("_") and _is_setting(value)} for layer in layers]
+             if name[:1] != "_" and (type(value) in _PLAIN or _is_setting(value))} for layer in layers]
 
 
 def _is_setting(value):

@@ -163,6 +163,31 @@ def test_train_takes_each_batch_once_and_equals_steps_one_by_one(cpu64, monkeypa
     _assert_same_training(ahead, one_by_one)
 
 
+def test_train_batch_given_the_next_batch_equals_steps_one_by_one(cpu64, monkeypatch):
+    # xpnn-train's loop takes its batches itself and hands each step the next one: the worker
+    # starts on it ahead (and the next step uses that pass), with the numbers of plain steps.
+    monkeypatch.setattr(cpu64.ops, "processes", 2)
+    xpnn.seed(5)
+    ahead = _slow(_net())
+    batches = [ahead.data_layer.next() for _ in range(4)]
+    workers = set()
+    for index, (images, labels) in enumerate(batches):
+        following = batches[index + 1] if index + 1 < len(batches) else None
+        loss, prediction = ahead.train_batch(images, labels, following)
+        ahead.loss.append(loss)
+        assert prediction.shape == labels.shape
+        workers.add(ahead._worker.pid)
+        assert (ahead._worker.ahead_input is not None) == (following is not None)
+    assert len(workers) == 1  # every pass started ahead was the next step's
+    monkeypatch.setattr(cpu64.ops, "processes", 1)
+    xpnn.seed(5)
+    one_by_one = _slow(_net())
+    for _ in range(4):
+        one_by_one.loss.append(one_by_one.forward() - one_by_one.regularization_loss())
+        one_by_one.backward()
+    _assert_same_training(ahead, one_by_one)
+
+
 def test_a_pass_on_another_batch_than_the_one_started_ahead_restarts_the_worker(cpu64, monkeypatch):
     # A step of train() stopped between its backward pass (the worker started on the next
     # batch) and the next forward pass, then a training pass on other data (as

@@ -54,11 +54,12 @@ class NeuralNetwork:
         self._in_train = False  # inside train(): a backward pass follows every forward pass
         self._ahead = False  # inside train(), and another step follows this one
         self._next_batch = None  # the next batch, when train() took it early (see backward)
+        self._given_next = None  # the next batch, as train_batch was given it
 
     def __getstate__(self):
         # A pass in pieces holds replicas and their caches, a worker is a process: not the model.
         return {**self.__dict__, "_piecewise": None, "_worker": None, "_order": None,
-                "_next_batch": None, "_in_train": False, "_ahead": False}
+                "_next_batch": None, "_given_next": None, "_in_train": False, "_ahead": False}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -67,6 +68,7 @@ class NeuralNetwork:
         self.__dict__.setdefault("_order", None)
         self.__dict__.setdefault("pool_before_relu", True)
         self.__dict__.setdefault("_next_batch", None)
+        self.__dict__.setdefault("_given_next", None)
         for name in ("_in_train", "_ahead"):
             self.__dict__.setdefault(name, False)
 
@@ -158,6 +160,8 @@ class NeuralNetwork:
         :meth:`forward` uses it); else None."""
         if not (self._ahead and self._piecewise.runs_ahead):
             return None
+        if self._given_next is not None:  # (train_batch's)
+            return self._given_next
         try:
             self._next_batch = self.data_layer.next()
         except Exception as error:  # raised by the next forward, as without taking it early
@@ -207,6 +211,29 @@ class NeuralNetwork:
                     self.backward()
             finally:
                 self._in_train = self._ahead = False
+
+    def train_batch(self, input_tensor, label_tensor, following=None):
+        """One training step on a batch of your own; returns ``(data loss, prediction)``.
+
+        What an iteration of :meth:`train` does, for a loop that takes its
+        batches itself (``xpnn-train``'s): the forward pass in training phase,
+        the loss, the backward pass and the updates. The regularization loss
+        is left out (it does not change the update: the optimizers apply its
+        gradient). ``following``: the next batch ``(input, labels)`` when another
+        step follows, to be passed to the next call as its batch (the same
+        objects): a pass in a worker process starts on it while this one
+        updates the parameters, as inside :meth:`train`.
+        """
+        self._in_train, self._ahead, self._given_next = True, following is not None, following
+        try:
+            self.label_tensor = label_tensor
+            prediction = self._run_layers(input_tensor, self._labels_ahead())
+            loss = self.loss_layer.forward(prediction, label_tensor)
+            self.backward()
+        finally:
+            self._in_train = self._ahead = False
+            self._given_next = None
+        return loss, prediction
 
     def test(self, input_tensor):
         """Run the layers in testing phase; returns the last layer's output (SoftMax)."""

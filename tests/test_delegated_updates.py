@@ -162,7 +162,7 @@ class OwnUpdate(FullyConnected):
 
 @pytest.mark.parametrize("change", ["sgd", "l1", "own update", "float32"])
 def test_only_plain_adam_steps_of_the_layers_dtype_are_delegated(change):
-    layer = OwnUpdate(8, 4) if change == "own update" else FullyConnected(8, 4)
+    layer = OwnUpdate(128, 64) if change == "own update" else FullyConnected(128, 64)
     optimizer = Sgd(0.1) if change == "sgd" else Adam(1e-3, 0.9, 0.999)
     if change == "l1":
         optimizer.add_regularizer(L1_Regularizer(1e-3))
@@ -171,7 +171,7 @@ def test_only_plain_adam_steps_of_the_layers_dtype_are_delegated(change):
     parameters = [((0, "weights"), layer.weights)]
     dtype = np.float32 if change == "float32" else layer.weights.dtype
     assert delegated_updates.choose([layer], parameters, dtype) == []
-    plain = FullyConnected(8, 4)
+    plain = FullyConnected(128, 64)
     plain.optimizer = Adam(1e-3, 0.9, 0.999)
     plain.initialize(He(), Constant(0.1))
     assert delegated_updates.choose([plain], [((0, "weights"), plain.weights)], plain.weights.dtype) == [0]
@@ -188,6 +188,7 @@ def test_the_worker_takes_about_half_of_the_work():
         parameters.append(((index, "weights"), layer.weights))
     dtype = layers[0].weights.dtype
     assert delegated_updates.choose(layers, parameters, dtype) == [0]
-    # Two equal layers: one each.
+    # Two equal layers: one each. Small ones stay here (handing them over costs more).
     assert delegated_updates.choose(layers[1:2] * 2, [((0, "weights"), layers[1].weights),
                                                       ((1, "weights"), layers[1].weights)], dtype) == [0]
+    assert delegated_updates.choose(layers[2:3], [((0, "weights"), layers[2].weights)], dtype) == []

@@ -34,6 +34,9 @@ from xpnn.regularizers import L2_Regularizer
 #: The fixed cost of one Adam step in parameter values: its ~16 short NumPy calls take
 #: about as long as the arithmetic on this many values (~12 µs here).
 CALL_VALUES = 5000
+#: Layers with fewer parameter values than this stay here: handing a step over and taking it
+#: back costs this process ~20 µs, what the step itself costs at ~4,000 values.
+MIN_VALUES = 1 << 13
 
 
 class DelegatedUpdates:
@@ -122,16 +125,18 @@ def choose(layers, parameters, dtype):
     """Indices of the layers whose steps the worker runs: about half of the work.
 
     The work of a layer's update is its parameters' values plus
-    :data:`CALL_VALUES` per parameter. Layers that may go (see :func:`delegable`),
-    largest first, go to the worker while its share is not larger than this
-    process's (which starts with the layers that may not go).
+    :data:`CALL_VALUES` per parameter. Layers that may go (see :func:`delegable`;
+    at least :data:`MIN_VALUES` values), largest first, go to the worker while
+    its share is not larger than this process's (which starts with the layers
+    that may not go).
     """
     work, fixed = {}, 0
     for index, layer in enumerate(layers):
         names = [name for (owner, name), _ in parameters if owner == index]
         cost = sum(array.size + CALL_VALUES for (owner, _), array in parameters if owner == index)
         dtypes = {array.dtype for (owner, _), array in parameters if owner == index}
-        if names and dtypes == {np.dtype(dtype)} and delegable(layer, names):
+        values = sum(array.size for (owner, _), array in parameters if owner == index)
+        if names and values >= MIN_VALUES and dtypes == {np.dtype(dtype)} and delegable(layer, names):
             work[index] = cost
         else:
             fixed += cost

@@ -22,7 +22,9 @@ step. Only a layer whose update is the base class's and whose optimizers are
 exactly :class:`~xpnn.optimizers.Adam` with no regularizer or exactly an
 :class:`~xpnn.regularizers.L2_Regularizer` is chosen, and only while its
 optimizers still hold the shared moments (a replaced optimizer is stepped by
-this process again).
+this process again). A failing step in this process still takes the worker's
+results; a step failing in the worker (its error is raised here) leaves that
+layer's step counted and its parameters as they were.
 """
 import numpy as np
 

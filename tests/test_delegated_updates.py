@@ -132,6 +132,22 @@ def test_a_replaced_optimizer_is_stepped_here(cpu64, monkeypatch, steps_here):
     _assert_same_bits(delegating, train(_net()))
 
 
+def test_a_new_worker_takes_the_moments_over(cpu64, monkeypatch):
+    # Another batch shape starts another worker: it moves the moments (then in the old
+    # worker's shared memory) into its own, values unchanged.
+    def train(net):
+        net.train(2)
+        first_worker = net._worker
+        net.data_layer = CyclingBatches(net.data_layer.images, net.data_layer.labels, BATCH + 32)
+        net.train(2)
+        assert net._worker is not first_worker
+        return _state(net)
+
+    delegating = train(_net())
+    _without_delegation(monkeypatch)
+    _assert_same_bits(delegating, train(_net()))
+
+
 def test_a_failing_step_here_still_takes_the_workers_steps(cpu64, monkeypatch):
     # The last layer's step fails on the third backward pass; the worker has already run the
     # large layer's step, counted by its optimizer: this process must take its result, as a

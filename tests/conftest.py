@@ -80,6 +80,14 @@ class CyclingBatches:
                 self.labels[start:start + self.batch_size])
 
 
+def random_image_batches(batch_size, batches=3, classes=4, side=8):
+    """CyclingBatches of random one-channel ``side`` x ``side`` images and one-hot labels
+    (fixed seeds: the same data for every network built with them)."""
+    images = np.random.default_rng(0).random((batches * batch_size, 1, side, side))
+    labels = np.eye(classes)[np.random.default_rng(1).integers(0, classes, batches * batch_size)]
+    return CyclingBatches(images, labels, batch_size)
+
+
 def assert_passes_leave_inputs_unchanged(layer, x, backend_obj):
     """Run forward and backward on device copies of ``x`` and an error; both must stay unchanged."""
     x_device = backend_obj.asarray(x)

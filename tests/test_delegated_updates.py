@@ -23,7 +23,7 @@ from xpnn.ops import delegated_updates, numpy_ops, numpy_settings
 from xpnn.ops.numpy_ops import NumpyOps
 from xpnn.optimizers import Adam, Sgd
 from xpnn.regularizers import L1_Regularizer, L2_Regularizer
-from conftest import CyclingBatches
+from conftest import CyclingBatches, random_image_batches
 
 BATCH = 2 * numpy_ops.MIN_SAMPLES_PER_PROCESS
 BIG = (16 * 4 * 4 + 1, 120)  # the first fully connected layer's weights: the worker's step
@@ -54,9 +54,7 @@ def _net(seed=5):
                   SoftMax()):
         net.append_layer(layer)
     net.loss_layer = CrossEntropyLoss()
-    images = np.random.default_rng(0).random((3 * BATCH, 1, 8, 8))
-    labels = np.eye(4)[np.random.default_rng(1).integers(0, 4, 3 * BATCH)]
-    net.data_layer = CyclingBatches(images, labels, BATCH)
+    net.data_layer = random_image_batches(BATCH)
     return net
 
 

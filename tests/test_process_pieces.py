@@ -30,7 +30,7 @@ from xpnn.ops import Ops
 from xpnn.ops import numpy_ops, numpy_settings, piece_worker
 from xpnn.optimizers import Sgd
 from xpnn.regularizers import L2_Regularizer
-from conftest import CyclingBatches
+from conftest import CyclingBatches, random_image_batches
 
 BATCH = 2 * numpy_ops.MIN_SAMPLES_PER_PROCESS
 
@@ -63,9 +63,7 @@ def _net(extra=()):
                   Dropout(0.7), *extra, FullyConnected(12, 4), SoftMax()):
         net.append_layer(layer)
     net.loss_layer = CrossEntropyLoss()
-    images = np.random.default_rng(0).random((3 * BATCH, 1, 8, 8))
-    labels = np.eye(4)[np.random.default_rng(1).integers(0, 4, 3 * BATCH)]
-    net.data_layer = CyclingBatches(images, labels, BATCH)
+    net.data_layer = random_image_batches(BATCH)
     return net
 
 

@@ -132,13 +132,15 @@ def choose(layers, parameters, dtype):
     its share is not larger than this process's (which starts with the layers
     that may not go).
     """
+    owned = {}
+    for (owner, name), array in parameters:
+        owned.setdefault(owner, []).append((name, array))
     work, fixed = {}, 0
-    for index, layer in enumerate(layers):
-        names = [name for (owner, name), _ in parameters if owner == index]
-        cost = sum(array.size + CALL_VALUES for (owner, _), array in parameters if owner == index)
-        dtypes = {array.dtype for (owner, _), array in parameters if owner == index}
-        values = sum(array.size for (owner, _), array in parameters if owner == index)
-        if names and values >= MIN_VALUES and dtypes == {np.dtype(dtype)} and delegable(layer, names):
+    for index, arrays in owned.items():
+        values = sum(array.size for _, array in arrays)
+        cost = values + CALL_VALUES * len(arrays)
+        if (values >= MIN_VALUES and {array.dtype for _, array in arrays} == {np.dtype(dtype)}
+                and delegable(layers[index], [name for name, _ in arrays])):
             work[index] = cost
         else:
             fixed += cost

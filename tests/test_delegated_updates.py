@@ -146,6 +146,28 @@ def test_a_new_worker_takes_the_moments_over(cpu64, monkeypatch):
     _assert_same_bits(delegating, train(_net()))
 
 
+def test_a_delegating_network_pickles_and_copies_with_its_moments(cpu64):
+    import pickle
+
+    net = _net()
+    net.train(2)
+    shared = net.layers[5].optimizer.first_moment
+    results = []
+    for twin in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+        moment = twin.layers[5].optimizer.first_moment
+        assert moment is not shared and not np.shares_memory(moment, shared)
+        np.testing.assert_array_equal(moment, shared)
+        xpnn.seed(7)
+        twin.train(1)  # a worker of its own, the moments moved into its shared memory
+        assert twin._worker is not net._worker and twin.layers[5].optimizer.first_moment is not moment
+        results.append(_state(twin))
+        twin._worker.close()
+    xpnn.seed(7)
+    net.train(1)
+    for result in results:
+        _assert_same_bits(result, _state(net))
+
+
 def test_a_failing_step_here_still_takes_the_workers_steps(cpu64, monkeypatch):
     # The last layer's step fails on the third backward pass; the worker has already run the
     # large layer's step, counted by its optimizer: this process must take its result, as a

@@ -67,6 +67,23 @@ def test_asarray_round_trip_and_no_copy(backend):
     assert backend.to_numpy(cast).dtype == np.float32
 
 
+def test_asarray_of_numpy_arrays_on_the_cpu_backend():
+    # The layers' fast path: a NumPy array already in the dtype comes back as it is (every
+    # layout, read-only too); anything else is converted as before.
+    backend = make_backend("cpu", "float32")
+    plain = np.arange(12, dtype=np.float32).reshape(3, 4)
+    read_only = plain.copy()
+    read_only.flags.writeable = False
+    for same in (plain, plain.T, plain[:, ::2], read_only):
+        assert backend.asarray(same, dtype=backend.dtype) is same
+        assert backend.asarray(same) is same
+    for other in (plain.astype(np.float64), plain.astype(">f4"), plain.astype(np.int32), plain.tolist()):
+        converted = backend.asarray(other, dtype=backend.dtype)
+        assert type(converted) is np.ndarray and converted.dtype == np.float32
+        assert converted.dtype.isnative and converted is not other
+        np.testing.assert_array_equal(converted, plain)
+
+
 def test_asarray_moves_between_backends(backend):
     strict = make_backend("array-api-strict", device="device1")
     other = strict.asarray(np.array([1.0, 2.0]))

@@ -121,6 +121,10 @@ class Backend:
         """
         # Layers call this on every input with dtype=self.dtype: skip the lookup then.
         target = None if dtype is None else (dtype if dtype is self.dtype else self._dtype(dtype))
+        if type(x) is np.ndarray and self.library is np and (target is None or x.dtype == target):
+            # (NumPy has one device. ~40 calls a training step in each process, each 3.5 µs
+            # through owns() inside a step, the layers' objects out of cache; this ~1 µs.)
+            return x
         if self.owns(x):
             if target is not None and x.dtype != target:
                 return self.xp.astype(x, target)

@@ -92,6 +92,10 @@ class PieceWorker:
         shapes = [tuple(array.shape) for _, array in _parameters(layers)]
         self._parameters = SharedArrays(shapes, dtype).arrays
         self._gradients = SharedArrays(shapes, dtype).arrays
+        # Per layer: (name, shared parameter, shared gradient) of each of its parameters.
+        self._of_layer = {}
+        for (index, name), parameter, gradient in zip(self._names, self._parameters, self._gradients):
+            self._of_layer.setdefault(index, []).append((name, parameter, gradient))
         self._input = SharedArrays([piece_shape], dtype).arrays[0]
         # Per layer: the number of the last forward pass whose parameters it holds (see publish).
         self._ready = SharedArrays([(len(layers),)], np.int64).arrays[0]
@@ -156,8 +160,8 @@ class PieceWorker:
     def publish(self, layers, index, copy=True):
         """Hand over layer ``index``'s parameters for the forward pass started ahead
         (``copy=False``: the worker updated them itself, see :meth:`start_update`)."""
-        for shared, (layer, name) in zip(self._parameters, self._names):
-            if layer == index and copy:
+        if copy:
+            for name, shared, _ in self._of_layer.get(index, ()):
                 shared[...] = getattr(layers[index], name)
         self._ready[index] = self._passes
 
@@ -177,8 +181,7 @@ class PieceWorker:
 
     def gradients(self, index):
         """The worker's gradients of layer ``index`` after a backward pass, by name."""
-        return {"gradient_" + name: array for (layer, name), array in zip(self._names, self._gradients)
-                if layer == index}
+        return {"gradient_" + name: gradient for name, _, gradient in self._of_layer.get(index, ())}
 
     def send(self, kind, value):
         """A message to the other process of the pass (from either side)."""

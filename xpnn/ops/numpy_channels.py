@@ -94,7 +94,7 @@ class ChannelPaths:
         if x.ndim != 4 or tuple(axes) != (0, 2, 3):
             return super().batch_norm_forward(x, gamma, beta, eps, axes, statistics, all_sum)
         inputs = batch_innermost(x)
-        rows = np.reshape(inputs, (inputs.shape[0], -1))
+        rows = inputs.reshape((inputs.shape[0], -1))
         state = NormState(rows, statistics)
         if all_sum is not None and statistics is None:
             normalize_piece(state, rows, gamma, beta, eps, all_sum)
@@ -104,7 +104,7 @@ class ChannelPaths:
 
             self._parallel(channels, self._parts(rows.shape[0], rows.size))
             all_sum = None
-        output = batch_outermost(np.reshape(state.output, inputs.shape))
+        output = batch_outermost(state.output.reshape(inputs.shape))
         cache = NormCache((state.normalized, state.inverse_std, statistics is None, all_sum))
         return output, (state.mean, state.variance), cache
 
@@ -114,7 +114,7 @@ class ChannelPaths:
             return super().batch_norm_backward(error, gamma, cache)
         normalized, inverse_std, batch_statistics, all_sum = cache
         errors = batch_innermost(error)
-        rows = np.reshape(errors, normalized.shape)
+        rows = errors.reshape(normalized.shape)
         gradient = np.empty_like(rows)
         gradient_gamma = np.empty(rows.shape[0], dtype=rows.dtype)
         gradient_beta = np.empty(rows.shape[0], dtype=rows.dtype)
@@ -123,7 +123,7 @@ class ChannelPaths:
         def channels(part):
             c = slice(*part)
             if totals is None:  # (else computed below, before the sums over the pieces)
-                gradient_beta[c] = np.sum(rows[c], axis=1)
+                gradient_beta[c] = rows[c].sum(axis=1)
                 gradient_gamma[c] = row_dots(rows[c], normalized[c])
             scale = (gamma[c] * inverse_std[c])[:, None]
             if not batch_statistics:
@@ -139,11 +139,11 @@ class ChannelPaths:
         if all_sum is None:
             self._parallel(channels, self._parts(rows.shape[0], rows.size))
         else:  # the sums of every piece first (this runs on one of the pieces' threads)
-            gradient_beta[...] = np.sum(rows, axis=1)
+            gradient_beta[...] = rows.sum(axis=1)
             gradient_gamma[...] = row_dots(rows, normalized)
             totals = all_sum(rows.shape[1], gradient_gamma, gradient_beta)
             channels((0, rows.shape[0]))
-        return batch_outermost(np.reshape(gradient, errors.shape)), gradient_gamma, gradient_beta
+        return batch_outermost(gradient.reshape(errors.shape)), gradient_gamma, gradient_beta
 
     # -- max pooling ----------------------------------------------------------
     def max_pool_forward(self, x, pool_shape, strides):

@@ -21,12 +21,12 @@ def same_width_integer(dtype):
 
 def batch_innermost(x):
     """``(b, c, *spatial)`` -> a C-contiguous ``(c, *spatial, b)`` (free for our own views)."""
-    return np.ascontiguousarray(np.transpose(x, tuple(range(1, x.ndim)) + (0,)))
+    return np.ascontiguousarray(x.transpose(tuple(range(1, x.ndim)) + (0,)))
 
 
 def batch_outermost(t):
     """``(c, *spatial, b)`` -> a ``(b, c, *spatial)`` view (no copy)."""
-    return np.transpose(t, (t.ndim - 1,) + tuple(range(t.ndim - 1)))
+    return t.transpose((t.ndim - 1,) + tuple(range(t.ndim - 1)))
 
 
 def channel_index(part):
@@ -144,15 +144,14 @@ def conv_backward_job(flat_error, flat_weights, flat_columns, gradient, geometry
         col2im(gradient, np.matmul(flat_weights.T, flat_error), geometry)
         return None
     block = geometry.column_block(rows)
-    return (np.sum(flat_error[:, block], axis=1),
+    return (flat_error[:, block].sum(axis=1),
             np.matmul(flat_error[:, block], flat_columns[:, block].T))
 
 
 def col2im(padded, column_gradient, geometry):
     """Adjoint of im2col: ``+=`` the column rows ``(c*m*n, y'*x'*b)`` into ``padded`` (c, ...)."""
     channels = padded.shape[0]
-    windows = np.reshape(column_gradient,
-                         (channels,) + geometry.kernel_shape + geometry.columns_shape[3:])
+    windows = column_gradient.reshape((channels,) + geometry.kernel_shape + geometry.columns_shape[3:])
     indices = window_indices(geometry.kernel_shape, geometry.strides, geometry.output_shape)
     for (i, j), index in indices:
         # Offsets overlap where windows do: += sums them.
@@ -190,7 +189,7 @@ def normalize_piece(state, rows, gamma, beta, eps, all_sum):
 
     ``all_sum(*values)`` sums values over the pieces (see :mod:`xpnn.piecewise`).
     """
-    count, total = all_sum(rows.shape[1], np.sum(rows, axis=1))
+    count, total = all_sum(rows.shape[1], rows.sum(axis=1))
     state.mean[...] = total / count
     np.subtract(rows, state.mean[:, None], out=state.normalized)
     squares = row_dots(state.normalized, state.normalized)
@@ -205,7 +204,7 @@ def normalize_channels(state, rows, gamma, beta, eps, c):
     """Batch norm of the channel rows ``c``: statistics (unless given), x̂, γ x̂ + β."""
     normalized = state.normalized[c]
     if state.given is None:
-        state.mean[c] = np.mean(rows[c], axis=1)
+        state.mean[c] = rows[c].mean(axis=1)
         np.subtract(rows[c], state.mean[c][:, None], out=normalized)
         state.variance[c] = row_dots(normalized, normalized) / rows.shape[1]
     else:

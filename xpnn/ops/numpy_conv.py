@@ -76,13 +76,13 @@ class ConvolutionPaths:
         """
         windows = _padded_windows(inputs, geometry)
         columns = np.empty(geometry.columns_shape, dtype=inputs.dtype)
-        flat_columns = np.reshape(columns, (geometry.channels * geometry.kernel_size, -1))
+        flat_columns = columns.reshape((geometry.channels * geometry.kernel_size, -1))
         output = None
         if weights is not None:
             output = np.empty((weights.shape[0],) + geometry.output_shape + (inputs.shape[3],),
                               dtype=inputs.dtype)
-            flat_weights = np.reshape(weights, (weights.shape[0], -1))
-            flat_output = np.reshape(output, (weights.shape[0], -1))
+            flat_weights = weights.reshape((weights.shape[0], -1))
+            flat_output = output.reshape((weights.shape[0], -1))
 
         def output_rows(rows):
             # One copy per part: a part that needs the GIL less often runs better beside another.
@@ -90,7 +90,7 @@ class ConvolutionPaths:
             if weights is not None:
                 block = geometry.column_block(rows)
                 np.matmul(flat_weights, flat_columns[:, block], out=flat_output[:, block])
-                flat_output[:, block] += np.reshape(bias, (-1, 1))
+                flat_output[:, block] += bias.reshape((-1, 1))
 
         rows = geometry.output_shape[0]
         self._parallel(output_rows, self._parts(rows, columns.size, MIN_PARALLEL_COLUMNS))
@@ -102,8 +102,8 @@ class ConvolutionPaths:
         column_rows = geometry.channels * geometry.kernel_size
         output = np.empty((weights.shape[0],) + geometry.output_shape + (inputs.shape[3],),
                           dtype=inputs.dtype)
-        flat_weights = np.reshape(weights, (weights.shape[0], -1))
-        flat_output = np.reshape(output, (weights.shape[0], -1))
+        flat_weights = weights.reshape((weights.shape[0], -1))
+        flat_output = output.reshape((weights.shape[0], -1))
         block_rows = max(1, BLOCK_BYTES // (column_rows * geometry.row_size * inputs.itemsize))
 
         def output_rows(rows):
@@ -113,10 +113,10 @@ class ConvolutionPaths:
                 columns = buffer[:, :(stop - start) * geometry.row_size]
                 # Each axis of the 2-D view splits on its own: a view, no copy.
                 window_shape = geometry.columns_shape[:3] + (stop - start,) + geometry.columns_shape[4:]
-                np.reshape(columns, window_shape)[...] = windows[:, :, :, start:stop]
+                columns.reshape(window_shape)[...] = windows[:, :, :, start:stop]
                 block = geometry.column_block((start, stop))
                 np.matmul(flat_weights, columns, out=flat_output[:, block])
-                flat_output[:, block] += np.reshape(bias, (-1, 1))
+                flat_output[:, block] += bias.reshape((-1, 1))
 
         rows = geometry.output_shape[0]
         columns_size = geometry.columns_size(inputs.shape[3])
@@ -139,9 +139,9 @@ class ConvolutionPaths:
         if not isinstance(cache, ConvCache):
             return super().conv_backward(error, weights, cache, input_gradient)
         columns, geometry = cache
-        flat_error = np.reshape(batch_innermost(error), (weights.shape[0], -1))
-        flat_weights = np.reshape(weights, (weights.shape[0], -1))
-        flat_columns = np.reshape(columns, (flat_weights.shape[1], -1))
+        flat_error = batch_innermost(error).reshape((weights.shape[0], -1))
+        flat_weights = weights.reshape((weights.shape[0], -1))
+        flat_columns = columns.reshape((flat_weights.shape[1], -1))
         gradient = None
         if input_gradient:
             gradient = zero_padded(geometry.input_shape, geometry.padding, error.dtype)
@@ -151,8 +151,8 @@ class ConvolutionPaths:
         outcomes = self._parallel(job, jobs)
         partials = [outcome for outcome in outcomes if outcome is not None]
         gradient_bias = functools.reduce(np.add, (partial[0] for partial in partials))
-        gradient_weights = np.reshape(functools.reduce(np.add, (partial[1] for partial in partials)),
-                                      weights.shape)
+        gradient_weights = functools.reduce(np.add, (partial[1] for partial in partials))
+        gradient_weights = gradient_weights.reshape(weights.shape)
         if not input_gradient:
             return None, gradient_weights, gradient_bias
         interior = interior_view(gradient, geometry.input_shape, geometry.padding)

@@ -168,6 +168,7 @@ def test_train_batch_given_the_next_batch_equals_steps_one_by_one(cpu64, monkeyp
     xpnn.seed(5)
     ahead = _slow(_net())
     batches = [ahead.data_layer.next() for _ in range(4)]
+    ahead.test(batches[0][0])  # (the testing phase: train_batch trains in the training phase)
     workers = set()
     for index, (images, labels) in enumerate(batches):
         following = batches[index + 1] if index + 1 < len(batches) else None

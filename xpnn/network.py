@@ -224,6 +224,8 @@ class NeuralNetwork:
         objects): a pass in a worker process starts on it while this one
         updates the parameters, as inside :meth:`train`.
         """
+        if self._testing_phase:  # (e.g. after test(): train() sets the training phase too)
+            self.phase = False
         self._in_train, self._ahead, self._given_next = True, following is not None, following
         try:
             self.label_tensor = label_tensor

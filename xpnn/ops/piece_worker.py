@@ -88,13 +88,13 @@ class PieceWorker:
 
     def __init__(self, layers, piece_shape, dtype):
         self.key = layers_key(layers, piece_shape, dtype)
-        self._names = [name for name, _ in _parameters(layers)]
+        names = [name for name, _ in _parameters(layers)]
         shapes = [tuple(array.shape) for _, array in _parameters(layers)]
         self._parameters = SharedArrays(shapes, dtype).arrays
         self._gradients = SharedArrays(shapes, dtype).arrays
         # Per layer: (name, shared parameter, shared gradient) of each of its parameters.
         self._of_layer = {}
-        for (index, name), parameter, gradient in zip(self._names, self._parameters, self._gradients):
+        for (index, name), parameter, gradient in zip(names, self._parameters, self._gradients):
             self._of_layer.setdefault(index, []).append((name, parameter, gradient))
         self._input = SharedArrays([piece_shape], dtype).arrays[0]
         # Per layer: the number of the last forward pass whose parameters it holds (see publish).
@@ -250,9 +250,9 @@ class PieceWorker:
         layer's once it holds those of pass ``number``); returns the replicas."""
         for layer, values in zip(layers, settings):
             vars(layer).update(values)
-        arrays = iter(self._parameters)
-        for index, name in self._names:
-            setattr(layers[index], name, next(arrays))
+        for index, entries in self._of_layer.items():
+            for name, parameter, _ in entries:
+                setattr(layers[index], name, parameter)
         replicas = [replica_in(ProcessSlot(self, 1, bounds, batch_size), layer) for layer in layers]
         piece = np.array(self._input)
         for index, replica in enumerate(replicas):
@@ -268,8 +268,9 @@ class PieceWorker:
         self.send("done", None)
 
     def _put_gradients(self, replicas):
-        for shared, (index, name) in zip(self._gradients, self._names):
-            shared[...] = getattr(replicas[index], "gradient_" + name)
+        for index, entries in self._of_layer.items():
+            for name, _, shared in entries:
+                shared[...] = getattr(replicas[index], "gradient_" + name)
 
 
 def keep_freed_memory():

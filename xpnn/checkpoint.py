@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import zipfile
 
 import numpy as np
 
@@ -220,14 +221,22 @@ def read_checkpoint(directory):
     path = os.path.join(directory, MODEL_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint in {directory}: {MODEL_FILE} does not exist")
+    fix = "delete it (or train with --overwrite), or resume from another copy"
     try:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable .npz file ({error})") from error
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        # A truncated file is EOFError/BadZipFile, a flipped byte BadZipFile (CRC).
+        raise CheckpointError(f"{path} is not a readable .npz file ({type(error).__name__}: "
+                              f"{error}); {fix}") from error
     if META_KEY not in arrays:
         raise CheckpointError(f"{path} is not an xpnn checkpoint (no {META_KEY} entry)")
-    meta = json.loads(str(arrays.pop(META_KEY)))
+    try:
+        meta = json.loads(str(arrays.pop(META_KEY)))
+    except ValueError as error:  # json.JSONDecodeError
+        raise CheckpointError(f"{path}: its metadata is not valid JSON ({error}); {fix}") from error
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata is not an xpnn checkpoint's; {fix}")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} version "
                               f"{meta.get('version')!r}, expected {FORMAT!r} version {VERSION}")

@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -67,6 +68,13 @@ def positive_float(text):
     return value
 
 
+def seed_value(text):
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**32 - 1, got {text}")
+    return value
+
+
 def probability(text):
     value = float(text)
     if not 0 < value <= 1:
@@ -97,11 +105,11 @@ def build_parser():
     add("--keep-probability", type=probability, help="fraction of units dropout keeps, in (0, 1] "
         "(default: 0.8; see the README for why not 0.5)")
     add("--dtype", choices=("float32", "float64"), help="default: float32")
-    add("--seed", type=int, help="seed for initial weights, dropout and shuffling (default: 0)")
+    add("--seed", type=seed_value, help="seed for initial weights, dropout and shuffling (default: 0)")
     add("--out", default=os.path.join("runs", "lenet"), help="output directory (default: runs/lenet)")
     add("--resume", action="store_true", default=False, help="continue the checkpoint in --out")
     add("--overwrite", action="store_true", default=False,
-        help="start afresh even if --out holds a checkpoint (it is replaced)")
+        help="start afresh even if --out holds a checkpoint (replaced at the first epoch's end)")
     add("--limit-train", type=positive_int, help="use only the first N training images")
     add("--limit-test", type=positive_int, help="use only the first N test images")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -139,9 +147,11 @@ def load_data(settings):
     data = load_dataset(settings["dataset"], settings["data_dir"])
     train = (data.train_images[:settings["limit_train"]], data.train_labels[:settings["limit_train"]])
     test = (data.test_images[:settings["limit_test"]], data.test_labels[:settings["limit_test"]])
-    if data.train_images.shape[1:] != (28, 28):
-        raise IdxError(f"{data.directory}: LeNet needs 28 x 28 images, the files hold "
-                       f"{data.train_images.shape[1]} x {data.train_images.shape[2]}")
+    for split, images in (("training", data.train_images), ("test", data.test_images)):
+        # (Checked before training: a wrong test size would otherwise show after an epoch.)
+        if images.shape[1:] != (28, 28):
+            raise IdxError(f"{data.directory}: LeNet needs 28 x 28 images, the {split} files hold "
+                           f"{' x '.join(str(n) for n in images.shape[1:])}")
     return train, test
 
 
@@ -160,10 +170,11 @@ def prepare_run(args, given):
     settings = resolve_settings(given, meta["resume"]["settings"] if meta else None)
     try:
         canonical_name(args.backend)
-    except ValueError as error:
+        backend = make_backend(args.backend, settings["dtype"], args.device)
+    except ValueError as error:  # an unknown name, or a device the backend does not have
         raise UsageError(str(error)) from None
-    backend = make_backend(args.backend, settings["dtype"], args.device)
     (train_images, train_labels), (test_images, test_labels) = load_data(settings)
+    check_writable(out)  # before an epoch of training, not at its end
     options = model_options(settings)
     xpnn.seed(settings["seed"])
     if meta is None:
@@ -179,8 +190,20 @@ def prepare_run(args, given):
     test_layer = DataLayer(test_images, test_labels, args.eval_batch_size, backend=backend, shuffle=False)
     run = Run(settings, options, net, train_layer, test_layer)
     if meta is not None:
-        run.restore(meta["resume"])
+        try:
+            run.restore(meta["resume"])
+        except ValueError as error:  # the data layer's state is for another dataset
+            raise UsageError(f"{error}; resume with the data the run started with, or start "
+                             f"afresh with --overwrite") from None
     return run
+
+
+def check_writable(out):
+    """Create ``out`` and write a file there, so that a directory that cannot take the
+    checkpoint fails now, with the reason (an OSError naming the path)."""
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+        pass
 
 
 def start_line(run, out):
@@ -197,6 +220,8 @@ def start_line(run, out):
 def report_divergence(error, run, out, resumed):
     if run.metrics or resumed:
         kept = f"the last good checkpoint (after epoch {len(run.metrics)}) is kept in {out}"
+    elif os.path.isfile(os.path.join(out, ckpt.MODEL_FILE)):  # --overwrite, before an epoch ended
+        kept = f"this run wrote no checkpoint; the one in {out} is the previous run's, unchanged"
     else:
         kept = "no checkpoint was written"
     print(f"xpnn-train: error: {error}; training stopped and nothing more was saved; {kept}. "
@@ -207,7 +232,6 @@ def execute(args, given):
     """Run training; returns the exit status."""
     run = prepare_run(args, given)
     out = args.out
-    os.makedirs(out, exist_ok=True)
     show_bar = sys.stderr.isatty() if args.progress is None else args.progress
     with run.stop, np.errstate(all="ignore"):
         # Overflow warnings would flood the terminal; non-finite losses and
@@ -241,6 +265,10 @@ def main(argv=None):
         return EXIT_USAGE
     except (BackendUnavailableError, DatasetNotFoundError, IdxError, ckpt.CheckpointError) as error:
         print(f"xpnn-train: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as error:  # a file or directory that cannot be read or written; it is named
+        print(f"xpnn-train: error: {error}; check the path and its permissions, or choose "
+              f"another --out / --data-dir", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"\nxpnn-train: aborted; nothing was saved now (an earlier checkpoint in {args.out}, "

@@ -155,13 +155,23 @@ class Run:
         self.metrics = list(resume["metrics"])
         self.partial = None if resume["partial_epoch"] is None else EpochProgress(**resume["partial_epoch"])
         self.train_layer.load_state_dict(resume["data_layer"])
-        if self.backend.name in ("gpu", "torch"):
-            # Their native generators (dropout) cannot be saved portably: reseed
-            # them from the position, so a resumed GPU run is reproducible.
-            step = 0 if self.partial is None else self.partial.steps
-            xpnn.seed(int(np.random.SeedSequence([self.settings["seed"], len(self.metrics), step])
-                          .generate_state(1)[0]))
+        self._reseed_native(len(self.metrics), 0 if self.partial is None else self.partial.steps)
         set_numpy_random_state(resume["numpy_random"])
+
+    def _reseed_native(self, epoch, step):
+        """Reseed CuPy's or PyTorch's own generator (dropout) from the run's position.
+
+        Their states cannot be saved portably. Every epoch starts from this seed,
+        resumed or not, so a run resumed at an epoch's end equals an uninterrupted
+        one; resumed within an epoch, it is reproducible but draws other masks.
+        NumPy's generator, saved with the checkpoint, is left as it is.
+        """
+        if self.backend.name not in ("gpu", "torch"):
+            return
+        numpy_state = np.random.get_state()
+        xpnn.seed(int(np.random.SeedSequence([self.settings["seed"], epoch, step])
+                      .generate_state(1)[0]))
+        np.random.set_state(numpy_state)
 
     def settings_record(self):
         """The settings plus what this run ran on, for metrics.json."""
@@ -204,6 +214,8 @@ class Run:
         """Train the rest of ``epoch``; returns its EpochProgress (training part complete)."""
         from tqdm import tqdm
 
+        if self.partial is None:
+            self._reseed_native(epoch, 0)
         progress = self.partial = self.partial or EpochProgress()
         total = self.train_layer.batches_per_epoch
         window = Window()

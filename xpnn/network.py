@@ -55,11 +55,13 @@ class NeuralNetwork:
         self._ahead = False  # inside train(), and another step follows this one
         self._next_batch = None  # the next batch, when train() took it early (see backward)
         self._given_next = None  # the next batch, as train_batch was given it
+        self._started_for_caller = False  # the worker runs ahead on a batch train_batch was given
 
     def __getstate__(self):
         # A pass in pieces holds replicas and their caches, a worker is a process: not the model.
         return {**self.__dict__, "_piecewise": None, "_worker": None, "_order": None,
-                "_next_batch": None, "_given_next": None, "_in_train": False, "_ahead": False}
+                "_next_batch": None, "_given_next": None, "_in_train": False, "_ahead": False,
+                "_started_for_caller": False}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -69,7 +71,7 @@ class NeuralNetwork:
         self.__dict__.setdefault("pool_before_relu", True)
         self.__dict__.setdefault("_next_batch", None)
         self.__dict__.setdefault("_given_next", None)
-        for name in ("_in_train", "_ahead"):
+        for name in ("_in_train", "_ahead", "_started_for_caller"):
             self.__dict__.setdefault(name, False)
 
     @property
@@ -117,8 +119,12 @@ class NeuralNetwork:
         if not shape or not layers or not all(layer.runs_in_pieces for layer in layers):
             return None
         ahead_input = None if self._worker is None else self._worker.ahead_input
-        if ahead_input is not None and ahead_input is not input_tensor:
-            self._worker.close()  # it runs ahead on a batch this pass is not for
+        if ahead_input is not None and (ahead_input is not input_tensor or (
+                self._started_for_caller and not self._worker.ahead_matches(
+                    input_tensor, self.label_tensor, layers))):
+            # It runs ahead on a batch this pass is not for, or (started by train_batch, whose
+            # caller may have changed the network since) with settings or parameters gone stale.
+            self._worker.close()
             self._worker = None
         ops = self.backend.ops
         pass_in_processes, self._worker = ops.process_pass(layers, tuple(shape), self._worker)
@@ -202,6 +208,7 @@ class NeuralNetwork:
         and starts on it meanwhile.
         """
         self.phase = False
+        self._started_for_caller = False  # (its next batch comes from the data layer)
         count = int(iterations)
         with self.backend.ops.compute_scope():
             try:
@@ -222,7 +229,11 @@ class NeuralNetwork:
         gradient). ``following``: the next batch ``(input, labels)`` when another
         step follows, to be passed to the next call as its batch (the same
         objects): a pass in a worker process starts on it while this one
-        updates the parameters, as inside :meth:`train`.
+        updates the parameters, as inside :meth:`train`. Changed in between
+        (other labels, a layer's setting, a parameter array replaced), the
+        next call drops that start and runs its batch afresh; a parameter
+        changed in place (``layer.weights[...] = ...``) is not seen, so do
+        that without ``following``.
         """
         if self._testing_phase:  # (e.g. after test(): train() sets the training phase too)
             self.phase = False
@@ -230,8 +241,13 @@ class NeuralNetwork:
         try:
             self.label_tensor = label_tensor
             prediction = self._run_layers(input_tensor, self._labels_ahead())
+            self._started_for_caller = False
             loss = self.loss_layer.forward(prediction, label_tensor)
             self.backward()
+            if following is not None and self._worker is not None and self._worker.ahead_input is not None:
+                # Checked against the next call's network (see _piecewise_pass).
+                self._worker.note_parameters(self._order or self.layers)
+                self._started_for_caller = True
         finally:
             self._in_train = self._ahead = False
             self._given_next = None

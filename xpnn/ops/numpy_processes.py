@@ -62,10 +62,20 @@ def process_pass(layers, pieces, shape, dtype, worker):
 
 
 def supports(layers):
-    """True when every trainable layer's gradients are of its ``weights``/``bias`` (what the
-    worker hands back); a layer of your own with other gradients keeps the threads."""
-    return all(set(layer.gradient_names) <= {"gradient_weights", "gradient_bias"}
-               for layer in layers if layer.trainable)
+    """True when the worker's copies can run these layers: every trainable layer's gradients
+    are of its ``weights``/``bias`` (what the worker hands back), no layer has parameters
+    but is not trainable, and none is in testing phase on its own. The worker takes only
+    trainable layers' parameters each pass, not a frozen layer's weights or batch norm's
+    running statistics; those passes keep the threads."""
+    for layer in layers:
+        if getattr(layer, "testing_phase", False):
+            return False
+        if layer.trainable:
+            if not set(layer.gradient_names) <= {"gradient_weights", "gradient_bias"}:
+                return False
+        elif getattr(layer, "weights", None) is not None:
+            return False
+    return True
 
 
 class ProcessPass:
@@ -171,7 +181,8 @@ class ProcessPass:
         if ahead:
             tensor = ops.backend.asarray(following[0], dtype=ops.backend.dtype)
             self.worker.start_forward(self.layers, tensor[middle:last, ...], (middle, last), last - first,
-                                      *self._speculation(following[1]), ahead_input=following[0])
+                                      *self._speculation(following[1]), ahead_input=following[0],
+                                      ahead_labels=following[1])
         try:
             for index, layer in enumerate(self.layers[:stop]):
                 if layer.trainable and index not in delegated:

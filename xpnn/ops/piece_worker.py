@@ -40,6 +40,22 @@ _PLAIN = frozenset(_SCALARS)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _WORKER_MALLOC = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_MMAP_THRESHOLD, 32 << 20))
 
+#: The live workers' process objects (see _forget_workers_in_child).
+_LIVE_WORKERS = weakref.WeakSet()
+
+
+def _forget_workers_in_child():
+    """In a child forked by the user: multiprocessing would terminate the workers (daemonic
+    children of the parent, not of this child) when the child exits; they are not its own."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if children is not None:
+        for process in list(_LIVE_WORKERS):
+            children.discard(process)
+
+
+os.register_at_fork(after_in_child=_forget_workers_in_child)
+
+
 def layers_key(layers, piece_shape, dtype):
     """What a worker was made for: these layers, their parameters' shapes, the piece's shape."""
     shapes = tuple((name, tuple(array.shape)) for name, array in _parameters(layers))
@@ -105,6 +121,9 @@ class PieceWorker:
         #: The input (as the data layer gave it) of the batch the worker runs a forward pass
         #: on ahead of this process (see :meth:`start_forward`), else None.
         self.ahead_input = None
+        # What that pass was started with: labels, settings, and (see note_parameters) the
+        # parameter arrays once updated; compared by ahead_matches.
+        self._ahead_with = None
         #: True from a start with labels (the worker goes on into its backward pass by
         #: itself) until this process has taken that backward pass's answer.
         self.owes_backward = False
@@ -116,8 +135,9 @@ class PieceWorker:
         self._process = context.Process(target=self._serve, args=(worker_end, layers),
                                         name="xpnn-piece-worker", daemon=True)
         self._process.start()
+        _LIVE_WORKERS.add(self._process)
         worker_end.close()
-        self._finalizer = weakref.finalize(self, _stop, self._process, self._connection)
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._connection, self._parent)
 
     @property
     def pid(self):
@@ -134,7 +154,7 @@ class PieceWorker:
 
     # -- this process's side -------------------------------------------------------
     def start_forward(self, layers, piece, bounds, batch_size, labels=None, stop=None,
-                      ahead_input=None):
+                      ahead_input=None, ahead_labels=None):
         """Hand the worker's ``piece`` over (and the parameters); it starts its forward pass.
 
         With ``labels`` (its rows of the one-hot labels) the worker goes on
@@ -154,8 +174,27 @@ class PieceWorker:
             self._ready[...] = self._passes
         self._input[...] = piece
         self.ahead_input, self.owes_backward = ahead_input, labels is not None
-        self._connection.send(("forward", bounds, batch_size, _settings(layers), self._passes,
+        settings = _settings(layers)
+        self._ahead_with = None if ahead_input is None else [ahead_labels, settings, None]
+        self._connection.send(("forward", bounds, batch_size, settings, self._passes,
                                None if labels is None else np.asarray(labels), stop))
+
+    def note_parameters(self, layers):
+        """Remember the layers' parameter arrays, updated for the pass started ahead."""
+        if self._ahead_with is not None:
+            self._ahead_with[2] = [array for _, array in _parameters(layers)]
+
+    def ahead_matches(self, input_tensor, labels, layers):
+        """True when the pass started ahead is this step's: on ``input_tensor`` and ``labels``
+        (the objects it was started with), with the layers' settings and parameter arrays
+        as they were then (:meth:`note_parameters`). A parameter changed in place is not seen."""
+        if self._ahead_with is None or input_tensor is not self.ahead_input:
+            return False
+        started_labels, settings, parameters = self._ahead_with
+        if labels is not started_labels or parameters is None or _settings(layers) != settings:
+            return False
+        now = [array for _, array in _parameters(layers)]
+        return len(now) == len(parameters) and all(a is b for a, b in zip(now, parameters))
 
     def publish(self, layers, index, copy=True):
         """Hand over layer ``index``'s parameters for the forward pass started ahead
@@ -317,8 +356,14 @@ def _picklable(error):
         return RuntimeError(f"in the piece worker: {error!r}")
 
 
-def _stop(process, connection):
-    """Ask the worker to end; one stuck in a pass (this process failed in its piece) is ended."""
+def _stop(process, connection, owner):
+    """Ask the worker to end; one stuck in a pass (this process failed in its piece) is ended.
+
+    Only in ``owner``, the process that started it: a child forked from there (by the user)
+    runs this finalizer too when it exits, and must leave its parent's worker alone.
+    """
+    if os.getpid() != owner:
+        return
     try:
         connection.send(("stop", None))
     except (OSError, ValueError):
@@ -328,6 +373,12 @@ def _stop(process, connection):
         process.terminate()
         process.join(timeout=5)
     connection.close()
+
+
+def _travels_by_pipe(values):
+    """True when a message of ``values`` may be too large for a ring's slot (it then goes
+    through the pipe, whose writer blocks until the reader reads)."""
+    return sum(getattr(value, "nbytes", 8) for value in values) > MessageRing.SLOT_BYTES // 2
 
 
 class ProcessSlot:
@@ -349,6 +400,12 @@ class ProcessSlot:
 
     def all_sum(self, *values):
         """Each of ``values`` summed over both pieces, piece 0's first (the same bits in both)."""
+        if self._index == 1 and _travels_by_pipe(values):
+            # Too large for the ring: both sending first would leave both blocked writing
+            # into a full pipe. The worker reads first (both sides see the same sizes).
+            theirs = self._worker.receive("sum")
+            self._worker.send("sum", values)
+            return tuple(other + mine for mine, other in zip(values, theirs))
         self._worker.send("sum", values)
         if self._index == 0:  # (sums in piece order: both processes get the same bits)
             return tuple(mine + theirs for mine, theirs in zip(values, self._worker.receive("sum")))

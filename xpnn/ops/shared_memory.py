@@ -41,7 +41,10 @@ class MessageRing:
         Pickled size up to which a message travels in the ring.
     """
 
-    def __init__(self, slots=8, slot_bytes=1 << 18):
+    #: The default ``slot_bytes``.
+    SLOT_BYTES = 1 << 18
+
+    def __init__(self, slots=8, slot_bytes=SLOT_BYTES):
         self.slots, self.slot_bytes = slots, slot_bytes
         self._memory = mmap.mmap(-1, 8 * (2 + slots) + slots * slot_bytes)
         self._counters = np.frombuffer(self._memory, np.int64, 2)  # written, read
@@ -98,17 +101,32 @@ def _unpacked(value):
     return value
 
 
+#: Seconds :func:`wait_until` polls before it sleeps between polls: inside a training pass
+#: answers come within a millisecond or so; a process left waiting (a pass started ahead
+#: that no step takes up) must not hold a core for the whole ``timeout``.
+SPIN_SECONDS = 0.02
+#: The longest sleep between two polls once spinning is over.
+LONGEST_SLEEP = 0.01
+
+
 def wait_until(ready, alive, timeout):
     """Poll ``ready()``; every few hundred polls give the core away once and check the
-    other process (``alive()``) and the ``timeout`` in seconds."""
-    polls, deadline = 0, None
+    other process (``alive()``) and the ``timeout`` in seconds. After ``SPIN_SECONDS``
+    the polls are spaced by sleeps growing to ``LONGEST_SLEEP``."""
+    polls, start, sleep = 0, None, 0.0
     while not ready():
         polls += 1
         if polls % 256:
             continue
         if not alive():
             raise RuntimeError("the other process of the training pass ended")
-        deadline = deadline or time.monotonic() + timeout
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        start = start or now
+        if now - start > timeout:
             raise RuntimeError(f"the other process of the training pass did not answer in {timeout:.0f} s")
-        os.sched_yield()
+        if now - start < SPIN_SECONDS:
+            os.sched_yield()
+        else:
+            sleep = min(LONGEST_SLEEP, max(2 * sleep, 1e-4))
+            time.sleep(sleep)
+            polls = 255  # (every poll from now on checks the clock and sleeps)

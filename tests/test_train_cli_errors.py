@@ -1,0 +1,184 @@
+"""``xpnn-train``'s errors: each bad input stops with a clear message, before any training.
+
+The command runs in process through ``main(argv)`` on tiny MNIST-format data
+sets that the tests write with ``write_idx`` (a few dozen images): no
+download, no Fashion-MNIST package.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from xpnn import checkpoint as ckpt
+from xpnn.datasets import MNIST_FILES, write_idx
+from xpnn.train import main
+
+# Tiny runs: two training steps of 32 images, one evaluation batch.
+TINY = ("--limit-train", "64", "--limit-test", "32", "--batch-size", "32", "--no-progress")
+
+
+def write_mnist_dir(directory, n_train=64, n_test=32, test_side=28, seed=0):
+    """Write the four IDX files of a random MNIST-format data set; return the directory."""
+    rng = np.random.default_rng(seed)
+    arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "train_labels": rng.integers(0, 10, n_train, dtype=np.uint8),
+              "test_images": rng.integers(0, 256, (n_test, test_side, test_side), dtype=np.uint8),
+              "test_labels": rng.integers(0, 10, n_test, dtype=np.uint8)}
+    os.makedirs(directory, exist_ok=True)
+    for role, array in arrays.items():
+        write_idx(os.path.join(directory, MNIST_FILES[role] + ".gz"), array)
+    return str(directory)
+
+
+def train(data_dir, out, *extra):
+    """Run ``xpnn-train`` in process on the CPU; return its exit status."""
+    return main(["--backend", "cpu", "--dataset", "mnist", "--data-dir", str(data_dir),
+                 "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_mnist_dir(tmp_path_factory.mktemp("tiny-mnist"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    """A one-epoch run's output directory (its files are copied, never changed, by the tests)."""
+    out = tmp_path_factory.mktemp("finished")
+    assert train(data_dir, out, *TINY) == 0
+    return out
+
+
+def file_bytes(directory):
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def copy_run(source, destination):
+    destination.mkdir()
+    for name, payload in file_bytes(source).items():
+        (destination / name).write_bytes(payload)
+    return destination
+
+
+# -- a. a corrupt checkpoint ----------------------------------------------------------------
+
+def truncated(payload):
+    return payload[:len(payload) // 2]
+
+
+def emptied(payload):
+    return b""
+
+
+def one_byte_flipped(payload):
+    # The middle of model.npz lies inside an array's stored bytes: the zip's CRC catches it.
+    middle = len(payload) // 2
+    return payload[:middle] + bytes([payload[middle] ^ 0xFF]) + payload[middle + 1:]
+
+
+@pytest.mark.parametrize("corrupt", [truncated, emptied, one_byte_flipped])
+def test_corrupt_checkpoint_is_a_checkpoint_error_naming_file_and_fix(
+        corrupt, data_dir, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    model = out / ckpt.MODEL_FILE
+    model.write_bytes(corrupt(model.read_bytes()))
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_model(str(out))
+    assert str(model) in str(info.value) and "--overwrite" in str(info.value)
+    capsys.readouterr()
+    assert train(data_dir, out, "--resume", "--epochs", "2", "--no-progress") == 1
+    captured = capsys.readouterr()
+    assert str(model) in captured.err and "--overwrite" in captured.err, captured.err
+    assert "epoch" not in captured.out, "nothing may train on a corrupt checkpoint"
+
+
+# -- b. test images of another size -------------------------------------------------------
+
+def test_test_images_of_another_size_stop_before_training(tmp_path, capsys):
+    data = write_mnist_dir(tmp_path / "mixed", test_side=32)
+    out = tmp_path / "run"
+    assert train(data, out, *TINY) == 1
+    captured = capsys.readouterr()
+    assert data in captured.err and "test files hold 32 x 32" in captured.err, captured.err
+    assert captured.out == "", "no training may start"
+    assert not (out / ckpt.MODEL_FILE).exists()
+
+
+# -- c. an --out that cannot be written -----------------------------------------------------
+
+@pytest.mark.parametrize("below", [False, True], ids=["out-is-a-file", "out-below-a-file"])
+def test_unwritable_out_stops_before_training(below, data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"not a directory")
+    out = blocker / "run" if below else blocker  # NotADirectoryError / FileExistsError
+    assert train(data_dir, out, *TINY) == 1
+    captured = capsys.readouterr()
+    assert str(blocker) in captured.err and "--out" in captured.err, captured.err
+    assert captured.out == "", "no training may start"
+    assert blocker.read_bytes() == b"not a directory"
+
+
+# -- d. a bad --seed or --device ---------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_out_of_range_is_a_usage_error(seed, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--seed", seed, "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert "--seed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_the_backend_lacks_is_a_usage_error(data_dir, tmp_path, capsys):
+    assert train(data_dir, tmp_path / "run", "--device", "1", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "the cpu backend has only the device 'cpu', not '1'" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+# -- e. --overwrite, then the new run diverges ------------------------------------------------
+
+def test_overwrite_then_divergence_says_the_previous_checkpoint_is_kept(
+        data_dir, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = file_bytes(out)
+    # A learning rate of 1e10 makes the loss non-finite within the first epoch (as in
+    # test_train_cli's divergence test); --log-every 1 checks it after every step.
+    assert train(data_dir, out, *TINY, "--overwrite", "--lr", "1e10", "--log-every", "1") == 3
+    err = capsys.readouterr().err
+    assert "this run wrote no checkpoint" in err and "previous run's, unchanged" in err, err
+    assert file_bytes(out) == before
+
+
+# -- f. resume on a data set of another size ---------------------------------------------------
+
+def test_resume_on_more_images_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(write_mnist_dir(tmp_path / "small", n_train=64), out, "--batch-size", "32",
+                 "--no-progress") == 0
+    before = file_bytes(out)
+    capsys.readouterr()
+    larger = write_mnist_dir(tmp_path / "large", n_train=96)
+    assert train(larger, out, "--resume", "--epochs", "2", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "64 samples" in err and "96" in err and "resume with the data the run started with" in err, err
+    assert file_bytes(out) == before
+
+
+# -- g. torch: an epoch-end resume equals the uninterrupted run --------------------------------
+
+def test_torch_resume_at_epoch_end_equals_uninterrupted_bit_for_bit(data_dir, tmp_path):
+    pytest.importorskip("torch", reason="PyTorch is not installed (pip install \"xpnn[torch]\")")
+    torch_run = ("--backend", "torch", "--dataset", "mnist", "--data-dir", data_dir, *TINY)
+    # Dropout is on by default: its masks come from PyTorch's own generator.
+    assert main([*torch_run, "--out", str(tmp_path / "straight"), "--epochs", "2"]) == 0
+    assert main([*torch_run, "--out", str(tmp_path / "resumed"), "--epochs", "1"]) == 0
+    assert main(["--backend", "torch", "--dataset", "mnist", "--data-dir", data_dir, "--no-progress",
+                 "--out", str(tmp_path / "resumed"), "--resume", "--epochs", "2"]) == 0
+    straight_meta, straight = ckpt.read_checkpoint(str(tmp_path / "straight"))
+    resumed_meta, resumed = ckpt.read_checkpoint(str(tmp_path / "resumed"))
+    assert straight_meta["architecture"]["options"]["dropout"]
+    assert straight_meta["resume"]["epochs_completed"] == resumed_meta["resume"]["epochs_completed"] == 2
+    assert sorted(straight) == sorted(resumed)
+    for key in straight:
+        np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)

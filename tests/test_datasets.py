@@ -132,6 +132,31 @@ def test_truncated_gzip_stream(tmp_path):
     expect_idx_error(path, "gzip data is truncated or corrupt")
 
 
+@pytest.mark.parametrize("data", [b"", b"\x01\x02"], ids=["no-data", "two-bytes"])
+def test_huge_declared_size_is_reported_as_truncated(tmp_path, data):
+    # 2**31 x 2**31 x 4 values = 2**64 bytes: 0 in int64 arithmetic, which would pass as "no data".
+    payload = idx_bytes(0x08, (2**31, 2**31, 4), data)
+    expect_idx_error(write_bytes(tmp_path / "huge", payload), "truncated",
+                     "2147483648 x 2147483648 x 4", f"= {2**64} data bytes", f"only {len(data)} follow")
+
+
+def test_255_dimensions_are_more_than_numpy_supports(tmp_path):
+    # 255: the most an IDX header's one byte can declare; NumPy arrays have at most 32 or 64.
+    path = write_bytes(tmp_path / "dims255", idx_bytes(0x08, (1,) * 255, b"\x07"))
+    expect_idx_error(path, "declares 255 dimensions", "at most")
+
+
+def test_numpy_max_dims_is_the_real_limit(tmp_path):
+    from xpnn.idx import NUMPY_MAX_DIMS
+
+    widest = read_idx(write_bytes(tmp_path / "widest", idx_bytes(0x08, (1,) * NUMPY_MAX_DIMS, b"\x07")))
+    assert widest.shape == (1,) * NUMPY_MAX_DIMS
+    with pytest.raises(ValueError, match="maximum supported dimension"):
+        np.empty((1,) * (NUMPY_MAX_DIMS + 1))
+    expect_idx_error(write_bytes(tmp_path / "wider", idx_bytes(0x08, (1,) * (NUMPY_MAX_DIMS + 1), b"\x07")),
+                     f"declares {NUMPY_MAX_DIMS + 1} dimensions", f"at most {NUMPY_MAX_DIMS}")
+
+
 def test_trailing_bytes(tmp_path):
     payload = idx_bytes(0x08, (3,), b"\x01\x02\x03") + b"\x00\x00"
     expect_idx_error(write_bytes(tmp_path / "long", payload), "2 unexpected trailing bytes")

@@ -9,6 +9,7 @@ row-major (C) order, big-endian. :func:`read_idx` reads gzipped or raw files
 Public through :mod:`xpnn.datasets`.
 """
 import gzip
+import math
 import os
 import zlib
 
@@ -28,6 +29,9 @@ IDX_DTYPES = {
 _TYPE_NAMES = {code: dtype.name for code, dtype in IDX_DTYPES.items()}  # 0x0B: "int16", ...
 _CODE_OF_DTYPE = {dtype.name: code for code, dtype in IDX_DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
+#: The most dimensions a NumPy array can have (NPY_MAXDIMS: 32 before NumPy 2.0, 64 since);
+#: an IDX header may declare up to 255.
+NUMPY_MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
 _FIX = ("delete it and download it again, or point --data-dir (the root/directory argument) "
         "at a directory with intact MNIST-format files")
 
@@ -69,6 +73,9 @@ def _parse_header(path, payload):
         _fail(path, f"unsupported IDX value type 0x{type_code:02x}; supported: {supported}")
     if ndim == 0:
         _fail(path, "the IDX header declares 0 dimensions; an IDX file has at least 1")
+    if ndim > NUMPY_MAX_DIMS:
+        _fail(path, f"the IDX header declares {ndim} dimensions; NumPy {np.__version__} arrays "
+                    f"have at most {NUMPY_MAX_DIMS} (MNIST-format files have 1 or 3)")
     header_size = 4 + 4 * ndim
     if len(payload) < header_size:
         _fail(path, f"truncated header: {ndim} dimensions need {header_size} header bytes, "
@@ -93,14 +100,17 @@ def read_idx(path):
     ------
     IdxError
         When the file is empty, foreign (wrong magic number), of an
-        unsupported value type, truncated, or longer than its header declares.
+        unsupported value type, declares more dimensions than NumPy supports,
+        is truncated, or is longer than its header declares.
     FileNotFoundError
         When ``path`` does not exist.
     """
     path = os.fspath(path)
     payload = _read_payload(path)
     dtype, shape, header_size = _parse_header(path, payload)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python ints: a declared size past 2**63 (e.g. 2**31 x 2**31 x 4) would wrap around
+    # in int64, to 0 for that one, and pass as "no data".
+    expected = math.prod(shape) * dtype.itemsize
     actual = len(payload) - header_size
     dims = " x ".join(str(n) for n in shape)
     if actual < expected:

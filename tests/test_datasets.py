@@ -202,6 +202,21 @@ def test_label_out_of_range(tmp_path):
         load_mnist_format(tmp_path)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_empty_split_is_rejected(tmp_path, split):
+    make_mnist_dir(tmp_path, **{f"n_{split}": 0})
+    images = "train-images-idx3-ubyte.gz" if split == "train" else "t10k-images-idx3-ubyte.gz"
+    with pytest.raises(IdxError, match=rf"{images}: the header declares 0 images.*To fix"):
+        load_mnist_format(tmp_path)
+
+
+def test_empty_labels_file_is_rejected(tmp_path):
+    make_mnist_dir(tmp_path, n_test=6)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(0, dtype=np.uint8))
+    with pytest.raises(IdxError, match=r"t10k-labels-idx1-ubyte.gz: the header declares 0 labels"):
+        load_mnist_format(tmp_path)
+
+
 def test_missing_file_and_directory(tmp_path):
     make_mnist_dir(tmp_path)
     os.remove(tmp_path / "t10k-images-idx3-ubyte.gz")

@@ -104,6 +104,16 @@ def test_test_images_of_another_size_stop_before_training(tmp_path, capsys):
     assert not (out / ckpt.MODEL_FILE).exists()
 
 
+def test_empty_training_files_stop_before_training(tmp_path, capsys):
+    data = write_mnist_dir(tmp_path / "empty", n_train=0)
+    out = tmp_path / "run"
+    assert train(data, out, "--no-progress") == 1
+    captured = capsys.readouterr()
+    assert os.path.join(data, "train-images-idx3-ubyte.gz") in captured.err, captured.err
+    assert "declares 0 images" in captured.err and "--data-dir" in captured.err
+    assert captured.out == "" and not out.exists()
+
+
 # -- c. an --out that cannot be written -----------------------------------------------------
 
 @pytest.mark.parametrize("below", [False, True], ids=["out-is-a-file", "out-below-a-file"])

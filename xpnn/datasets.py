@@ -96,10 +96,15 @@ def _check_split(images, labels, image_path, label_path):
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise IdxError(f"{label_path}: expected uint8 labels of shape (n,), got {labels.dtype} "
                        f"of shape {labels.shape}. To fix: {_FIX}.")
+    for path, array, what in ((image_path, images, "images"), (label_path, labels, "labels")):
+        # An empty split would pass every other check and then divide by zero in training.
+        if array.shape[0] == 0:
+            raise IdxError(f"{path}: the header declares 0 {what}; a data set needs at least one. "
+                           f"To fix: {_FIX}.")
     if images.shape[0] != labels.shape[0]:
         raise IdxError(f"{image_path} holds {images.shape[0]} images but {label_path} holds "
                        f"{labels.shape[0]} labels; the counts must match. To fix: {_FIX}.")
-    if labels.size and int(labels.max()) >= NUM_CLASSES:
+    if int(labels.max()) >= NUM_CLASSES:  # (labels is not empty: checked above)
         raise IdxError(f"{label_path}: label {int(labels.max())} is out of range; MNIST-format "
                        f"labels lie in [0, {NUM_CLASSES}). To fix: {_FIX}.")
 
@@ -120,7 +125,8 @@ def load_mnist_format(directory, name="mnist-format"):
     DatasetNotFoundError
         When the directory or one of the files is missing.
     IdxError
-        When a file is corrupt or the files do not fit together.
+        When a file is corrupt, holds no images or labels, or the files do not
+        fit together.
     """
     directory = os.fspath(directory)
     paths = {}

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import http.server
 import os
+import re
 import struct
 import threading
 
@@ -332,16 +333,34 @@ def test_download_missing_everywhere(file_server, tmp_path):
     assert "t10k-labels-idx1-ubyte.gz" in message and "404" in message and "--data-dir" in message
 
 
-def test_download_unreachable_and_download_off(tmp_path):
-    # A port nobody listens on: the "offline" case, without touching the internet.
+def closed_port_url():
+    """A URL on 127.0.0.1 that nobody listens on: any download from it fails at once."""
     import socket
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/"
+
+
+def test_download_unreachable_and_download_off(tmp_path):
+    # A port nobody listens on: the "offline" case, without touching the internet.
     with pytest.raises(DatasetNotFoundError, match="could not be downloaded.*--data-dir"):
-        datasets.mnist(cache_dir=str(tmp_path / "c"), mirrors=[f"http://127.0.0.1:{port}/"], timeout=5)
+        datasets.mnist(cache_dir=str(tmp_path / "c"), mirrors=[closed_port_url()], timeout=5)
     with pytest.raises(DatasetNotFoundError, match="download=False"):
         datasets.mnist(cache_dir=str(tmp_path / "c"), download=False)
+
+
+def test_cache_dir_that_cannot_be_created(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("XPNN_CACHE_DIR", str(blocker / "c"))  # below a regular file
+    with pytest.raises(DatasetNotFoundError) as info:
+        datasets.mnist(mirrors=[closed_port_url()], timeout=5)
+    message = str(info.value)
+    assert str(blocker / "c" / "mnist") in message and "NotADirectoryError" in message
+    assert "XPNN_CACHE_DIR" in message and "--data-dir" in message
+    assert "offline" not in message, "the network is not the problem"
+    with pytest.raises(datasets.DownloadError, match="cannot create the download directory " + re.escape(str(blocker))):
+        datasets.download_file("f.gz", str(blocker / "d"), "0" * 64, [closed_port_url()], timeout=5)
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):

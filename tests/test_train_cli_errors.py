@@ -114,6 +114,18 @@ def test_empty_training_files_stop_before_training(tmp_path, capsys):
     assert captured.out == "" and not out.exists()
 
 
+def test_mnist_cache_that_cannot_be_created_names_it_and_the_fix(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    # Below a regular file: creating the cache fails before any download is tried.
+    monkeypatch.setenv("XPNN_CACHE_DIR", str(blocker / "c"))
+    out = tmp_path / "run"
+    assert main(["--backend", "cpu", "--dataset", "mnist", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(blocker / "c" / "mnist") in err and "XPNN_CACHE_DIR" in err and "--data-dir" in err, err
+    assert not out.exists()
+
+
 # -- c. an --out that cannot be written -----------------------------------------------------
 
 @pytest.mark.parametrize("below", [False, True], ids=["out-is-a-file", "out-below-a-file"])

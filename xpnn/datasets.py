@@ -229,10 +229,14 @@ def download_file(filename, directory, expected_sha256, mirrors=MNIST_MIRRORS, t
     Raises
     ------
     DownloadError
-        When no mirror delivered the file with the expected checksum; the
-        message lists what each mirror answered.
+        When ``directory`` cannot be created, or no mirror delivered the file
+        with the expected checksum; the message lists what each mirror answered.
     """
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:  # e.g. a path below a regular file: NotADirectoryError
+        raise DownloadError(f"cannot create the download directory {directory} "
+                            f"({type(error).__name__}: {error})") from error
     destination = os.path.join(directory, filename)
     failures = []
     for mirror in mirrors:
@@ -261,6 +265,17 @@ def _offline_message(cache, mirrors, failure):
             f"apt-get install dataset-fashion-mnist)")
 
 
+def _make_cache_dir(cache):
+    """Create the download cache ``cache``, or raise DatasetNotFoundError naming it and the fix."""
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError as error:  # a path below a regular file, or one that cannot be created
+        raise DatasetNotFoundError(
+            f"cannot create the MNIST download cache {cache} ({type(error).__name__}: {error}). "
+            f"To fix: set XPNN_CACHE_DIR (cache_dir=) to a directory that can be created and "
+            f"written, or pass --data-dir DIR (mnist(root=DIR)) with the four MNIST IDX files") from error
+
+
 def mnist(root=None, download=True, cache_dir=None, mirrors=None, *, checksums=None, timeout=60.0):
     """Load MNIST from a directory, or from a verified download cache.
 
@@ -284,8 +299,8 @@ def mnist(root=None, download=True, cache_dir=None, mirrors=None, *, checksums=N
     Raises
     ------
     DatasetNotFoundError
-        When the files are not cached and cannot be (or may not be) downloaded;
-        the message says what to do.
+        When the files are not cached and cannot be (or may not be) downloaded,
+        or the cache directory cannot be created; the message says what to do.
     """
     if root is not None:
         return load_mnist_format(root, name="mnist")
@@ -299,6 +314,7 @@ def mnist(root=None, download=True, cache_dir=None, mirrors=None, *, checksums=N
         if not download:
             raise DatasetNotFoundError(_offline_message(
                 cache, mirrors, f"{path} is missing or fails its SHA-256 check and download=False"))
+        _make_cache_dir(cache)  # its failure is no network problem: say so, not "offline"
         try:
             download_file(filename, cache, expected, mirrors, timeout)
         except DownloadError as error:

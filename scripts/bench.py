@@ -34,17 +34,53 @@ INFERENCE_IMAGES = 10_000
 INFERENCE_BATCH = 1000
 
 
+def positive_int(text):
+    """An argparse type: an integer >= 1 (rounds, iterations, threads, batch sizes)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def batch_size(text):
+    """A batch size the synthetic data holds at least one batch of (else no batch to train on)."""
+    value = positive_int(text)
+    if value > INFERENCE_IMAGES:
+        raise argparse.ArgumentTypeError(f"must be at most {INFERENCE_IMAGES} (the benchmark's "
+                                         f"synthetic images), got {text}")
+    return value
+
+
+def non_negative_float(text):
+    """An argparse type: seconds >= 0 (time.sleep refuses negative ones)."""
+    value = float(text)
+    if not value >= 0:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def check_json_path(parser, path):
+    """Fail now, not after the whole benchmark, when the results could not be written to ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        parser.error(f"--json {path}: the directory {directory} does not exist; create it or "
+                     f"choose another path")
+    if os.path.isdir(path):
+        parser.error(f"--json {path} is a directory; name a file")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="cpu", help="xpnn backend: cpu (vs torch CPU) or gpu (vs torch CUDA)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--batch-sizes", type=batch_size, nargs="+", default=[64, 256],
+                        help=f"training batch sizes, 1 to {INFERENCE_IMAGES} (default: 64 256)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--settle", type=float, default=0.1,
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--settle", type=non_negative_float, default=0.1,
                         help="seconds of quiet before each timed run (not timed): the other framework's "
                              "idle threads or worker may still spin for a few ms")
-    parser.add_argument("--iterations", type=int, default=30, help="training iterations per round")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--iterations", type=positive_int, default=30, help="training iterations per round")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                         help="threads for both: PyTorch's intra-op threads; xpnn's CPU ops (NumpyOps.threads) "
                              "with NumPy's BLAS held to as many")
     parser.add_argument("--processes", type=int, choices=(1, 2), default=None,
@@ -54,7 +90,10 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-child", nargs=3, metavar=("FRAMEWORK", "VARIANT", "BATCH"),
                         help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.json is not None:
+        check_json_path(parser, args.json)
+    return args
 
 
 # -- the two networks ---------------------------------------------------------

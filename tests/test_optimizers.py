@@ -115,6 +115,19 @@ def test_momentum_two_steps(backend, regularizer):
     assert_close(second, MOMENTUM_EXPECTED[regularizer][1], rtol=1e-14)
 
 
+def test_momentum_uses_its_own_momentum_rate(backend):
+    # The common setting uses momentum 0.9, which a hard-coded 0.9 would also pass.
+    # SgdWithMomentum(1.0, 0.5), w0 = 0, g = 1 twice; v <- 0.5 v - 1 g; w <- w + v:
+    #   v1 = -1,                 w1 = -1
+    #   v2 = 0.5 * (-1) - 1 = -1.5, w2 = -1 - 1.5 = -2.5   (with 0.9: v2 = -1.9, w2 = -2.9)
+    optimizer = SgdWithMomentum(1.0, 0.5)
+    gradient = backend.asarray(np.array([1.0]))
+    first = optimizer.calculate_update(backend.asarray(np.array([0.0])), gradient)
+    second = optimizer.calculate_update(first, gradient)
+    assert_close(first, [-1.0], rtol=1e-15)
+    assert_close(second, [-2.5], rtol=1e-15)
+
+
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
 def test_adam_two_steps(backend, regularizer):
     first, second = _two_steps(backend, Adam(0.1, 0.9, 0.999), _regularizer(regularizer))

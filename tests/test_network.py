@@ -8,7 +8,7 @@ import pytest
 import xpnn
 from xpnn import NeuralNetwork
 from xpnn.initializers import Constant, He
-from xpnn.layers import FullyConnected, ReLU, SoftMax, TanH
+from xpnn.layers import BatchNormalization, FullyConnected, ReLU, SoftMax, TanH
 from xpnn.losses import CrossEntropyLoss
 from xpnn.network import load, save
 from xpnn.optimizers import Adam, Sgd, SgdWithMomentum
@@ -154,6 +154,31 @@ def test_phase_reaches_every_layer(backend):
     assert net.phase and all(layer.testing_phase for layer in net.layers)
     net.train(1)
     assert not net.phase and not any(layer.testing_phase for layer in net.layers)
+
+
+def test_train_batch_after_test_trains_in_training_phase(backend):
+    # train_batch is called by loops of one's own (not only xpnn.training, which sets
+    # the phase itself): a step after test() must run in training phase, where batch
+    # norm normalizes with the batch's statistics and records them as running ones.
+    np.random.seed(0)
+    net = NeuralNetwork(Sgd(1e-2), He(), Constant(0.1))
+    net.loss_layer = CrossEntropyLoss()
+    for layer in (FullyConnected(4, 5), BatchNormalization(5), ReLU(), FullyConnected(5, 3),
+                  SoftMax()):
+        net.append_layer(layer)
+    rng = np.random.default_rng(3)
+    inputs = rng.standard_normal((12, 4))
+    labels = np.eye(3)[rng.integers(0, 3, 12)]
+    batch_norm = net.layers[1]
+    net.test(backend.asarray(inputs))
+    assert net.phase and batch_norm.running_mean is None   # testing phase records nothing
+    # The hidden layer's batch mean, by hand from the weights before the step (bias row last).
+    weights = xpnn.to_numpy(net.layers[0].weights)
+    batch_mean = (np.hstack([inputs, np.ones((12, 1))]) @ weights).mean(axis=0)
+    net.train_batch(backend.asarray(inputs), backend.asarray(labels))
+    assert net.phase is False and not any(layer.testing_phase for layer in net.layers)
+    assert batch_norm.running_mean is not None, "the step ran in testing phase"
+    assert_close(batch_norm.running_mean, batch_mean, rtol=1e-10, atol=1e-12)
 
 
 def test_each_trainable_layer_has_its_own_optimizer(backend):

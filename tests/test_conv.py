@@ -128,6 +128,24 @@ def test_forward_and_backward_leave_their_inputs_unchanged(backend):
     assert_passes_leave_inputs_unchanged(layer, x, backend)
 
 
+def test_testing_phase_backward_uses_the_input_as_it_was_at_forward(backend):
+    # In testing phase the forward keeps its input (not the columns) for a later
+    # backward. Given a view of the caller's array (here the transposed view of a
+    # batch-last array, which the NumPy path can use as it is), that kept input must
+    # not change when the caller then overwrites its array.
+    layer, x, weights, _, strides = _layer_and_data("2d-stride2")
+    layer.testing_phase = True
+    batch_last = backend.asarray(np.ascontiguousarray(np.moveaxis(x, 0, -1)))  # (c, y, x, b)
+    view = backend.xp.permute_dims(batch_last, (3, 0, 1, 2))                  # (b, c, y, x)
+    output = layer.forward(view)
+    error = np.random.standard_normal(tuple(output.shape))
+    batch_last[...] = 0.0   # the caller reuses its buffer before the backward pass
+    layer.backward(error)
+    expected_gradient_weights = ref.conv_backward(x, weights, strides, error)[1]
+    assert ref.relative_error(xpnn.to_numpy(layer.gradient_weights),
+                              expected_gradient_weights) <= 1e-12
+
+
 def test_optimizer_updates_weights_and_bias_after_computing_the_input_gradient(backend):
     layer, x, weights, bias, strides = _layer_and_data("2d")
     layer.optimizer = Sgd(0.5)

@@ -98,6 +98,14 @@ def test_bad_magic(tmp_path):
     expect_idx_error(path, "not an IDX file", "0x3c 0x21")
 
 
+def test_bad_magic_in_the_second_byte(tmp_path):
+    # Both leading magic bytes must be zero: 00 01 <type 08> <ndim 1> with an otherwise
+    # well-formed size (3) and payload (3 bytes) is not an IDX file.
+    path = write_bytes(tmp_path / "second", bytes([0x00, 0x01, 0x08, 0x01]) + struct.pack(">I", 3)
+                       + b"\x01\x02\x03")
+    expect_idx_error(path, "not an IDX file", "0x00 0x01")
+
+
 def test_unsupported_type(tmp_path):
     expect_idx_error(write_bytes(tmp_path / "t", idx_bytes(0x07, (1,), b"\x00")), "unsupported IDX value type 0x07")
 

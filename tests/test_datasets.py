@@ -321,6 +321,33 @@ def test_download_wrong_checksum_leaves_nothing(file_server, tmp_path):
     assert leftovers(cache) == []
 
 
+def test_atomic_write_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    # Downloads, IDX files and checkpoints are written through xpnn._files: the data
+    # must reach the disk (fsync of the temporary file) before the rename publishes it,
+    # or a crash can leave a renamed but empty file. The real calls still run.
+    from xpnn import _files
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))   # which file: its inode
+        return real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("replace", os.stat(source).st_ino))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "payload.bin"
+    _files.atomic_write_bytes(str(target), b"abc")
+    assert target.read_bytes() == b"abc"
+    kinds = [kind for kind, _ in events]
+    assert "fsync" in kinds and "replace" in kinds, events
+    assert kinds.index("fsync") < kinds.index("replace"), events
+    renamed = events[kinds.index("replace")][1]
+    assert ("fsync", renamed) in events[:kinds.index("replace")], "the renamed file was synced first"
+
+
 def test_download_falls_back_to_next_mirror(file_server, tmp_path):
     root, url, requests = file_server
     sums, arrays = publish(root / "m2")

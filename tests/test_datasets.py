@@ -475,6 +475,22 @@ def test_same_seed_same_batches_and_resume_mid_epoch(backend):
     assert batch_indices(replay.next()[0]).tolist() == stream[5]
 
 
+def test_load_state_dict_drops_the_cached_epoch_order(backend):
+    # A layer that has drawn its epoch-0 order (seed 1) and then loads a seed-2 state at
+    # epoch 0 must continue in seed 2's order, not in the order it had cached.
+    def make(seed):
+        return DataLayer(indexed_images(20), np.zeros(20, dtype=int), 6, seed=seed)
+
+    seed_one_first = batch_indices(make(1).next()[0]).tolist()
+    seed_two_first = batch_indices(make(2).next()[0]).tolist()
+    assert seed_one_first != seed_two_first   # (else the test could not tell them apart)
+    layer = make(1)
+    layer.next()
+    layer.load_state_dict(make(2).state_dict())
+    assert (layer.seed, layer.epoch, layer.position) == (2, 0, 0)
+    assert batch_indices(layer.next()[0]).tolist() == seed_two_first
+
+
 def test_default_seed_follows_numpy_global_seed():
     np.random.seed(5)
     first = DataLayer(indexed_images(8), np.zeros(8, dtype=int), 8).next()[0]

@@ -215,6 +215,20 @@ def test_checkpoint_errors(tmp_path):
         ckpt.load_model(str(tmp_path))
 
 
+def test_non_finite_arrays_names_infinities_and_nans():
+    # The divergence check must catch +inf and -inf as well as NaN; finite arrays,
+    # huge values included, and integer arrays are not named.
+    arrays = {
+        "finite": np.array([1.0, -2.0, np.finfo(np.float64).max]),
+        "plus_inf": np.array([0.0, np.inf]),
+        "minus_inf": np.array([[-np.inf, 1.0]], dtype=np.float32),
+        "nan": np.array([np.nan, 0.0]),
+        "integers": np.array([1, 2, 3]),
+    }
+    assert sorted(ckpt.non_finite_arrays(arrays)) == ["minus_inf", "nan", "plus_inf"]
+    assert ckpt.non_finite_arrays({"finite": arrays["finite"]}) == []
+
+
 # -- resume, Ctrl-C, divergence ---------------------------------------------------------------
 
 RESUME_ARGS = ("--limit-train", "128", "--limit-test", "64", "--batch-size", "32", "--dtype", "float64")

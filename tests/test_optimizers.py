@@ -217,6 +217,15 @@ def test_bad_learning_rates_rejected(make):
         make()
 
 
+@pytest.mark.parametrize("name, mu, rho", [("mu", 1.0, 0.999), ("rho", 0.9, 1.0),
+                                           ("mu", -0.1, 0.999), ("rho", 0.9, 1.5)])
+def test_adam_decay_rates_outside_zero_to_one_rejected(name, mu, rho):
+    # (mu = 1 or rho = 1 would divide by zero in the first step's bias correction.)
+    with pytest.raises(ValueError, match=f"Adam: {name} must lie in"):
+        Adam(1e-3, mu, rho)
+    Adam(1e-3, 0.0, 0.0)  # the ends of [0, 1) that are allowed
+
+
 @pytest.mark.parametrize("make", [lambda: Sgd(0.1), lambda: SgdWithMomentum(0.1, 0.9),
                                   lambda: Adam(0.1, 0.9, 0.999)], ids=["sgd", "momentum", "adam"])
 def test_updates_leave_the_weights_and_gradient_they_are_given_alone(backend, make):

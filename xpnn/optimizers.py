@@ -108,6 +108,9 @@ class Adam(Optimizer):
         self.learning_rate = finite_float("Adam", "learning_rate", learning_rate, positive=True)
         self.mu = finite_float("Adam", "mu", mu)
         self.rho = finite_float("Adam", "rho", rho)
+        for name, rate in (("mu", self.mu), ("rho", self.rho)):
+            if not 0.0 <= rate < 1.0:  # (the bias corrections divide by 1 - rate**k)
+                raise ValueError(f"Adam: {name} must lie in [0, 1), got {rate!r}")
         self.first_moment = None
         self.second_moment = None
         self.step_count = 0

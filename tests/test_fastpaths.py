@@ -196,6 +196,45 @@ def test_max_pool_2x2_matches_generic_bit_for_bit(numpy_pair, shape, values):
             np.testing.assert_array_equal(gradient, expected_gradient, err_msg=layout)
 
 
+def _windows_with_nans(dtype):
+    """Random (2, 16, 4, 6) images whose 2x2 windows in channel k hold a NaN at the
+    positions (row-major) of k's set bits: every pattern of NaNs in a window, in
+    every window position, with -inf, +inf and ties in some of them."""
+    x = _random((2, 16, 4, 6), dtype)
+    x[1, :, :2, 2:4] = 1.0  # ties beside the NaNs
+    x[0, :, 2:, :2] = -np.inf
+    x[1, :, 2:, 4:] = np.inf
+    for channel in range(16):
+        for offset in range(4):
+            if channel >> offset & 1:
+                x[:, channel, offset // 2::2, offset % 2::2] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("case", ["every-pattern", "sprinkled", "one-part"])
+def test_max_pool_2x2_routes_nans_like_generic(numpy_pair, case):
+    """A window holding a NaN pools to NaN and sends its error to its first NaN
+    (argmax's rule), on the fast path as on the generic one."""
+    fast, generic, dtype = numpy_pair
+    if case == "every-pattern":
+        x = _windows_with_nans(dtype)
+    else:  # a few NaNs among LeNet-sized maps; "one-part": only in the first channel
+        x = _random((4, 6, 28, 28), dtype)
+        nans = np.random.default_rng(5).random(x.shape) < 0.02
+        if case == "one-part":
+            nans[:, 1:] = False
+        x[nans] = np.nan
+    expected, generic_cache = generic.max_pool_forward(x, (2, 2), (2, 2))
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+    error = _random(expected.shape, dtype, seed=3)
+    expected_gradient = generic.max_pool_backward(error, generic_cache)
+    for layout, x_in in _layouts(x).items():
+        output, cache = fast.max_pool_forward(x_in, (2, 2), (2, 2))
+        np.testing.assert_array_equal(output, expected, err_msg=layout)
+        gradient = fast.max_pool_backward(error, cache)
+        np.testing.assert_array_equal(gradient, expected_gradient, err_msg=layout)
+
+
 @pytest.mark.parametrize("pool_shape, strides", [((3, 3), (2, 2)), ((2, 2), (1, 1)),
                                                  ((2, 3), (2, 3))])
 def test_other_pooling_windows_use_the_generic_path(numpy_pair, pool_shape, strides):

@@ -152,6 +152,8 @@ class ChannelPaths:
         The maximum of the four strided quarter-slices; three boolean arrays
         record where each window's first maximum (row-major) lies: the top
         row wins ties with the bottom row, the left column with the right one.
+        A NaN counts as the maximum and the first NaN wins, as with the generic
+        path's ``argmax`` (see :func:`_route_to_first_nan`).
         """
         if x.ndim != 4 or tuple(pool_shape) != (2, 2) or tuple(strides) != (2, 2):
             return super().max_pool_forward(x, pool_shape, strides)
@@ -166,9 +168,15 @@ class ChannelPaths:
             top = np.maximum(quarters[0], quarters[1])
             bottom = np.maximum(quarters[2], quarters[3])
             np.maximum(top, bottom, out=output[c])
+            # np.maximum propagates NaN: the largest pooled value of the part
+            # (a quarter of its input, just written, in cache) is NaN exactly
+            # when a window holds one.
+            holds_nan = output[c].size and np.isnan(np.maximum.reduce(output[c], axis=None))
             np.greater_equal(top, bottom, out=routing[0][c])
             np.greater_equal(quarters[0], quarters[1], out=routing[1][c])
             np.greater_equal(quarters[2], quarters[3], out=routing[2][c])
+            if holds_nan:  # ``>=`` is false against a NaN
+                _route_to_first_nan(quarters, top, routing, c)
 
         self._parallel(channels, self._parts(inputs.shape[0], inputs.size))
         return batch_outermost(output), PoolCache((tuple(inputs.shape), routing))
@@ -196,3 +204,16 @@ class ChannelPaths:
 
         self._parallel(channels, self._parts(input_shape[0], gradient.size))
         return batch_outermost(gradient)
+
+
+def _route_to_first_nan(quarters, top, routing, part):
+    """Make the 2x2 routing of ``part`` (channels) send a window holding a NaN to its first NaN.
+
+    A comparison ``a >= b`` is false when either is NaN; ``(a >= b) | isnan(a)``
+    also picks ``a`` when it is NaN, and still ``b`` when only ``b`` is. ``top``
+    is NaN exactly when the top row holds one, which then comes first
+    (row-major), as NumPy's ``argmax`` has it.
+    """
+    routing[0][part] |= np.isnan(top)
+    routing[1][part] |= np.isnan(quarters[0])
+    routing[2][part] |= np.isnan(quarters[2])

@@ -267,10 +267,31 @@ def test_stride_forms(stride_shape):
     ((0, 1), (1, 3, 3), 1), ((1, 1, 1), (1, 3, 3), 1), ((1, 2), (1, 3), 1), ((1.5,), (1, 3), 1),
     (1, (1, 3, 3, 3), 1), (1, (3,), 1), (1, (1, 0, 3), 1), (1, (1, 3, 3), 0), (1, (1, 3, 3), 2.5),
     ((True,), (1, 3), 1),
+    # arrays: floats, booleans, 2-D, empty, non-positive, a 0-D float
+    (np.array([1.5, 1.0]), (1, 3, 3), 1), (1, np.array([1.0, 3.0, 3.0]), 1),
+    (np.array([True, True]), (1, 3, 3), 1), (np.array([[1, 1]]), (1, 3, 3), 1),
+    (1, np.array([[1, 3, 3]]), 1), (1, np.array([], dtype=np.int64), 1),
+    (1, np.array([1, 0, 3]), 1), (np.array([1, -1]), (1, 3, 3), 1), (np.array(1.0), (1, 3), 1),
 ])
 def test_constructor_rejects_bad_arguments(arguments):
     with xpnn.use_backend("cpu"), pytest.raises(ValueError, match="Conv"):
         Conv(*arguments)
+
+
+@pytest.mark.parametrize("form", ["numpy-int64", "numpy-int32", "numpy-uint8", "array-api-strict"])
+def test_shapes_given_as_integer_arrays(backend, form):
+    """Strides and the convolution shape as 1-D integer arrays (NumPy's or
+    another library's) build the same layer as Python ints: same attributes, same output."""
+    convert = {"numpy-int64": np.array, "numpy-int32": lambda v: np.array(v, dtype=np.int32),
+               "numpy-uint8": lambda v: np.array(v, dtype=np.uint8),
+               "array-api-strict": lambda v: pytest.importorskip("array_api_strict").asarray(v)}[form]
+    layer = Conv(convert([1, 2]), convert([2, 5, 5]), 3)
+    reference = Conv((1, 2), (2, 5, 5), 3)
+    assert layer.stride_shape == (1, 2) and layer.convolution_shape == (2, 5, 5)
+    assert all(type(entry) is int for entry in layer.stride_shape + layer.convolution_shape)
+    reference.weights, reference.bias = xpnn.to_numpy(layer.weights), xpnn.to_numpy(layer.bias)
+    x = np.random.default_rng(0).standard_normal((2, 2, 6, 7))
+    assert_close(layer.forward(x), xpnn.to_numpy(reference.forward(x)), rtol=0.0)
 
 
 def test_move_to_another_backend_drops_the_forward_cache():

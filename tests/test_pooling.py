@@ -153,7 +153,26 @@ def test_argument_forms(stride_shape, pooling_shape, strides, window):
 @pytest.mark.parametrize("arguments", [
     ((0, 2), (2, 2)), ((2, 2, 2), (2, 2)), ((2, 2), (2, 0)), ((2, 2), (2.0, 2)), ((2, 2), ()),
     ("2", (2, 2)),
+    # arrays: floats, booleans, 2-D, empty, non-positive, a 0-D float
+    (np.array([2.0, 2.0]), (2, 2)), ((2, 2), np.array([1.5, 2.0])), (np.array([True, True]), 2),
+    (np.array([[2, 2]]), 2), (2, np.array([], dtype=np.int64)), (2, np.array([2, 0])),
+    (np.array([-2, 2]), 2), (np.array(2.0), 2),
 ])
 def test_constructor_rejects_bad_arguments(arguments):
     with xpnn.use_backend("cpu"), pytest.raises(ValueError, match="Pooling"):
         Pooling(*arguments)
+
+
+@pytest.mark.parametrize("form", ["numpy-int64", "numpy-int32", "array-api-strict"])
+def test_shapes_given_as_integer_arrays(backend, form):
+    """Strides and window as 1-D integer arrays (NumPy's or another library's) build
+    the same layer as Python ints: same attributes, same output and gradient."""
+    convert = {"numpy-int64": np.array, "numpy-int32": lambda v: np.array(v, dtype=np.int32),
+               "array-api-strict": lambda v: pytest.importorskip("array_api_strict").asarray(v)}[form]
+    layer, reference = Pooling(convert([2, 1]), convert([2, 3])), Pooling((2, 1), (2, 3))
+    assert layer.stride_shape == (2, 1) and layer.pooling_shape == (2, 3)
+    assert all(type(entry) is int for entry in layer.stride_shape + layer.pooling_shape)
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 7))
+    assert_close(layer.forward(x), xpnn.to_numpy(reference.forward(x)), rtol=0.0)
+    error = np.random.default_rng(1).standard_normal(tuple(layer.forward(x).shape))
+    assert_close(layer.backward(error), xpnn.to_numpy(reference.backward(error)), rtol=0.0)

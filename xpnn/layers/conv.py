@@ -12,10 +12,10 @@ class Conv(TrainableLayer):
 
     Parameters
     ----------
-    stride_shape : int or sequence of int
+    stride_shape : int, or sequence or 1-D array of int
         Stride per spatial axis; an int or a 1-sequence applies to every axis,
         otherwise one entry per axis (``(s,)`` for 1-D, ``(s, t)`` for 2-D).
-    convolution_shape : sequence of int
+    convolution_shape : sequence or 1-D array of int
         ``(c, m)`` for 1-D input ``(b, c, y)``; ``(c, m, n)`` for 2-D input
         ``(b, c, y, x)``; ``c`` is the number of input channels.
     num_kernels : int

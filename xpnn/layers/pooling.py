@@ -8,9 +8,9 @@ class Pooling(BaseLayer):
 
     Parameters
     ----------
-    stride_shape : int or sequence of int
+    stride_shape : int, or sequence or 1-D array of int
         ``(s, t)``; an int or a 1-sequence applies to both spatial axes.
-    pooling_shape : int or sequence of int
+    pooling_shape : int, or sequence or 1-D array of int
         Window ``(p, q)``; an int or a 1-sequence gives a square window.
 
     Notes

@@ -4,6 +4,8 @@ Each parameter is made current (float64 unless a test asks otherwise) for the
 duration of the test; a backend that cannot run here is skipped with the
 reason it gave (missing package, no CUDA device and the driver's message).
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -97,6 +99,18 @@ def assert_passes_leave_inputs_unchanged(layer, x, backend_obj):
     layer.backward(error_device)
     np.testing.assert_array_equal(xpnn.to_numpy(x_device), x)
     np.testing.assert_array_equal(xpnn.to_numpy(error_device), error)
+
+
+def assert_error_names_the_whole_batch(error, batch_size, starts="FullyConnected: expected input of "
+                                                                   "shape (batch, 784), received ("):
+    """``error`` is a ValueError that starts with ``starts`` (by default LeNet's shape error for
+    images of another size) and, where its shapes are a piece's, says so: rows of ``batch_size``."""
+    assert type(error) is ValueError and str(error).startswith(starts), str(error)
+    note = re.search(r"\(in a piece of (\d+) rows of a batch of (\d+)\)$", str(error))
+    assert note is not None, f"no note of the whole batch in: {error}"
+    assert int(note[2]) == batch_size and 0 < int(note[1]) < batch_size, str(error)
+    received = re.search(r"received \((\d+), ", str(error))
+    assert received is None or received[1] == note[1], str(error)
 
 
 def tolerance(backend_obj):

@@ -19,12 +19,13 @@ from xpnn.initializers import Constant, He
 from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnected, Pooling,
                          ReLU, SoftMax, TanH)
 from xpnn.losses import CrossEntropyLoss
-from xpnn.ops import Ops
+from xpnn.models import lenet
+from xpnn.ops import Ops, numpy_ops
 from xpnn.ops.numpy_ops import NumpyOps
 from xpnn.ops.threads import split_range
 from xpnn.optimizers import Adam, Sgd
 from xpnn.regularizers import L2_Regularizer
-from conftest import CyclingBatches, assert_close
+from conftest import CyclingBatches, assert_close, assert_error_names_the_whole_batch
 
 BATCH = 7
 
@@ -193,6 +194,24 @@ def test_a_failing_piece_raises_its_own_error_and_frees_the_waiting_ones(monkeyp
         net.data_layer = CyclingBatches(*_data(), BATCH)
         with pytest.raises(ValueError, match="this piece failed"):
             net.train(1)
+
+
+@pytest.mark.parametrize("step", ["train", "train_batch", "test"])
+def test_a_shape_error_in_pieces_names_the_whole_batch(monkeypatch, step):
+    """LeNet given 32x32 images: the error says its shapes are a piece's of the whole batch
+    (it read "received (64, 576)" for a batch of 128), on the threads of training and test."""
+    monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 4)  # (a small batch is cut)
+    with xpnn.use_backend("cpu", dtype="float64") as backend:
+        monkeypatch.setattr(backend, "ops", NumpyOps(backend, threads=2, processes=1))
+        net = lenet.build()
+        rng = np.random.default_rng(0)
+        images, labels = rng.random((2 * BATCH, 1, 32, 32)), np.eye(10)[rng.integers(0, 10, 2 * BATCH)]
+        net.data_layer = CyclingBatches(images, labels, 2 * BATCH)
+        run = {"train": lambda: net.train(1), "train_batch": lambda: net.train_batch(images, labels),
+               "test": lambda: net.test(images)}[step]
+        with pytest.raises(ValueError) as raised:
+            run()
+    assert_error_names_the_whole_batch(raised.value, 2 * BATCH)
 
 
 class CountingReLU(ReLU):

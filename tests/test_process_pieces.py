@@ -26,11 +26,12 @@ from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnec
                          ReLU, SoftMax)
 from xpnn.layers.base import BaseLayer
 from xpnn.losses import CrossEntropyLoss
+from xpnn.models import lenet
 from xpnn.ops import Ops
 from xpnn.ops import numpy_ops, numpy_settings, piece_worker
 from xpnn.optimizers import Sgd
 from xpnn.regularizers import L2_Regularizer
-from conftest import CyclingBatches, random_image_batches
+from conftest import CyclingBatches, assert_error_names_the_whole_batch, random_image_batches
 
 BATCH = 2 * numpy_ops.MIN_SAMPLES_PER_PROCESS
 
@@ -313,6 +314,31 @@ def test_a_failure_in_the_worker_is_raised_here_and_the_next_pass_starts_another
     net.layers[9] = ReLU()  # the failing layer replaced: training goes on in a new worker
     net.train(1)
     assert net._worker is not failed and net._worker.alive
+
+
+@pytest.mark.parametrize("step", ["train", "train_batch", "train_batch-following"])
+def test_a_shape_error_in_two_processes_names_the_whole_batch(cpu64, monkeypatch, step):
+    """LeNet given 32x32 images: the error says its shapes are a piece's of the whole batch
+    (it read "received (64, 576)" for a batch of 128)."""
+    monkeypatch.setattr(cpu64.ops, "processes", 2)
+    net = lenet.build()
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((BATCH, 1, 32, 32)), np.eye(10)[rng.integers(0, 10, BATCH)]
+    net.data_layer = CyclingBatches(images, labels, BATCH)
+    run = {"train": lambda: net.train(2), "train_batch": lambda: net.train_batch(images, labels),
+           "train_batch-following": lambda: net.train_batch(images, labels, (images, labels))}[step]
+    with pytest.raises(ValueError) as raised:
+        run()
+    assert net._worker is not None  # (the batch was cut)
+    assert_error_names_the_whole_batch(raised.value, BATCH)
+
+
+def test_an_error_in_the_worker_names_its_rows_of_the_batch(cpu64, monkeypatch):
+    monkeypatch.setattr(cpu64.ops, "processes", 2)
+    net = _net(extra=[FailsInTheWorker()])
+    with pytest.raises(ValueError) as raised:
+        net.train(1)
+    assert_error_names_the_whole_batch(raised.value, BATCH, "FailsInTheWorker: the second piece")
 
 
 def test_the_worker_ends_with_its_network(cpu64, monkeypatch):

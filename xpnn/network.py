@@ -1,5 +1,6 @@
 """The network container (course API) and the course's pickle save/load."""
 import copy
+import functools
 import pickle
 
 from xpnn._files import atomic_write_bytes
@@ -7,7 +8,7 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import ReLU, SoftMax
 from xpnn.layers.pooling import Pooling
 from xpnn.losses import CrossEntropyLoss
-from xpnn.piecewise import PiecewisePass, backward_chain
+from xpnn.piecewise import PiecewisePass, backward_chain, note_piece
 
 
 class NeuralNetwork:
@@ -262,7 +263,17 @@ class NeuralNetwork:
             # statistics), so a backend may run pieces of the batch at the same time.
             # The layers' backward caches then hold one piece's: test is not for training.
             input_tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
-            return ops.map_samples(self._run_layers, input_tensor)
+            return ops.map_samples(functools.partial(self._run_piece, input_tensor.shape[0]),
+                                   input_tensor)
+
+    def _run_piece(self, batch_size, piece):
+        """:meth:`_run_layers` on a piece of a batch of ``batch_size`` (see :meth:`test`); a
+        ValueError (a layer's shape error) says so: its shapes are the piece's."""
+        try:
+            return self._run_layers(piece)
+        except ValueError as error:
+            note_piece(error, (0, piece.shape[0]), batch_size)
+            raise
 
     def to(self, backend, dtype=None):
         """Move every layer's parameters and optimizer state to ``backend``; returns self.

@@ -52,6 +52,25 @@ def backward_chain(layers, error_tensor):
             first.skip_input_gradient = False
 
 
+def note_piece(error, bounds, batch_size):
+    """Say in a ValueError's message that it came from the rows ``bounds`` of a batch of ``batch_size``.
+
+    A layer's shape error names the shape it received, whose first entry is
+    then its piece's rows, not the batch's (a batch of 128 wrong-size images
+    read "received (64, 576)"). The same exception object, so its type and
+    traceback, gets the note appended to its message once (a worker's error
+    arrives noted already); other exceptions, and a piece that is the whole
+    batch, are left as they are. Returns ``error``.
+    """
+    rows = bounds[1] - bounds[0]
+    if (isinstance(error, ValueError) and rows != batch_size and error.args
+            and isinstance(error.args[0], str) and not getattr(error, "xpnn_piece_noted", False)):
+        error.args = (f"{error.args[0]} (in a piece of {rows} rows of a batch of {batch_size})",
+                      *error.args[1:])
+        error.xpnn_piece_noted = True  # (an attribute survives the pickling from a worker)
+    return error
+
+
 class PiecewisePass:
     """One training forward pass over pieces of a batch, kept for its backward pass.
 
@@ -114,7 +133,8 @@ class PiecewisePass:
     def _run(self, task):
         """``ops.run_pieces(task)``; a piece that fails releases the others from their waits.
 
-        The error raised is the failing piece's own, not the others' broken waits.
+        The error raised is the failing piece's own, not the others' broken waits
+        (a ValueError says which rows of the batch it came from: :func:`note_piece`).
         """
         def guarded(piece_index):
             try:
@@ -122,7 +142,8 @@ class PiecewisePass:
             except BaseException as error:  # re-raised below, once every piece has returned
                 for group in self._groups:
                     group.abort()
-                return False, error
+                batch_size = self.pieces[-1][1] - self.pieces[0][0]
+                return False, note_piece(error, self.pieces[piece_index], batch_size)
 
         outcomes = self._ops().run_pieces(guarded, len(self.pieces))
         errors = [value for succeeded, value in outcomes if not succeeded]

@@ -37,7 +37,7 @@ the store order the message rings rely on).
 import numpy as np
 
 from xpnn.ops.piece_worker import PieceWorker, ProcessSlot, layers_key
-from xpnn.piecewise import backward_chain, replica_in
+from xpnn.piecewise import backward_chain, note_piece, replica_in
 
 
 def process_pass(layers, pieces, shape, dtype, worker):
@@ -146,8 +146,12 @@ class ProcessPass:
                           for layer in self.layers]
         piece = tensor[first:middle, ...]
         with ops.one_part():
-            for replica in self._replicas:
-                piece = replica.forward(piece)
+            try:
+                for replica in self._replicas:
+                    piece = replica.forward(piece)
+            except ValueError as error:  # (one the worker sent came noted with its own rows)
+                note_piece(error, (first, middle), last - first)
+                raise
         other = self.worker.receive("done")
         self.output = ops.join_samples([piece, ops.backend.asarray(other)])
         for index, layer in enumerate(self.layers):
@@ -169,7 +173,11 @@ class ProcessPass:
         elif stop != len(self.layers) - 1:
             raise RuntimeError("piece worker: its backward pass went down from another layer")
         with ops.one_part():
-            backward_chain(self._replicas[:stop], error_tensor[first:middle, ...])
+            try:
+                backward_chain(self._replicas[:stop], error_tensor[first:middle, ...])
+            except ValueError as error:
+                note_piece(error, (first, middle), last - first)
+                raise
         self.worker.receive("done")
         self.worker.owes_backward = False
         delegated = self.worker.updates.active(self.layers, stop)

@@ -22,7 +22,7 @@ import numpy as np
 from xpnn.losses import CrossEntropyLoss
 from xpnn.ops.delegated_updates import DelegatedUpdates
 from xpnn.ops.shared_memory import MessageRing, SharedArrays, wait_until
-from xpnn.piecewise import backward_chain, replica_in
+from xpnn.piecewise import backward_chain, note_piece, replica_in
 
 #: Seconds this process waits for the worker's answer before giving up.
 WAIT_SECONDS = 600.0
@@ -256,7 +256,7 @@ class PieceWorker:
         self._connection.close()  # this process's copy of the other end: EOF once that one goes
         self._connection, self._in_worker = connection, True
         ops = layers[0].backend.ops
-        replicas = None
+        replicas, piece = None, ((0, 0), 0)
         with ops.one_part():
             while True:
                 try:
@@ -265,6 +265,7 @@ class PieceWorker:
                     return
                 try:
                     if message[0] == "forward":
+                        piece = message[1:3]  # (bounds, batch size) for a note on its errors
                         # (The last pass's replicas go only once this one has made its own
                         # caches: freed first, their memory went back to the system and
                         # every new array paid its page faults again.)
@@ -281,6 +282,8 @@ class PieceWorker:
                     else:
                         return
                 except BaseException as error:  # handed over; this worker's state is now unknown
+                    if message[0] in ("forward", "backward"):
+                        note_piece(error, *piece)
                     self.send("error", _picklable(error))
                     return
 

@@ -196,6 +196,34 @@ def test_a_failing_piece_raises_its_own_error_and_frees_the_waiting_ones(monkeyp
             net.train(1)
 
 
+def test_a_frozen_layer_stays_frozen_in_one_piece_and_in_pieces(backend, monkeypatch):
+    """trainable = False with an optimizer still set: no step moves the layer, cut or not
+    (one piece used to update it, pieces never did), and the rest trains the same."""
+    runs = []
+    for pieces in (1, 3):
+        monkeypatch.setattr(backend.ops, "training_pieces", lambda shape: split_range(shape[0], pieces))
+        xpnn.seed(5)
+        net = _small_net(CrossEntropyLoss())
+        frozen = [net.layers[0], net.layers[6]]  # the convolution and the last FC layer
+        for layer in frozen:
+            layer.trainable = False
+        before = [(xpnn.to_numpy(layer.weights), xpnn.to_numpy(layer.bias)) for layer in frozen]
+        net.data_layer = CyclingBatches(*_data(), BATCH)
+        net.train(3)
+        monkeypatch.undo()
+        for layer, (weights, bias) in zip(frozen, before):
+            np.testing.assert_array_equal(xpnn.to_numpy(layer.weights), weights)
+            np.testing.assert_array_equal(xpnn.to_numpy(layer.bias), bias)
+        runs.append(net)
+    whole, cut = runs
+    assert whole._piecewise is None and cut._piecewise is not None
+    for actual, expected in zip(cut.loss, whole.loss):
+        assert_close(actual, xpnn.to_numpy(expected), rtol=1e-12)
+    for cut_layer, whole_layer in zip(cut.layers, whole.layers):
+        if hasattr(whole_layer, "weights"):
+            assert_close(cut_layer.weights, xpnn.to_numpy(whole_layer.weights), rtol=1e-11)
+
+
 @pytest.mark.parametrize("step", ["train", "train_batch", "test"])
 def test_a_shape_error_in_pieces_names_the_whole_batch(monkeypatch, step):
     """LeNet given 32x32 images: the error says its shapes are a piece's of the whole batch

@@ -316,6 +316,46 @@ def test_a_failure_in_the_worker_is_raised_here_and_the_next_pass_starts_another
     assert net._worker is not failed and net._worker.alive
 
 
+def _frozen_lenet_steps(backend, monkeypatch, processes):
+    """LeNet trained with layers frozen (trainable = False, optimizers still set), then one
+    of them given new weights while frozen, then thawed; asserts that no step moved a frozen
+    layer. Returns the network."""
+    monkeypatch.setattr(backend.ops, "processes", processes)
+    xpnn.seed(5)
+    net = lenet.build()
+    convolution, largest = net.layers[3], net.layers[7]  # (the worker steps the largest one)
+    rng = np.random.default_rng(0)
+    net.data_layer = CyclingBatches(rng.random((3 * BATCH, 1, 28, 28)),
+                                    np.eye(10)[rng.integers(0, 10, 3 * BATCH)], BATCH)
+    net.train(1)  # (a worker with every layer trainable)
+    if processes == 2:  # the worker's own steps must leave it alone too
+        assert any(net._order[index] is largest for index in net._worker.updates.layers)
+    for layer in (convolution, largest):
+        layer.trainable = False
+    frozen = [(layer, layer.weights.copy(), layer.bias.copy()) for layer in (convolution, largest)]
+    net.train(2)
+    largest.weights = frozen[1][1] * 0.5  # assigned while frozen: the worker must use it too
+    frozen[1] = (largest, largest.weights.copy(), largest.bias.copy())
+    net.train(2)
+    for layer, weights, bias in frozen:
+        np.testing.assert_array_equal(layer.weights, weights, err_msg=layer.name)
+        np.testing.assert_array_equal(layer.bias, bias, err_msg=layer.name)
+    largest.trainable = True
+    net.train(2)
+    return net
+
+
+def test_a_frozen_layer_stays_frozen_in_two_processes_as_in_one(cpu64, monkeypatch):
+    whole = _frozen_lenet_steps(cpu64, monkeypatch, processes=1)
+    cut = _frozen_lenet_steps(cpu64, monkeypatch, processes=2)
+    assert whole._worker is None and cut._worker is not None
+    np.testing.assert_allclose([float(v) for v in cut.loss], [float(v) for v in whole.loss], rtol=1e-12)
+    for mine, theirs in zip(cut.layers, whole.layers):
+        if hasattr(theirs, "weights"):
+            np.testing.assert_allclose(mine.weights, theirs.weights, rtol=1e-10, atol=1e-12,
+                                       err_msg=mine.name)
+
+
 @pytest.mark.parametrize("step", ["train", "train_batch", "train_batch-following"])
 def test_a_shape_error_in_two_processes_names_the_whole_batch(cpu64, monkeypatch, step):
     """LeNet given 32x32 images: the error says its shapes are a piece's of the whole batch

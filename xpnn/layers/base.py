@@ -14,7 +14,13 @@ class BaseLayer:
     Attributes
     ----------
     trainable : bool
-        True for layers with parameters that an optimizer updates.
+        True for layers with parameters that an optimizer updates. Setting it
+        to False on such a layer freezes it: ``backward`` still returns the
+        error for the layer below, but no optimizer step changes its
+        parameters, even with an optimizer set, whether the batch runs in one
+        piece or in pieces (threads, a worker process); the network leaves it
+        out of the regularization loss. (Its ``gradient_*`` attributes are set
+        by a pass in one piece, not by a pass in pieces.)
     testing_phase : bool
         False while training; True switches layers such as Dropout and
         BatchNormalization to their inference behaviour.
@@ -116,6 +122,8 @@ class TrainableLayer(BaseLayer):
     array of another backend) moves it to this layer's backend and dtype.
     Each layer owns its optimizer object; :class:`xpnn.NeuralNetwork` gives
     every trainable layer a deep copy of the network's optimizer.
+    ``trainable = False`` freezes the layer (see :class:`BaseLayer`): its
+    parameters stay as they are (or as assigned), its optimizer is not stepped.
     """
 
     state_names = ("weights", "bias", "gradient_weights", "gradient_bias")
@@ -197,8 +205,9 @@ class TrainableLayer(BaseLayer):
             setattr(self, name, functools.reduce(operator.add, (getattr(twin, name) for twin in replicas)))
 
     def _update_parameters(self):
-        """Apply the optimizer (if set) to weights and bias after a backward pass."""
-        if self._optimizer is None:
+        """Apply the optimizer (if set) to weights and bias after a backward pass; a frozen
+        layer (``trainable`` False) keeps its parameters, as in a pass in pieces."""
+        if self._optimizer is None or not self.trainable:
             return
         self._weights = self._optimizer.calculate_update(self._weights, self.gradient_weights)
         if self._bias is not None and self.gradient_bias is not None:

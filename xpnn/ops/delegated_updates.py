@@ -81,11 +81,12 @@ class DelegatedUpdates:
                 setattr(optimizer, attribute, shared)
 
     def active(self, layers, stop):
-        """The chosen layers below ``stop`` whose optimizers still hold the shared moments."""
+        """The chosen layers below ``stop`` that are trainable (not frozen since) and whose
+        optimizers still hold the shared moments."""
         found = set(self.layers)
         for slot, (index, name) in enumerate(self._names):
             optimizer = optimizer_of(layers[index], name)
-            if (index >= stop or type(optimizer) is not Adam
+            if (index >= stop or not layers[index].trainable or type(optimizer) is not Adam
                     or optimizer.first_moment is not self._first[slot]
                     or optimizer.second_moment is not self._second[slot]
                     or not _plain_regularizer(optimizer)):
@@ -157,11 +158,11 @@ def choose(layers, parameters, dtype):
 def delegable(layer, names):
     """True when the worker may run ``layer``'s update of parameters ``names``.
 
-    The layer updates as the base class does, exactly ``names`` (its bias too
-    when it has one of its own), each with an optimizer that is exactly Adam
-    with no regularizer or exactly an L2 one.
+    The layer is trainable (not frozen), updates as the base class does,
+    exactly ``names`` (its bias too when it has one of its own), each with an
+    optimizer that is exactly Adam with no regularizer or exactly an L2 one.
     """
-    if (type(layer).take_gradients is not TrainableLayer.take_gradients
+    if (not layer.trainable or type(layer).take_gradients is not TrainableLayer.take_gradients
             or type(layer)._update_parameters is not TrainableLayer._update_parameters):
         return False
     if set(names) != ({"weights", "bias"} if layer._bias is not None else {"weights"}):

@@ -78,13 +78,16 @@ def _is_setting(value):
 
 
 def _parameters(layers):
-    """``(name, array)`` of every parameter that has a gradient: ``weights``/``bias`` per layer."""
+    """``(name, array)`` of every parameter that has a gradient: ``weights``/``bias`` per layer.
+
+    A frozen layer's (``trainable`` False) too: the worker's copies read them
+    every pass, so that parameters assigned to it after the fork reach them.
+    """
     found = []
     for index, layer in enumerate(layers):
-        if not layer.trainable:
-            continue
+        gradient_names = getattr(layer, "gradient_names", ())
         for name in ("weights", "bias"):
-            if getattr(layer, name, None) is not None and "gradient_" + name in layer.gradient_names:
+            if getattr(layer, name, None) is not None and "gradient_" + name in gradient_names:
                 found.append(((index, name), getattr(layer, name)))
     return found
 
@@ -311,6 +314,8 @@ class PieceWorker:
 
     def _put_gradients(self, replicas):
         for index, entries in self._of_layer.items():
+            if not replicas[index].trainable:  # frozen: no step takes its gradients
+                continue
             for name, _, shared in entries:
                 shared[...] = getattr(replicas[index], "gradient_" + name)
 

@@ -63,17 +63,13 @@ def process_pass(layers, pieces, shape, dtype, worker):
 
 def supports(layers):
     """True when the worker's copies can run these layers: every trainable layer's gradients
-    are of its ``weights``/``bias`` (what the worker hands back), no layer has parameters
-    but is not trainable, and none is in testing phase on its own. The worker takes only
-    trainable layers' parameters each pass, not a frozen layer's weights or batch norm's
-    running statistics; those passes keep the threads."""
+    are of its ``weights``/``bias`` (what the worker hands back), and no layer is in testing
+    phase on its own (a frozen batch norm: the worker's copies would normalize with the
+    running statistics they had at the fork; such passes keep the threads)."""
     for layer in layers:
         if getattr(layer, "testing_phase", False):
             return False
-        if layer.trainable:
-            if not set(layer.gradient_names) <= {"gradient_weights", "gradient_bias"}:
-                return False
-        elif getattr(layer, "weights", None) is not None:
+        if layer.trainable and not set(layer.gradient_names) <= {"gradient_weights", "gradient_bias"}:
             return False
     return True
 

@@ -176,15 +176,7 @@ def prepare_run(args, given):
     (train_images, train_labels), (test_images, test_labels) = load_data(settings)
     check_writable(out)  # before an epoch of training, not at its end
     options = model_options(settings)
-    xpnn.seed(settings["seed"])
-    if meta is None:
-        with xpnn.use_backend(backend):
-            from xpnn.models import lenet
-            net = lenet.build(**options)
-    else:
-        net = ckpt.build_model(meta, backend)
-        ckpt.restore_network_arrays(net, arrays)
-        set_learning_rate(net, settings["lr"])
+    net = build_network(settings, options, backend, meta, arrays)
     train_layer = DataLayer(train_images, train_labels, settings["batch_size"], backend=backend,
                             shuffle=True, seed=settings["seed"])
     test_layer = DataLayer(test_images, test_labels, args.eval_batch_size, backend=backend, shuffle=False)
@@ -196,6 +188,19 @@ def prepare_run(args, given):
             raise UsageError(f"{error}; resume with the data the run started with, or start "
                              f"afresh with --overwrite") from None
     return run
+
+
+def build_network(settings, options, backend, meta=None, arrays=None):
+    """A fresh LeNet for these options (seeded), or the checkpoint's (``meta``, ``arrays``)."""
+    xpnn.seed(settings["seed"])
+    if meta is None:
+        with xpnn.use_backend(backend):
+            from xpnn.models import lenet
+            return lenet.build(**options)
+    net = ckpt.build_model(meta, backend)
+    ckpt.restore_network_arrays(net, arrays)
+    set_learning_rate(net, settings["lr"])
+    return net
 
 
 def check_writable(out):

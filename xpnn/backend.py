@@ -125,14 +125,18 @@ class Backend:
             # (NumPy has one device. ~40 calls a training step in each process, each 3.5 µs
             # through owns() inside a step, the layers' objects out of cache; this ~1 µs.)
             return x
+        x = _without_autograd(x)
         if self.owns(x):
             if target is not None and x.dtype != target:
                 return self.xp.astype(x, target)
             return x
         if _library_of(x) is self.library:
-            # array_api_compat.to_device: torch tensors have no .to_device method.
-            moved = _to_device(x, self.device)
-            return moved if target is None else self.xp.astype(moved, target)
+            # Cast where it is, then move: the target device may not hold the source dtype
+            # (array-api-strict's "no_float64"). array_api_compat.to_device: torch tensors
+            # have no .to_device method.
+            if target is not None and x.dtype != target:
+                x = self.xp.astype(x, target)
+            return _to_device(x, self.device)
         host = _positive_strides(to_numpy(x))
         if target is not None:
             host = host.astype(_numpy_dtype_name(target), copy=False)
@@ -169,10 +173,18 @@ class Backend:
         shape = tuple(int(n) for n in shape)
         if _RANDOM_SOURCE == "host" or self.name in ("cpu", "array-api-strict"):
             host = np.random.random_sample(shape).astype(self.dtype_name)
+            if host.dtype == np.float32:
+                # Draws of 1 - 2**-25 and above round to 1.0 in float32, out of [0, 1): a
+                # dropout keeping everything (probability 1) would drop that unit.
+                np.minimum(host, _LARGEST_BELOW_ONE_32, out=host)
             return self.xp.asarray(host, device=self.device)
         if self.name == "gpu":
             return self.library.random.random_sample(shape, dtype=self.dtype_name)
         return self.library.rand(shape, dtype=self.dtype, device=self.device)
+
+
+#: The largest float32 below 1 (where float32 draws that rounded up to 1.0 go).
+_LARGEST_BELOW_ONE_32 = np.nextafter(np.float32(1), np.float32(0))
 
 
 # -- library helpers (the only place that names libraries) --------------------
@@ -213,6 +225,14 @@ def _library_of(x):
     return None
 
 
+def _without_autograd(x):
+    """A torch tensor that records autograd history, detached (same memory): a parameter
+    or moment built from it would grow the graph every step; anything else as it is."""
+    if getattr(x, "requires_grad", False) and _library_of(x) is sys.modules.get("torch"):
+        return x.detach()
+    return x
+
+
 def _same_device(x, device):
     import array_api_compat as compat
 
@@ -241,10 +261,11 @@ def asarray_like(x, reference):
 
     xp = compat.array_namespace(reference)
     device = compat.device(reference)
+    x = _without_autograd(x)
     if _library_of(x) is _library_of(reference):
-        if not _same_device(x, device):
-            x = _to_device(x, device)
-        return x if x.dtype == reference.dtype else xp.astype(x, reference.dtype)
+        if x.dtype != reference.dtype:  # (cast, then move: see Backend.asarray)
+            x = xp.astype(x, reference.dtype)
+        return x if _same_device(x, device) else _to_device(x, device)
     host = _positive_strides(to_numpy(x)).astype(_numpy_dtype_name(reference.dtype), copy=False)
     return xp.asarray(host, device=device)
 
@@ -257,11 +278,14 @@ def _positive_strides(host):
 
 
 def _numpy_dtype_name(dtype):
-    text = str(dtype)
-    for name in ("float64", "float32", "float16", "int64", "int32", "int8", "uint8", "bool"):
-        if name in text:
-            return name
-    raise TypeError(f"unsupported dtype {dtype!r}")
+    """NumPy's name of a dtype of any library (``torch.uint8``, ``float32``, np.int16, ...)."""
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        return np.dtype(dtype).name
+    text = str(dtype).rsplit(".", 1)[-1]  # ("torch.float32"; array-api-strict's prints bare)
+    try:
+        return np.dtype(text).name
+    except TypeError:
+        raise TypeError(f"unsupported dtype {dtype!r}") from None
 
 
 def to_numpy(x):
@@ -372,6 +396,8 @@ def canonical_name(name):
 
 
 def _check_dtype(dtype):
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):  # np.float32, the cpu backend's
+        dtype = np.dtype(dtype)
     name = getattr(dtype, "name", None) or str(dtype)
     name = name.replace("torch.", "").replace("array_api_strict.", "")
     if name not in FLOAT_DTYPES:
@@ -443,9 +469,10 @@ def use_backend(name, dtype=None, device=None):
 def set_default_dtype(dtype):
     """Set the default float dtype; the current backend is switched to it too."""
     global _DEFAULT_DTYPE, _CURRENT
-    _DEFAULT_DTYPE = _check_dtype(dtype)
-    if _CURRENT is not None:
-        _CURRENT = make_backend(_CURRENT.name, _DEFAULT_DTYPE, _CURRENT.device_spec)
+    name = _check_dtype(dtype)
+    if _CURRENT is not None:  # (first: a device without that dtype changes nothing)
+        _CURRENT = make_backend(_CURRENT.name, name, _CURRENT.device_spec)
+    _DEFAULT_DTYPE = name
 
 
 def get_default_dtype():

@@ -8,7 +8,7 @@ there, so a GPU is never fed from the host batch by batch.
 import numpy as np
 
 from xpnn._checks import positive_int
-from xpnn.backend import get_backend, make_backend
+from xpnn.backend import get_backend, make_backend, to_numpy
 
 #: Classes of the MNIST-format data sets (the default width of one-hot labels).
 NUM_CLASSES = 10
@@ -16,7 +16,7 @@ NUM_CLASSES = 10
 
 def _host_images(images):
     """Return images as a host array with a channel axis: (n, h, w) -> (n, 1, h, w)."""
-    host = np.asarray(images)
+    host = to_numpy(images)  # (from any backend or device, as layers accept)
     if host.ndim == 3:
         host = host.reshape(host.shape[0], 1, host.shape[1], host.shape[2])
     if host.ndim < 2:
@@ -27,12 +27,13 @@ def _host_images(images):
 
 def _host_labels(labels, count, num_classes):
     """Return integer class labels (n,) from class indices or one-hot rows; validate the range."""
-    host = np.asarray(labels)
+    host = to_numpy(labels)
+    given_shape = host.shape
     if host.ndim == 2 and host.shape[1] == num_classes:
         host = np.argmax(host, axis=1)
     if host.ndim != 1 or host.shape[0] != count:
         raise ValueError(f"DataLayer: expected {count} labels of shape ({count},) or one-hot "
-                         f"({count}, {num_classes}), got shape {np.shape(labels)}")
+                         f"({count}, {num_classes}), got shape {given_shape}")
     if host.dtype.kind not in "iub":
         raise ValueError(f"DataLayer: labels must be integer class indices, got dtype {host.dtype}")
     if host.size and (int(host.min()) < 0 or int(host.max()) >= num_classes):

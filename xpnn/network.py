@@ -291,6 +291,9 @@ class NeuralNetwork:
             layer.to(target)
         if self.loss_layer is not None and hasattr(self.loss_layer, "to"):
             self.loss_layer.to(target)
+        # The losses recorded so far too: np.sum(net.loss) must work after a move to the cpu.
+        self.loss = [value if isinstance(value, (int, float)) else target.asarray(value)
+                     for value in self.loss]
         return self
 
     @property

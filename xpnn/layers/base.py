@@ -79,7 +79,7 @@ class BaseLayer:
             if value is not None:
                 setattr(self, attribute, _move(value, target))
         for attribute, value in list(vars(self).items()):
-            if is_array_api_obj(value) and not target.owns(value):
+            if is_array_api_obj(value) and not _settled(value, target):
                 setattr(self, attribute, _move(value, target))
         for attribute in ("_optimizer", "_bias_optimizer"):
             optimizer = getattr(self, attribute, None)
@@ -104,6 +104,13 @@ class BaseLayer:
 
     def backward(self, error_tensor):
         raise NotImplementedError
+
+
+def _settled(value, target):
+    """True when array ``value`` needs no move to ``target``: its array already, and in its
+    float dtype if a float array (a cache after ``to(dtype=...)`` would keep the old one)."""
+    return target.owns(value) and (value.dtype == target.dtype
+                                   or not target.xp.isdtype(value.dtype, "real floating"))
 
 
 def _move(value, target):

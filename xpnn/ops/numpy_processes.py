@@ -34,8 +34,7 @@ start a new worker (see :func:`xpnn.ops.piece_worker.layers_key`). A failure in 
 the worker; the next pass starts another. Linux on x86-64 only (``fork``, and
 the store order the message rings rely on).
 """
-import numpy as np
-
+from xpnn.backend import to_numpy
 from xpnn.ops.piece_worker import PieceWorker, ProcessSlot, layers_key
 from xpnn.piecewise import backward_chain, note_piece, replica_in
 
@@ -159,7 +158,7 @@ class ProcessPass:
         if labels is None:
             return None, None
         middle, last = self.pieces[1]
-        return np.asarray(labels)[middle:last, ...], len(self.layers) - 1  # (down to below the SoftMax)
+        return to_numpy(labels)[middle:last, ...], len(self.layers) - 1  # (down to below the SoftMax)
 
     def _backward(self, error_tensor, stop, following):
         (first, middle), (_, last) = self.pieces

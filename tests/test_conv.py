@@ -7,7 +7,7 @@ import pytest
 
 import xpnn
 import conv_reference as ref
-from conftest import assert_close, assert_passes_leave_inputs_unchanged
+from conftest import assert_close, assert_passes_leave_inputs_unchanged, tolerance
 from xpnn.initializers import Constant
 from xpnn.layers.conv import Conv
 from xpnn.optimizers import Sgd
@@ -306,7 +306,7 @@ def test_move_to_another_backend_drops_the_forward_cache():
 
 
 @pytest.mark.parametrize("name, shape", [("weights", (4, 3, 3, 3)), ("weights", (4, 2, 3)),
-                                         ("bias", (3,)), ("bias", (1, 4))])
+                                         ("weights", (2, 4, 3, 3)), ("bias", (3,)), ("bias", (2, 2))])
 def test_wrongly_shaped_parameters_are_refused_when_assigned(backend, name, shape):
     conv = Conv((1, 1), (2, 3, 3), 4)
     before = xpnn.to_numpy(getattr(conv, name))
@@ -317,3 +317,39 @@ def test_wrongly_shaped_parameters_are_refused_when_assigned(backend, name, shap
     np.testing.assert_array_equal(xpnn.to_numpy(getattr(conv, name)), before)
     setattr(conv, name, np.ones(before.shape))   # the right shape is taken, on this backend
     assert backend.owns(getattr(conv, name))
+
+
+def test_a_kernel_assigned_without_its_unit_axes_is_taken_as_the_course_does(backend):
+    # The course's tests assign one kernel as (1, 3, 3) and then add the kernel axis with
+    # np.expand_dims on what they read back; only axes of length 1 may differ.
+    conv = Conv((1, 1), (1, 3, 3), 1)
+    kernel = np.array([[1.0, 2.0, 1.0], [2.0, 3.0, 2.0], [1.0, 2.0, 1.0]]) / 15.0
+    conv.weights = kernel[np.newaxis]
+    conv.weights = np.expand_dims(xpnn.to_numpy(conv.weights), 0)  # (1, 1, 1, 3, 3): 1-axes only
+    conv.bias = np.array([[0.0]])
+    assert tuple(conv.weights.shape) == (1, 1, 3, 3) and tuple(conv.bias.shape) == (1,)
+    image = np.random.default_rng(3).random((1, 1, 5, 6))
+    padded = np.pad(image[0, 0], 1)
+    expected = np.array([[np.sum(padded[y:y + 3, x:x + 3] * kernel) for x in range(6)]
+                         for y in range(5)])
+    np.testing.assert_allclose(xpnn.to_numpy(conv.forward(image))[0, 0], expected,
+                               rtol=tolerance(backend))
+
+
+def test_initialize_keeps_what_the_initializer_returns_and_forward_reports_a_misfit(backend):
+    # The course's initialization test hands in an initializer that returns a fixed
+    # (1, 3, 3, 3) array whatever the layer, and checks only fan_in and fan_out.
+    class FixedInitializer:
+        def initialize(self, shape, fan_in, fan_out):
+            self.fan_in, self.fan_out = fan_in, fan_out
+            return np.zeros((1, 3, 3, 3))
+
+    conv = Conv((1, 1), (3, 5, 8), 4)
+    initializer = FixedInitializer()
+    conv.initialize(initializer, Constant(0.1))
+    assert (initializer.fan_in, initializer.fan_out) == (3 * 5 * 8, 4 * 5 * 8)
+    with pytest.raises(ValueError, match=r"Conv: weights must have shape \(4, 3, 5, 8\), have "
+                                         r"\(1, 3, 3, 3\)"):
+        conv.forward(np.ones((1, 3, 6, 6)))
+    conv.initialize(Constant(0.5), Constant(0.1))  # a fitting initializer puts it right
+    assert tuple(conv.forward(np.ones((1, 3, 6, 6))).shape) == (1, 4, 6, 6)

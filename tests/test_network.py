@@ -1,4 +1,5 @@
 """NeuralNetwork: regularization loss, phase, per-layer optimizers, Iris training, save/load, to()."""
+import copy
 import functools
 import pickle
 
@@ -192,6 +193,48 @@ def test_each_trainable_layer_has_its_own_optimizer(backend):
     assert tuple(first.optimizer.velocity.shape) == (5, 6)
     assert tuple(second.optimizer.velocity.shape) == (7, 3)
     assert net.optimizer.velocity is None
+
+
+def test_phase_refuses_a_string():
+    net = build(Sgd(1e-2))
+    with pytest.raises(TypeError, match="phase is a bool"):
+        net.phase = "train"  # bool("train") would be True: the testing phase
+    assert not net.phase and not any(layer.testing_phase for layer in net.layers)
+
+
+def test_a_network_without_initializers_keeps_the_layers_weights(backend):
+    # The course's first exercise builds NeuralNetwork(optimizer) and its layers keep the
+    # uniform [0, 1) weights they were made with.
+    np.random.seed(2)
+    layer = FullyConnected(3, 2)
+    made_with = xpnn.to_numpy(layer.weights).copy()
+    net = NeuralNetwork(Sgd(1e-2))
+    net.append_layer(layer)
+    np.testing.assert_array_equal(xpnn.to_numpy(layer.weights), made_with)
+    assert layer.optimizer is not None
+    with pytest.raises(ValueError, match="both a weights and a bias initializer, or neither"):
+        NeuralNetwork(Sgd(1e-2), He())
+
+
+class GeneratorData(IrisData):
+    """A course data set: it holds a generator, which does not pickle."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = (index for index in range(10))
+
+
+def test_pickling_leaves_the_data_layer_out_and_a_deep_copy_keeps_it():
+    net = build(Sgd(1e-2), data_layer=GeneratorData())
+    with pytest.raises(TypeError):
+        pickle.dumps(net.data_layer)  # (the premise)
+    restored = pickle.loads(pickle.dumps(net))  # the course's rule: a data layer is not the model
+    assert restored.data_layer is None and net.data_layer is not None
+    np.testing.assert_array_equal(restored.layers[0].weights, net.layers[0].weights)
+    plain = build(Sgd(1e-2))
+    twin = copy.deepcopy(plain)
+    assert isinstance(twin.data_layer, IrisData) and twin.data_layer is not plain.data_layer
+    twin.train(1)
 
 
 def test_fully_connected_initialized_on_append(backend):

@@ -138,6 +138,14 @@ def test_adam_two_steps(backend, regularizer):
         assert_close(xpnn.to_numpy(second)[0], 0.9 + 1 / 190, rtol=1e-7)
 
 
+def test_adam_steps_integer_weights_in_floats():
+    # As Sgd does (an int array minus a float step is a float array); the moments may not be
+    # integers. One step from w = 2 with g = 1: m = 0.1, r = 0.001, m_hat = 1, r_hat = 1.
+    updated = Adam(0.5, 0.9, 0.999).calculate_update(np.array([2, 2]), np.array([1, 1]))
+    np.testing.assert_allclose(updated, 2 - 0.5 * 1 / (1 + 1e-8), rtol=1e-15)
+    assert updated.dtype == np.float64
+
+
 def test_python_scalars(backend):
     # Sgd(1): 1 - 1 * 1 = 0 (the course's own example)
     assert Sgd(1.0).calculate_update(1.0, 1.0) == 0.0

@@ -18,8 +18,10 @@ class NeuralNetwork:
     ----------
     optimizer : xpnn.optimizers.Optimizer
         Every trainable layer gets its own deep copy (state is per layer).
-    weights_initializer, bias_initializer : initializer
-        Used by ``append_layer`` to initialize trainable layers.
+    weights_initializer, bias_initializer : initializer, optional
+        Used by ``append_layer`` to initialize trainable layers. Both or
+        neither: without (the course's first exercise) layers keep the weights
+        they were made with (uniform on [0, 1)).
 
     Attributes
     ----------
@@ -38,8 +40,11 @@ class NeuralNetwork:
         exactly as appended.
     """
 
-    def __init__(self, optimizer, weights_initializer, bias_initializer):
+    def __init__(self, optimizer, weights_initializer=None, bias_initializer=None):
         self.optimizer = optimizer
+        if (weights_initializer is None) != (bias_initializer is None):
+            raise ValueError("NeuralNetwork: give both a weights and a bias initializer, or "
+                             "neither (the layers then keep the weights they were made with)")
         self.weights_initializer = weights_initializer
         self.bias_initializer = bias_initializer
         self.layers = []
@@ -60,9 +65,17 @@ class NeuralNetwork:
 
     def __getstate__(self):
         # A pass in pieces holds replicas and their caches, a worker is a process: not the model.
+        # Nor is the data layer (the course's rule: its data sets hold generators, which do not
+        # pickle); load(filename, data_layer) sets one. A deep copy keeps it (__deepcopy__).
         return {**self.__dict__, "_piecewise": None, "_worker": None, "_order": None,
                 "_next_batch": None, "_given_next": None, "_in_train": False, "_ahead": False,
-                "_started_for_caller": False}
+                "_started_for_caller": False, "data_layer": None}
+
+    def __deepcopy__(self, memo):
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy({**self.__getstate__(), "data_layer": self.data_layer}, memo))
+        return twin
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -82,15 +95,21 @@ class NeuralNetwork:
 
     @phase.setter
     def phase(self, testing_phase):
+        if isinstance(testing_phase, str):  # bool("train") is True: the testing phase
+            raise TypeError(f"NeuralNetwork.phase is a bool (True: testing phase, False: "
+                            f"training), not the string {testing_phase!r}")
         self._testing_phase = bool(testing_phase)
         for layer in self.layers:
             layer.testing_phase = self._testing_phase
 
     def append_layer(self, layer):
-        """Add ``layer``; a trainable one gets a copy of the optimizer and is initialized."""
+        """Add ``layer``; a trainable one gets a copy of the optimizer and is initialized (when
+        the network has initializers: built without, as in the course's first exercise, its
+        layers keep the weights they were made with)."""
         if layer.trainable:
             layer.optimizer = copy.deepcopy(self.optimizer)
-            layer.initialize(self.weights_initializer, self.bias_initializer)
+            if self.weights_initializer is not None or self.bias_initializer is not None:
+                layer.initialize(self.weights_initializer, self.bias_initializer)
         layer.testing_phase = self._testing_phase
         self.layers.append(layer)
 

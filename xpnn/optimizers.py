@@ -146,12 +146,14 @@ class Adam(Optimizer):
         these very moments (see :mod:`xpnn.ops.delegated_updates`).
         """
         xp = namespace(weights)
+        # (Integer weights step in floats, as Sgd's do: the moments may not be integers.)
+        dtype = None if xp.isdtype(weights.dtype, "real floating") else xp.float64
         if self.first_moment is None or self.first_moment.shape != weights.shape:
-            self.first_moment = xp.zeros_like(weights)
-            self.second_moment = xp.zeros_like(weights)
-            self._scratch = xp.empty_like(weights)
+            self.first_moment = xp.zeros_like(weights, dtype=dtype)
+            self.second_moment = xp.zeros_like(weights, dtype=dtype)
+            self._scratch = xp.empty_like(weights, dtype=dtype)
         elif getattr(self, "_scratch", None) is None:  # after to(), or pickled before it existed
-            self._scratch = xp.empty_like(weights)
+            self._scratch = xp.empty_like(self.first_moment)
         self.step_count += 1
         # Bias corrections are Python floats computed on the host: no device sync.
         # m_hat / (sqrt(r_hat) + eps) = (m / c1) / (sqrt(r) / sqrt(c2) + eps)

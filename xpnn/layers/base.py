@@ -106,6 +106,11 @@ class BaseLayer:
         raise NotImplementedError
 
 
+def _without_ones(shape):
+    """``shape`` without its axes of length 1."""
+    return tuple(int(n) for n in shape if n != 1)
+
+
 def _settled(value, target):
     """True when array ``value`` needs no move to ``target``: its array already, and in its
     float dtype if a float array (a cache after ``to(dtype=...)`` would keep the old one)."""
@@ -172,12 +177,18 @@ class TrainableLayer(BaseLayer):
 
     def _checked_parameter(self, name, value):
         """``value`` on this layer's backend and dtype; a wrong shape is a clear error now,
-        not a broken matrix product in the next forward pass."""
+        not a broken matrix product in the next forward pass.
+
+        A shape that differs only by axes of length 1 is reshaped: course code assigns a
+        single kernel as ``(3, 3)`` and then adds the leading axes with ``np.expand_dims``.
+        """
         value = self._as_input(value)
         expected = self.parameter_shapes().get(name)
         if expected is not None and tuple(value.shape) != tuple(expected):
-            raise ValueError(f"{type(self).__name__}: {name} must have shape {tuple(expected)}, "
-                             f"received {tuple(value.shape)}")
+            if _without_ones(value.shape) != _without_ones(expected):
+                raise ValueError(f"{type(self).__name__}: {name} must have shape "
+                                 f"{tuple(expected)}, received {tuple(value.shape)}")
+            value = self.backend.xp.reshape(value, tuple(expected))
         return value
 
     @property

@@ -74,8 +74,17 @@ class Conv(TrainableLayer):
         return {"weights": self.weights_shape, "bias": (self.num_kernels,)}
 
     def initialize(self, weights_initializer, bias_initializer):
-        """Draw weights ``(num_kernels, c, m[, n])`` and bias ``(num_kernels,)`` afresh."""
-        self.weights = weights_initializer.initialize(self.weights_shape, self.fan_in, self.fan_out)
+        """Draw weights ``(num_kernels, c, m[, n])`` and bias ``(num_kernels,)`` afresh.
+
+        The weights are kept as the initializer returns them, as the course's
+        layer does (its tests hand in one that checks only ``fan_in`` and
+        ``fan_out``); a shape that does not fit is reported by :meth:`forward`.
+        """
+        weights = weights_initializer.initialize(self.weights_shape, self.fan_in, self.fan_out)
+        try:
+            self.weights = weights
+        except ValueError:
+            self._weights = self._as_input(weights)
         self.bias = bias_initializer.initialize((self.num_kernels,), self.fan_in, self.fan_out)
 
     def forward(self, input_tensor):
@@ -119,6 +128,10 @@ class Conv(TrainableLayer):
         if len(shape) != rank + 2 or shape[1] != self.convolution_shape[0] or 0 in shape[2:]:
             raise ValueError(f"Conv: expected input of shape {self._expected_input()} for "
                              f"convolution_shape {self.convolution_shape}, got {shape}")
+        if tuple(self._weights.shape) != self.weights_shape:  # (see initialize)
+            raise ValueError(f"Conv: weights must have shape {self.weights_shape}, have "
+                             f"{tuple(self._weights.shape)} (as the weights initializer returned "
+                             f"them); assign weights of that shape or initialize again")
 
     def _check_error(self, shape):
         spatial = self._input_shape[2:]

@@ -8,7 +8,8 @@ import pytest
 
 import xpnn
 from xpnn.backend import BackendUnavailableError, make_backend
-from conftest import assert_close
+from conftest import (FLOAT32_ONE_SEED, FLOAT32_ONE_SHAPE, assert_close, backend_unavailable_reason,
+                      float32_draws_at_one)
 
 
 def test_unknown_backend_lists_valid_names():
@@ -149,3 +150,143 @@ def test_namespace_is_array_api_compats_on_every_backend(backend):
     assert namespace(x) is array_namespace(x)
     assert namespace(x, y) is array_namespace(x, y)
     assert namespace(np.ones(2)) is array_namespace(np.ones(2))
+
+
+@pytest.fixture
+def global_backend_state():
+    """Restore the default dtype and the current backend that the test changes."""
+    default = xpnn.get_default_dtype()
+    with xpnn.use_backend(xpnn.get_backend()):  # (restores the current backend on exit)
+        try:
+            yield
+        finally:
+            xpnn.set_backend("cpu", default)
+            xpnn.set_default_dtype(default)
+
+
+def _skip_without(name, device=None, dtype="float64"):
+    reason = backend_unavailable_reason(name, device, dtype)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+
+
+# -- conversions of torch tensors that record autograd -----------------------------------
+
+def test_torch_tensors_that_record_autograd_leave_no_graph_in_weights_or_adam_moments():
+    """Weights assigned from a tensor with requires_grad and inputs that require grad: after
+    training steps the weights, gradients and Adam moments record no autograd history (a
+    graph growing every step), and the weights are those of Adam computed in NumPy."""
+    _skip_without("torch")
+    import torch
+    from xpnn.layers import FullyConnected
+    from xpnn.optimizers import Adam
+
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((4, 2))
+    inputs, errors = rng.standard_normal((3, 5, 3)), rng.standard_normal((3, 5, 2))
+    learning_rate, mu, rho = 1e-2, 0.9, 0.999
+    with xpnn.use_backend("torch", "float64"):
+        layer = FullyConnected(3, 2)
+        layer.optimizer = Adam(learning_rate, mu, rho)
+        user_weights = torch.tensor(start, requires_grad=True)
+        layer.weights = user_weights
+        for x, error in zip(inputs, errors):
+            layer.forward(torch.tensor(x, requires_grad=True))
+            layer.backward(torch.tensor(error, requires_grad=True))
+    for name, tensor in (("weights", layer.weights), ("gradient_weights", layer.gradient_weights),
+                         ("first_moment", layer.optimizer.first_moment),
+                         ("second_moment", layer.optimizer.second_moment)):
+        assert isinstance(tensor, torch.Tensor), name
+        assert not tensor.requires_grad and tensor.grad_fn is None, name
+    assert user_weights.requires_grad  # (the caller's tensor keeps its own flag)
+    # Adam by hand: m = mu m + (1-mu) g; r = rho r + (1-rho) g**2; w -= lr m^ / (sqrt(r^) + 1e-8).
+    weights, first, second = start.copy(), np.zeros_like(start), np.zeros_like(start)
+    for step, (x, error) in enumerate(zip(inputs, errors), start=1):
+        gradient = np.hstack([x, np.ones((len(x), 1))]).T @ error
+        first = mu * first + (1 - mu) * gradient
+        second = rho * second + (1 - rho) * gradient**2
+        weights = weights - learning_rate * (first / (1 - mu**step)) / (
+            np.sqrt(second / (1 - rho**step)) + 1e-8)
+    assert_close(layer.weights, weights, rtol=1e-12)
+
+
+# -- cast, then move ---------------------------------------------------------------------------
+
+def test_float64_arrays_are_cast_before_they_move_to_a_device_without_float64():
+    from xpnn.backend import asarray_like
+
+    _skip_without("array-api-strict", "no_float64", "float32")
+    strict64 = make_backend("array-api-strict", "float64")
+    no_float64 = make_backend("array-api-strict", "float32", "no_float64")
+    host = np.array([[0.1, 2.5, -3.0], [1e-3, 4.0, 1.0 / 3.0]])
+    source = strict64.asarray(host, dtype=strict64.dtype)
+    assert strict64.owns(source) and source.dtype == strict64.xp.float64
+    reference = no_float64.asarray(np.zeros(2), dtype=no_float64.dtype)
+    for how, moved in (("Backend.asarray", lambda: no_float64.asarray(source, dtype=no_float64.dtype)),
+                       ("asarray_like", lambda: asarray_like(source, reference))):
+        result = moved()
+        assert no_float64.owns(result) and result.dtype == no_float64.xp.float32, how
+        assert result.device == no_float64.device, how
+        np.testing.assert_array_equal(xpnn.to_numpy(result), host.astype(np.float32), err_msg=how)
+
+
+# -- dtype names ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["array-api-strict", "torch"])
+def test_asarray_keeps_the_exact_integer_dtype_asked_for(name):
+    """uint8 stays uint8 (it once became int8: 200 -> -56); int16 and uint16 convert."""
+    _skip_without(name)
+    backend = make_backend(name, "float64")
+    for values, source_dtype, dtype in (([200, 3], np.uint8, "uint8"),
+                                        ([-300, 3], np.int64, "int16"),
+                                        ([60000, 3], np.int64, "uint16")):
+        converted = backend.asarray(np.array(values, source_dtype), dtype=dtype)
+        assert backend.owns(converted) and converted.dtype == getattr(backend.xp, dtype), dtype
+        host = xpnn.to_numpy(converted)
+        assert host.dtype == np.dtype(dtype), dtype
+        np.testing.assert_array_equal(host, values, err_msg=dtype)
+
+
+def test_numpy_scalar_types_are_accepted_as_dtypes(global_backend_state):
+    """np.float32 (the cpu backend's own dtype object) names a dtype like "float32" does."""
+    cpu32 = make_backend("cpu", "float32")
+    assert cpu32.dtype is np.float32  # (the object a cpu network's backend.dtype gives)
+    assert xpnn.set_backend("cpu", dtype=np.float32) is cpu32
+    assert xpnn.set_backend("cpu", dtype=np.float64).dtype_name == "float64"
+    assert xpnn.set_backend("cpu", dtype=cpu32.dtype) is cpu32
+    xpnn.set_default_dtype(np.float32)
+    assert xpnn.get_default_dtype() == "float32" and xpnn.get_backend() is cpu32
+    assert make_backend("array-api-strict").dtype_name == "float32"
+    xpnn.set_default_dtype(np.dtype(np.float64))
+    assert xpnn.get_default_dtype() == "float64" and xpnn.get_backend().dtype_name == "float64"
+
+
+def test_a_default_dtype_the_current_device_refuses_changes_nothing(global_backend_state):
+    _skip_without("array-api-strict", "no_float64", "float32")
+    xpnn.set_default_dtype("float32")
+    current = xpnn.set_backend("array-api-strict", "float32", "no_float64")
+    with pytest.raises(ValueError, match="float32"):
+        xpnn.set_default_dtype("float64")
+    assert xpnn.get_default_dtype() == "float32"
+    assert xpnn.get_backend() is current
+    assert make_backend("cpu").dtype_name == "float32"  # (the default still applies)
+
+
+# -- float32 draws -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, device", [("cpu", None), ("array-api-strict", None),
+                                          ("array-api-strict", "no_float64"), ("torch", None)],
+                         ids=["numpy", "strict", "strict-no_float64", "torch-host_random"])
+def test_float32_host_draws_stay_below_one(name, device):
+    """A float64 draw of 1 - 2**-25 or more rounds to 1.0 in float32, out of [0, 1); the
+    draw must stay below 1, every other draw is the float32 rounding of NumPy's."""
+    _skip_without(name, device, "float32")
+    backend = make_backend(name, "float32", device)
+    draws, at_one = float32_draws_at_one()
+    np.random.seed(FLOAT32_ONE_SEED)
+    with xpnn.host_random():  # (torch draws on the host only then; the others always do)
+        sample = xpnn.to_numpy(backend.random_uniform(FLOAT32_ONE_SHAPE))
+    assert sample.shape == FLOAT32_ONE_SHAPE and sample.dtype == np.float32
+    assert sample.max() < 1.0 and sample.min() >= 0.0
+    assert np.all(sample[at_one] >= np.float32(0.99))  # (still a draw near 1)
+    np.testing.assert_array_equal(sample[~at_one], draws[~at_one].astype(np.float32))

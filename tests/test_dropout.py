@@ -6,7 +6,7 @@ import xpnn
 from xpnn.backend import make_backend
 from xpnn.layers.dropout import Dropout
 from xpnn.testing import L2Loss, gradient_check
-from conftest import assert_close
+from conftest import FLOAT32_ONE_SEED, FLOAT32_ONE_SHAPE, assert_close, float32_draws_at_one
 
 
 def test_gradient_check_input(backend):
@@ -100,6 +100,18 @@ def test_float32_stays_float32(backend32):
     error = layer.backward(np.ones((4, 6), dtype=np.float32))
     assert xpnn.to_numpy(output).dtype == np.float32
     assert xpnn.to_numpy(error).dtype == np.float32
+
+
+def test_dropout_one_keeps_every_unit_in_float32_even_where_a_draw_rounds_to_one():
+    _, at_one = float32_draws_at_one()  # (a draw of this seed rounds to 1.0 in float32)
+    with xpnn.use_backend("cpu", dtype="float32"):
+        layer = Dropout(1.0)
+        np.random.seed(FLOAT32_ONE_SEED)
+        output = xpnn.to_numpy(layer.forward(np.ones(FLOAT32_ONE_SHAPE, dtype=np.float32)))
+        error = xpnn.to_numpy(layer.backward(np.full(FLOAT32_ONE_SHAPE, 2.0, dtype=np.float32)))
+    assert at_one.sum() == 1
+    np.testing.assert_array_equal(output, np.ones(FLOAT32_ONE_SHAPE, dtype=np.float32))
+    np.testing.assert_array_equal(error, np.full(FLOAT32_ONE_SHAPE, 2.0, dtype=np.float32))
 
 
 @pytest.mark.parametrize("probability", [0.0, -0.5, 1.5, float("nan"), "half"])

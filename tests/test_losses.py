@@ -62,6 +62,30 @@ def test_labels_follow_the_prediction(backend):
         assert backend.owns(loss_layer.backward(label_tensor))
 
 
+def test_float64_labels_with_a_float32_prediction_on_a_device_without_float64():
+    """Labels in float64 on array-api-strict's default device are cast to float32 before they
+    move to the prediction's 'no_float64' device (which holds no float64 array)."""
+    from conftest import backend_unavailable_reason
+
+    reason = backend_unavailable_reason("array-api-strict", "no_float64", "float32")
+    if reason is not None:
+        pytest.skip(reason)
+    no_float64 = make_backend("array-api-strict", "float32", "no_float64")
+    strict64 = make_backend("array-api-strict", "float64")
+    prediction, labels = _batch(seed=5)
+    prediction32 = prediction.astype(np.float32).astype(np.float64)
+    eps32 = float(np.finfo(np.float32).eps)
+    with xpnn.use_backend(no_float64):
+        loss_layer = CrossEntropyLoss()
+    label_tensor = strict64.asarray(labels, dtype=strict64.dtype)
+    loss = loss_layer.forward(no_float64.asarray(prediction, dtype=no_float64.dtype), label_tensor)
+    assert no_float64.owns(loss) and loss.dtype == no_float64.dtype
+    assert_close(loss, -np.sum(labels * np.log(prediction32 + eps32)), rtol=1e-6)
+    error = loss_layer.backward(label_tensor)
+    assert no_float64.owns(error) and error.dtype == no_float64.dtype
+    assert_close(error, -labels / (prediction32 + eps32), rtol=1e-6)
+
+
 def test_gradient_check_through_softmax(backend):
     rng = np.random.default_rng(3)
     input_tensor = rng.standard_normal((4, 5))

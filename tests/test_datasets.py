@@ -513,3 +513,54 @@ def test_test_set_and_bad_input(backend):
         DataLayer(indexed_images(2), [0, 1, 2], 2)
     with pytest.raises(ValueError, match="batch_size"):
         DataLayer(indexed_images(2), [0, 1], 0)
+
+
+def _arrays_of(source):
+    """A function giving arrays of ``source`` (another backend's) from NumPy arrays, or None
+    where that backend cannot run here."""
+    from conftest import backend_unavailable_reason
+
+    if source == "strict-device1":
+        if backend_unavailable_reason("array-api-strict", "device1") is not None:
+            return None
+        strict = xpnn.make_backend("array-api-strict", "float64", "device1")
+        return strict.asarray
+    if backend_unavailable_reason("torch") is not None:
+        return None
+    import torch
+    if source == "torch":
+        return torch.asarray
+    # Tensors that record autograd (floats only): NumPy cannot read them without detach().
+    return lambda host: torch.tensor(host.astype(np.float64), requires_grad=True)
+
+
+@pytest.mark.parametrize("source", ["strict-device1", "torch", "torch-requires-grad"])
+def test_images_and_labels_of_another_backend_give_the_batches_of_numpy_copies(backend, source):
+    convert = _arrays_of(source)
+    if convert is None:
+        pytest.skip(f"{source} cannot run here")
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (11, 4, 4)).astype(np.uint8)
+    labels = rng.integers(0, 10, 11)
+    test_images, test_labels = images[:3], labels[:3]
+    if source == "torch-requires-grad":  # (floats: not rescaled; one-hot labels)
+        images, test_images = images / 255.0, test_images / 255.0
+        labels, test_labels = np.eye(10)[labels], np.eye(10)[test_labels]
+    given = DataLayer(convert(images), convert(labels), 4, seed=5,
+                      test_images=convert(test_images), test_labels=convert(test_labels))
+    copies = DataLayer(images.copy(), labels.copy(), 4, seed=5,
+                       test_images=test_images.copy(), test_labels=test_labels.copy())
+    for _ in range(5):  # (two epochs of 3 batches, the last of each 3 samples)
+        for mine, theirs in zip(given.next(), copies.next()):
+            assert backend.owns(mine) and mine.dtype == theirs.dtype == backend.dtype
+            np.testing.assert_array_equal(xpnn.to_numpy(mine), xpnn.to_numpy(theirs))
+    assert (given.epoch, given.position) == (copies.epoch, copies.position) == (1, 8)
+    for mine, theirs in zip(given.get_test_set(), copies.get_test_set()):
+        assert backend.owns(mine)
+        np.testing.assert_array_equal(xpnn.to_numpy(mine), xpnn.to_numpy(theirs))
+    # (and the NumPy copies' batches are the images scaled to [0, 1], with one-hot labels)
+    images_batch, one_hot = copies.get_test_set()
+    host_images = images[:3] if images.dtype != np.uint8 else images[:3] / 255.0
+    np.testing.assert_allclose(xpnn.to_numpy(images_batch)[:, 0], host_images, rtol=1e-12)
+    classes = labels[:3] if labels.ndim == 1 else np.argmax(labels[:3], axis=1)
+    np.testing.assert_array_equal(xpnn.to_numpy(one_hot), np.eye(10)[classes])

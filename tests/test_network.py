@@ -14,7 +14,7 @@ from xpnn.losses import CrossEntropyLoss
 from xpnn.network import load, save
 from xpnn.optimizers import Adam, Sgd, SgdWithMomentum
 from xpnn.regularizers import L1_Regularizer, L2_Regularizer
-from conftest import assert_close
+from conftest import assert_close, backend_unavailable_reason
 
 EPS64 = np.finfo(np.float64).eps
 
@@ -326,6 +326,79 @@ def test_to_by_name_keeps_the_network_dtype():
     assert all(layer.backend.dtype_name == "float32" for layer in net.layers)
     assert net.layers[0].weights.dtype == net.layers[0].backend.xp.float32
     net.train(1)
+
+
+def _random_data(seed=0, batch=6):
+    rng = np.random.default_rng(seed)
+    return FixedData(rng.standard_normal((batch, 4)), np.eye(3)[rng.integers(0, 3, batch)])
+
+
+def test_to_accepts_the_dtype_object_of_another_library():
+    """net.to("torch", dtype=<the cpu backend's dtype object, np.float32>) names float32."""
+    reason = backend_unavailable_reason("torch", dtype="float32")
+    if reason is not None:
+        pytest.skip(f"torch: {reason}")
+    with xpnn.use_backend("cpu", "float64"):
+        np.random.seed(5)
+        net = build(Adam(1e-2, 0.9, 0.999), data_layer=_random_data())
+    before = [xpnn.to_numpy(layer.weights).copy() for layer in net.layers if layer.trainable]
+    net.to("torch", dtype=xpnn.make_backend("cpu", "float32").dtype)
+    torch32 = xpnn.make_backend("torch", "float32")
+    assert all(layer.backend is torch32 for layer in net.layers)
+    moved = [layer.weights for layer in net.layers if layer.trainable]
+    for weights, expected in zip(moved, before):
+        assert torch32.owns(weights) and weights.dtype == torch32.dtype
+        np.testing.assert_array_equal(xpnn.to_numpy(weights), expected.astype(np.float32))
+    net.train(1)
+    assert torch32.owns(net.loss[-1]) and net.loss[-1].dtype == torch32.dtype
+
+
+def _float_arrays(net):
+    """(where, array) of every float NumPy array attribute of the layers and their optimizers."""
+    found = []
+    for index, layer in enumerate(net.layers):
+        owners = [(f"{index}.{layer.name}", layer)] + [
+            (f"{index}.{layer.name}.{name}", getattr(layer, name))
+            for name in ("_optimizer", "_bias_optimizer") if getattr(layer, name, None) is not None]
+        for where, owner in owners:
+            found += [(f"{where}.{attribute}", value) for attribute, value in vars(owner).items()
+                      if isinstance(value, np.ndarray) and value.dtype.kind == "f"]
+    return found
+
+
+def test_to_another_dtype_leaves_no_float_array_of_the_old_dtype():
+    """Forward caches, not only parameters and optimizer state, follow net.to(dtype=...)."""
+    with xpnn.use_backend("cpu", "float64"):
+        np.random.seed(6)
+        net = NeuralNetwork(Adam(1e-2, 0.9, 0.999), He(), Constant(0.1))
+        net.data_layer, net.loss_layer = _random_data(1), CrossEntropyLoss()
+        for layer in (FullyConnected(4, 8), BatchNormalization(8), TanH(), FullyConnected(8, 3), SoftMax()):
+            net.append_layer(layer)
+        net.train(2)
+        net.forward()  # (a forward pass after the last step: its caches in float64)
+    before = _float_arrays(net)
+    state = {f"{index}.{layer.name}.{name}" for index, layer in enumerate(net.layers)
+             for name in layer.state_names}
+    caches = [where for where, value in before if value.dtype == np.float64 and where not in state]
+    assert caches, "no float64 forward cache to move: the test would not see one left behind"
+    net.to("cpu", "float32")
+    assert [where for where, value in _float_arrays(net) if value.dtype != np.float32] == []
+    net.train(1)
+    assert net.loss[-1].dtype == np.float32
+
+
+def test_np_sum_of_loss_after_moving_from_strict_device1_to_the_cpu():
+    strict = xpnn.make_backend("array-api-strict", "float64", "device1")
+    with xpnn.use_backend(strict):
+        np.random.seed(7)
+        net = build(Sgd(1e-2), data_layer=_random_data(2))
+        net.train(3)
+    assert all(strict.owns(value) for value in net.loss)
+    recorded = [float(xpnn.to_numpy(value)) for value in net.loss]
+    net.to("cpu")
+    total = np.sum(net.loss)
+    assert total == pytest.approx(sum(recorded), rel=1e-14)
+    np.testing.assert_array_equal([float(value) for value in net.loss], recorded)
 
 
 # -- bad input ----------------------------------------------------------------------------

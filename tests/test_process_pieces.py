@@ -31,7 +31,8 @@ from xpnn.ops import Ops
 from xpnn.ops import numpy_ops, numpy_settings, piece_worker
 from xpnn.optimizers import Sgd
 from xpnn.regularizers import L2_Regularizer
-from conftest import CyclingBatches, assert_error_names_the_whole_batch, random_image_batches
+from conftest import (CyclingBatches, assert_error_names_the_whole_batch, backend_unavailable_reason,
+                      random_image_batches)
 
 BATCH = 2 * numpy_ops.MIN_SAMPLES_PER_PROCESS
 
@@ -104,6 +105,43 @@ def test_two_processes_train_like_one_piece(cpu64, monkeypatch):
     assert whole._worker is None and cut._worker is not None and cut._worker.alive
     assert cut.layers[0]._cache is None  # the replicas ran the pieces, not the layers
     _assert_same_training(cut, whole)
+
+
+class LabelsOfAnotherBackend:
+    """The batches of ``batches`` with their labels converted by ``convert`` (another backend's)."""
+
+    def __init__(self, batches, convert):
+        self.batches, self.convert = batches, convert
+
+    def next(self):
+        images, labels = self.batches.next()
+        return images, self.convert(labels)
+
+
+def _labels_of(source):
+    if source == "strict-device1":
+        reason = backend_unavailable_reason("array-api-strict", "device1")
+        if reason is not None:
+            pytest.skip(reason)
+        return make_backend("array-api-strict", "float64", "device1").asarray
+    reason = backend_unavailable_reason("torch")
+    if reason is not None:
+        pytest.skip(f"torch: {reason}")
+    import torch
+    return lambda labels: torch.tensor(labels, requires_grad=True)  # (NumPy cannot read these)
+
+
+@pytest.mark.parametrize("source", ["strict-device1", "torch-requires-grad"])
+def test_labels_of_another_backend_train_in_two_processes_like_numpy_labels(cpu64, monkeypatch, source):
+    convert = _labels_of(source)
+    with_numpy_labels = _train(cpu64, monkeypatch, processes=2, net=_seeded_net(()))
+    net = _seeded_net(())
+    net.data_layer = LabelsOfAnotherBackend(net.data_layer, convert)
+    assert not isinstance(net.data_layer.next()[1], np.ndarray)  # (then back to the first batch)
+    net.data_layer.batches.position = 0
+    with_other_labels = _train(cpu64, monkeypatch, processes=2, net=net)
+    assert with_other_labels._worker is not None and with_other_labels._worker.alive
+    _assert_same_training(with_other_labels, with_numpy_labels)
 
 
 class CountingBatches(CyclingBatches):

@@ -230,6 +230,23 @@ def test_float64_arrays_are_cast_before_they_move_to_a_device_without_float64():
         np.testing.assert_array_equal(xpnn.to_numpy(result), host.astype(np.float32), err_msg=how)
 
 
+def test_float32_arrays_leave_a_device_without_float64_for_float64():
+    # The other direction: the source device cannot hold the target dtype (cast there fails).
+    from xpnn.backend import asarray_like
+
+    _skip_without("array-api-strict", "no_float64", "float32")
+    strict64 = make_backend("array-api-strict", "float64")
+    no_float64 = make_backend("array-api-strict", "float32", "no_float64")
+    host = np.array([0.1, 2.5, -3.0], dtype=np.float32)
+    source = no_float64.asarray(host, dtype=no_float64.dtype)
+    reference = strict64.asarray(np.zeros(2), dtype=strict64.dtype)
+    for how, moved in (("Backend.asarray", lambda: strict64.asarray(source, dtype=strict64.dtype)),
+                       ("asarray_like", lambda: asarray_like(source, reference))):
+        result = moved()
+        assert strict64.owns(result) and result.dtype == strict64.xp.float64, how
+        np.testing.assert_array_equal(xpnn.to_numpy(result), host.astype(np.float64), err_msg=how)
+
+
 # -- dtype names ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["array-api-strict", "torch"])

@@ -130,13 +130,11 @@ class Backend:
             if target is not None and x.dtype != target:
                 return self.xp.astype(x, target)
             return x
-        if _library_of(x) is self.library:
-            # Cast where it is, then move: the target device may not hold the source dtype
-            # (array-api-strict's "no_float64"). array_api_compat.to_device: torch tensors
-            # have no .to_device method.
-            if target is not None and x.dtype != target:
-                x = self.xp.astype(x, target)
+        if _library_of(x) is self.library and (target is None or x.dtype == target):
+            # array_api_compat.to_device: torch tensors have no .to_device method.
             return _to_device(x, self.device)
+        # Another library, or another device and dtype: through the host (either device may
+        # lack one of the dtypes: array-api-strict's "no_float64").
         host = _positive_strides(to_numpy(x))
         if target is not None:
             host = host.astype(_numpy_dtype_name(target), copy=False)
@@ -263,9 +261,11 @@ def asarray_like(x, reference):
     device = compat.device(reference)
     x = _without_autograd(x)
     if _library_of(x) is _library_of(reference):
-        if x.dtype != reference.dtype:  # (cast, then move: see Backend.asarray)
-            x = xp.astype(x, reference.dtype)
-        return x if _same_device(x, device) else _to_device(x, device)
+        if _same_device(x, device):
+            return x if x.dtype == reference.dtype else xp.astype(x, reference.dtype)
+        if x.dtype == reference.dtype:
+            return _to_device(x, device)
+    # (Another device and dtype: through the host, see Backend.asarray.)
     host = _positive_strides(to_numpy(x)).astype(_numpy_dtype_name(reference.dtype), copy=False)
     return xp.asarray(host, device=device)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import xpnn
+from xpnn.layers import SoftMax
 from xpnn.ops import numpy_settings
 from xpnn.ops.shared_memory import MessageRing
 from test_process_pieces import BATCH, _assert_same_training, _net, cpu64  # noqa: F401 (fixture)
@@ -160,3 +161,24 @@ def test_a_worker_left_waiting_sleeps_instead_of_spinning(cpu64, monkeypatch):
     used = _cpu_seconds(pid) - before
     net._worker.close()
     assert used < 0.3, f"the waiting worker used {used:.2f} s of CPU in 1 s"
+
+
+class OwnSoftMax(SoftMax):
+    """A SoftMax of the user's own (e.g. a wrapper): the network does not fuse it with the loss."""
+
+    def backward(self, error_tensor):
+        return super().backward(error_tensor)
+
+
+def test_a_network_without_the_fused_softmax_trains_ahead_like_one_piece(cpu64, monkeypatch):
+    # Its backward pass starts from the loss's gradient through OwnSoftMax: the worker may
+    # not go into its backward pass by itself, for this step or the one it starts ahead.
+    nets = {}
+    for processes in (1, 2):
+        monkeypatch.setattr(cpu64.ops, "processes", processes)
+        xpnn.seed(5)
+        net = nets[processes] = _net()
+        net.layers[-1] = OwnSoftMax()
+        net.train(3)
+    assert nets[2]._worker is not None
+    _assert_same_training(nets[2], nets[1])

@@ -101,6 +101,7 @@ class ProcessPass:
         self.output = None
         self._replicas = None
         self._shape = None
+        self._with_labels = False  # the forward pass was given labels (see forward)
 
     def forward(self, tensor, labels=None):
         """Both pieces through the layers at once; returns the joined outputs.
@@ -132,6 +133,7 @@ class ProcessPass:
         (first, middle), (_, last) = self.pieces
         ops = self.layers[0].backend.ops
         self._shape = tuple(tensor.shape)
+        self._with_labels = labels is not None
         if self.worker.ahead_input is not None:  # started by the last pass's backward, on this batch
             self.worker.ahead_input = None
         else:
@@ -184,7 +186,8 @@ class ProcessPass:
         if ahead:
             tensor = ops.backend.asarray(following[0], dtype=ops.backend.dtype)
             self.worker.start_forward(self.layers, tensor[middle:last, ...], (middle, last), last - first,
-                                      *self._speculation(following[1]), ahead_input=following[0],
+                                      *self._speculation(following[1] if self._with_labels else None),
+                                      ahead_input=following[0],
                                       ahead_labels=following[1])
         try:
             for index, layer in enumerate(self.layers[:stop]):

@@ -1,10 +1,11 @@
 """The backend object and its registry.
 
-This is the only module in xpnn that knows library names (NumPy, CuPy, PyTorch,
-array-api-strict). Everything else receives a :class:`Backend` and works through
-its ``xp`` namespace, which is an array-api-compat namespace (or
-array-api-strict itself), so layers are written once against the Python array
-API standard.
+This is the only module in xpnn that picks a library by name (NumPy, CuPy,
+PyTorch, array-api-strict); the per-backend fast paths in :mod:`xpnn.ops`
+(``NumpyOps``, ``CupyOps``) import their own library. Everything else receives
+a :class:`Backend` and works through its ``xp`` namespace, which is an
+array-api-compat namespace (or array-api-strict itself), so layers are written
+once against the Python array API standard.
 
 Names
 -----

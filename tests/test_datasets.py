@@ -491,6 +491,23 @@ def test_load_state_dict_drops_the_cached_epoch_order(backend):
     assert batch_indices(layer.next()[0]).tolist() == seed_two_first
 
 
+def test_a_state_of_other_samples_of_the_same_number_is_refused(backend):
+    images = indexed_images(20)
+    layer = DataLayer(images, np.zeros(20, dtype=int), 6, seed=1)
+    same = DataLayer(images.copy(), np.zeros(20, dtype=int), 6, seed=1)
+    same.next()
+    layer.load_state_dict(same.state_dict())  # the same samples (another copy): taken
+    assert layer.position == 6
+    for other_images, other_labels in ((images[::-1].copy(), np.zeros(20, dtype=int)),
+                                       (images, np.arange(20) % 10)):
+        other = DataLayer(other_images, other_labels, 6, seed=1)
+        with pytest.raises(ValueError, match="saved state is for other samples"):
+            layer.load_state_dict(other.state_dict())
+    state = same.state_dict()
+    del state["fingerprint"]  # a state saved before fingerprints: the count check only
+    layer.load_state_dict(state)
+
+
 def test_default_seed_follows_numpy_global_seed():
     np.random.seed(5)
     first = DataLayer(indexed_images(8), np.zeros(8, dtype=int), 8).next()[0]

@@ -187,6 +187,19 @@ def test_resume_on_more_images_is_a_usage_error(tmp_path, capsys):
     assert file_bytes(out) == before
 
 
+def test_resume_on_other_images_of_the_same_number_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(write_mnist_dir(tmp_path / "first", seed=0), out, "--batch-size", "32",
+                 "--no-progress") == 0
+    before = file_bytes(out)
+    capsys.readouterr()
+    other = write_mnist_dir(tmp_path / "other", seed=1)  # as many images, other ones
+    assert train(other, out, "--resume", "--epochs", "2", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "other samples" in err and "resume with the data the run started with" in err, err
+    assert file_bytes(out) == before
+
+
 # -- g. torch: an epoch-end resume equals the uninterrupted run --------------------------------
 
 def test_torch_resume_at_epoch_end_equals_uninterrupted_bit_for_bit(data_dir, tmp_path):

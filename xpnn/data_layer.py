@@ -5,6 +5,8 @@ one_hot_labels)`` on the backend, reshuffled every epoch from a seed. The
 whole data set is moved to the backend's device once; batches are gathered
 there, so a GPU is never fed from the host batch by batch.
 """
+import hashlib
+
 import numpy as np
 
 from xpnn._checks import positive_int
@@ -42,6 +44,16 @@ def _host_labels(labels, count, num_classes):
     return host.astype(np.int64)
 
 
+def _fingerprint(images, labels):
+    """A short hash of the labels and of about 512 images spread over the set: tells a saved
+    position's data from other data of the same size (~2 ms for MNIST's 60,000)."""
+    stride = max(1, images.shape[0] // 512)
+    digest = hashlib.sha256(np.ascontiguousarray(labels).tobytes())
+    digest.update(str(images.shape).encode())
+    digest.update(np.ascontiguousarray(images[::stride]).tobytes())
+    return digest.hexdigest()[:16]
+
+
 class _DeviceSet:
     """One split (images and labels) resident on a backend's device.
 
@@ -58,8 +70,10 @@ class _DeviceSet:
             host_images = host_images.astype(backend.dtype_name, copy=False)
         self.size = count
         self.backend = backend
+        host_labels = _host_labels(labels, count, num_classes)
+        self.fingerprint = _fingerprint(host_images, host_labels)
         self.images = backend.asarray(host_images)
-        self.labels = backend.asarray(_host_labels(labels, count, num_classes))
+        self.labels = backend.asarray(host_labels)
         xp = backend.xp
         self.classes = xp.arange(num_classes, dtype=xp.int64, device=backend.device)
 
@@ -186,7 +200,8 @@ class DataLayer:
     def state_dict(self):
         """Return the position in the data stream as plain Python values (JSON-serializable)."""
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
-                "size": self.size, "shuffle": self.shuffle, "batch_size": self.batch_size}
+                "size": self.size, "shuffle": self.shuffle, "batch_size": self.batch_size,
+                "fingerprint": self._train.fingerprint}
 
     def load_state_dict(self, state):
         """Continue from a :meth:`state_dict` of a data layer over the same samples."""
@@ -194,6 +209,10 @@ class DataLayer:
             raise ValueError(
                 f"DataLayer: the saved state is for {state['size']} samples with "
                 f"shuffle={state['shuffle']}, this layer has {self.size} with shuffle={self.shuffle}")
+        saved = state.get("fingerprint")  # (states saved before it existed have none)
+        if saved is not None and saved != self._train.fingerprint:
+            raise ValueError(f"DataLayer: the saved state is for other samples (their fingerprint "
+                             f"{saved}, this layer's {self._train.fingerprint}), though as many")
         position = int(state["position"])
         if not 0 <= position < self.size:
             raise ValueError(f"DataLayer: saved position {position} is outside [0, {self.size})")

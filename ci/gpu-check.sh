@@ -7,8 +7,8 @@
 # into a private folder. It prints the GPU, driver, CUDA, CuPy and PyTorch
 # versions, runs the backend-parity suite on CuPy and PyTorch-CUDA, then the GPU
 # benchmark (xpnn on CuPy against PyTorch on CUDA), and exits non-zero on any
-# parity failure.
-#   OUT=dir ci/gpu-check.sh      also writes parity.log and bench-gpu.json into dir
+# parity or GPU test failure.
+#   OUT=dir ci/gpu-check.sh      also writes parity.log, gpu-tests.log and bench-gpu.json into dir
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-.}"
@@ -50,13 +50,20 @@ python3 -m pytest -q -p no:cacheprovider -m parity -k "cupy or torch-cuda or num
 parity_status=${PIPESTATUS[0]}
 
 echo "== GPU tests beyond parity (every test on the cupy backend)"
-python3 -m pytest -q -p no:cacheprovider -k "cupy" tests 2>&1 | tail -n 15
+python3 -m pytest -q -p no:cacheprovider -k "cupy" tests 2>&1 | tee "$out/gpu-tests.log" | tail -n 15
+gpu_tests_status=${PIPESTATUS[0]}
 
 echo "== GPU benchmark: xpnn on CuPy vs PyTorch on CUDA"
 python3 scripts/bench.py --backend gpu --iterations 100 --json "$out/bench-gpu.json" || echo "benchmark failed"
 
+status=0
 if [ "$parity_status" -ne 0 ]; then
   echo "PARITY FAILED (pytest exit $parity_status)"
-  exit 1
+  status=1
 fi
-echo "parity passed"
+if [ "$gpu_tests_status" -ne 0 ]; then
+  echo "GPU TESTS FAILED (pytest exit $gpu_tests_status; see gpu-tests.log)"
+  status=1
+fi
+[ "$status" -eq 0 ] && echo "parity and GPU tests passed"
+exit "$status"

@@ -238,6 +238,17 @@ def test_adam_update_matches_generic_over_steps(cupy_pair):
             _close(actual, reference, backend, f"{name} moment after step {step}")
 
 
+def test_adam_steps_integer_weights_on_the_gpu_as_the_generic_path(cupy_pair):
+    # Integer weights get float64 moments (Adam.next_step): no one kernel type fits them all.
+    fused, generic, backend = cupy_pair
+    from xpnn.optimizers import Adam
+
+    with xpnn.use_backend(backend):
+        updated = Adam(0.5, 0.9, 0.999).calculate_update(backend.xp.asarray([2, 2]),
+                                                          backend.xp.asarray([1, 1]))
+    np.testing.assert_allclose(xpnn.to_numpy(updated), 2 - 0.5 / (1 + 1e-8), rtol=1e-15)
+
+
 # -- dropout and the running statistics ---------------------------------------------------
 
 def test_dropout_matches_generic_bit_for_bit(cupy_pair):

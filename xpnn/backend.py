@@ -155,7 +155,8 @@ class Backend:
     def synchronize(self):
         """Block until queued device work is done (for honest timing)."""
         if self.name == "gpu":
-            self.library.cuda.get_current_stream().synchronize()
+            with self.device:  # (the stream of this backend's GPU, not the current one's)
+                self.library.cuda.get_current_stream().synchronize()
         elif self.name == "torch" and self.device.type == "cuda":
             self.library.cuda.synchronize(self.device)
 
@@ -178,7 +179,8 @@ class Backend:
                 np.minimum(host, _LARGEST_BELOW_ONE_32, out=host)
             return self.xp.asarray(host, device=self.device)
         if self.name == "gpu":
-            return self.library.random.random_sample(shape, dtype=self.dtype_name)
+            with self.device:  # (CuPy's generator and allocation are per current device)
+                return self.library.random.random_sample(shape, dtype=self.dtype_name)
         return self.library.rand(shape, dtype=self.dtype, device=self.device)
 
 
@@ -488,7 +490,11 @@ def _seed_library_once(library):
 
 def _seed_library(library, value):
     if library.__name__ == "torch":
-        library.manual_seed(value)
+        library.manual_seed(value)  # (every device's generator)
+    elif library.__name__ == "cupy":
+        for index in range(library.cuda.runtime.getDeviceCount()):
+            with library.cuda.Device(index):  # CuPy keeps one generator per device
+                library.random.seed(value)
     else:
         library.random.seed(value)
     _SEEDED.add(library.__name__)

@@ -48,11 +48,13 @@ def train_step(net, images, one_hot, following=None):
 def evaluate(net, test_layer, stop):
     """Test accuracy over the whole test split, in batches, in testing phase."""
     correct = 0
-    for images, one_hot in test_layer.epoch_batches():
-        correct = correct + count_correct(net.test(images), one_hot)
-        if stop.requested:
-            net.phase = False
-            raise StopRequested
+    # (The backend's device current for the batches and the counting too, not only inside test.)
+    with test_layer.backend.ops.compute_scope():
+        for images, one_hot in test_layer.epoch_batches():
+            correct = correct + count_correct(net.test(images), one_hot)
+            if stop.requested:
+                net.phase = False
+                raise StopRequested
     net.phase = False
     return int(test_layer.backend.to_numpy(correct)) / test_layer.size
 

@@ -316,6 +316,11 @@ class CupyOps(Ops):
     def adam_update(self, weights, gradient, moments, mu, rho, step_size,
                     inverse_root_correction, epsilon, learning_rate=0.0, decay=0.0):
         first_moment, second_moment, _ = moments
+        if not weights.dtype == gradient.dtype == first_moment.dtype == second_moment.dtype:
+            # One kernel type T: integer weights (float moments) or a gradient of another
+            # dtype go the generic way, which promotes as NumPy does.
+            return super().adam_update(weights, gradient, moments, mu, rho, step_size,
+                                       inverse_root_correction, epsilon, learning_rate, decay)
         updated = cupy.empty_like(weights)
         _ADAM(weights, gradient, mu, 1.0 - mu, rho, 1.0 - rho, inverse_root_correction, epsilon,
               step_size, learning_rate, decay, first_moment, second_moment, updated)

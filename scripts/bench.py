@@ -187,8 +187,17 @@ class XpnnRunner:
         self.test_images = self.backend.asarray(images[:INFERENCE_IMAGES])
 
     def train(self, iterations):
-        self.net.train(iterations)
-        self.net.loss.clear()
+        """``iterations`` steps as ``xpnn-train`` takes them: ``train_batch``, each given the
+        next batch. The same work as the PyTorch loop: data loss, backward, updates.
+        (``NeuralNetwork.train`` also adds every layer's regularization norm to the loss it
+        records, each step: on the GPU ~20-36 more kernel launches a step.)"""
+        layer = self.net.data_layer
+        batch = layer.next()
+        with self.backend.ops.compute_scope():
+            for step in range(iterations):
+                following = layer.next() if step + 1 < iterations else None
+                self.net.train_batch(*batch, following=following)
+                batch = following
         self.backend.synchronize()
 
     def infer(self):

@@ -16,6 +16,7 @@ import xpnn
 from xpnn import NeuralNetwork
 from xpnn.backend import make_backend
 from xpnn.initializers import Constant, He
+from xpnn.layers.base import BaseLayer
 from xpnn.layers import (BatchNormalization, Conv, Dropout, Flatten, FullyConnected, Pooling,
                          ReLU, SoftMax, TanH)
 from xpnn.losses import CrossEntropyLoss
@@ -358,3 +359,56 @@ def test_a_float32_step_in_pieces_stays_float32(monkeypatch):
             value = getattr(layer, name, None)
             if value is not None:
                 assert value.dtype == np.float32, (type(layer).__name__, name)
+
+
+class BatchCentre(BaseLayer):
+    """A layer of the user's own that works across the samples of its batch (not for pieces:
+    ``runs_in_pieces`` stays False): it subtracts the batch mean."""
+
+    def forward(self, input_tensor):
+        return input_tensor - np.mean(input_tensor, axis=0, keepdims=True)
+
+    def backward(self, error_tensor):
+        return error_tensor - np.mean(error_tensor, axis=0, keepdims=True)
+
+
+def test_test_runs_a_network_with_a_layer_not_for_pieces_whole(monkeypatch):
+    import xpnn.ops.numpy_ops as numpy_ops
+
+    monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
+    with xpnn.use_backend("cpu", dtype="float64") as backend:
+        outputs = []
+        for threads in (3, 1):
+            monkeypatch.setattr(backend, "ops", NumpyOps(backend, threads=threads))
+            xpnn.seed(5)
+            net = _small_net(CrossEntropyLoss())
+            net.layers.insert(1, BatchCentre())
+            outputs.append(xpnn.to_numpy(net.test(_data(count=301)[0])))
+    assert outputs[0].shape[0] == 301
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_a_pass_cut_for_more_threads_than_now_finishes_its_backward(monkeypatch):
+    # ops.threads lowered between the forward and the backward pass of a batch cut in three:
+    # batch norm's sums need all three pieces at once.
+    import xpnn.ops.numpy_ops as numpy_ops
+
+    monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
+    with xpnn.use_backend("cpu", dtype="float64") as backend:
+        nets = []
+        for threads in (3, 1):
+            ops = NumpyOps(backend, threads=threads, processes=1)
+            monkeypatch.setattr(backend, "ops", ops)
+            xpnn.seed(5)
+            np.random.seed(7)
+            net = _coupled_net(CrossEntropyLoss())
+            net.data_layer = CyclingBatches(*_data(), BATCH)
+            net.forward()
+            ops.threads = 2 if threads == 3 else 1
+            net.backward()
+            nets.append(net)
+    cut, whole = nets
+    assert cut._piecewise is not None and len(cut._piecewise.pieces) == 3
+    for cut_layer, whole_layer in zip(cut.layers, whole.layers):
+        if whole_layer.trainable:
+            np.testing.assert_allclose(cut_layer.weights, whole_layer.weights, rtol=1e-11)

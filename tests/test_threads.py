@@ -109,3 +109,65 @@ def test_helpers_see_the_callers_context_variables():
     finally:
         flag.reset(token)
     assert team.run(lambda part: flag.get(), [0, 1]) == ["unset", "unset"]
+
+
+def _helper_threads():
+    return [thread for thread in threading.enumerate() if thread.name.startswith("xpnn-cpu-helper")]
+
+
+def test_a_team_no_longer_used_ends_its_helpers():
+    import gc
+    import time
+
+    before = len(_helper_threads())
+    for size in (3, 4, 2, 3) * 3:  # as ops.threads changing, or short-lived ops objects
+        team = Team(size)
+        team.run(lambda part: part, list(range(size)))
+    del team
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while len(_helper_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(_helper_threads()) == before
+    closed = Team(2)
+    assert closed.run(lambda part: part, [0, 1]) == [0, 1]
+    closed.close()  # jobs queued before it still run; the helper then ends
+
+
+def test_blas_held_from_two_threads_is_restored_when_the_last_leaves():
+    # Two threads of the program, each in a compute scope of its own (BLAS on one thread),
+    # leaving in the order they did not enter: BLAS must end as it began, not at 1.
+    import numpy as np
+
+    from xpnn.backend import make_backend
+    from xpnn.ops.numpy_ops import NumpyOps
+    from xpnn.ops.numpy_settings import blas_controller
+
+    controller = blas_controller()
+    if controller is None or not controller.info():
+        pytest.skip("threadpoolctl or a BLAS it controls is missing")
+    original = [entry["num_threads"] for entry in controller.info()]
+    if max(original) == 1:
+        pytest.skip("BLAS runs on one thread here already: a restore could not be told apart")
+    backend = make_backend("cpu", "float64")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with NumpyOps(backend, threads=2, processes=1).compute_scope():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with NumpyOps(backend, threads=2, processes=1).compute_scope():
+            second_in.set()
+            first_out.wait(10)
+            np.ones((64, 64)) @ np.ones((64, 64))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert [entry["num_threads"] for entry in blas_controller().info()] == original

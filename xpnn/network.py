@@ -282,6 +282,8 @@ class NeuralNetwork:
             # statistics), so a backend may run pieces of the batch at the same time.
             # The layers' backward caches then hold one piece's: test is not for training.
             input_tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
+            if not all(layer.runs_in_pieces for layer in self.layers):
+                return self._run_layers(input_tensor)  # a layer of your own: the whole batch
             return ops.map_samples(functools.partial(self._run_piece, input_tensor.shape[0]),
                                    input_tensor)
 

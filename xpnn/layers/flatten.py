@@ -24,9 +24,9 @@ class Flatten(BaseLayer):
         input_tensor = self._as_input(input_tensor)
         if input_tensor.ndim < 1:
             raise ValueError("Flatten: expected input of shape (batch, ...), received ()")
-        self.input_shape = tuple(input_tensor.shape)
-        features = math.prod(self.input_shape[1:])
-        return self.backend.xp.reshape(input_tensor, (self.input_shape[0], features))
+        # (A local first: test() may run pieces of a batch through this layer at once.)
+        shape = self.input_shape = tuple(input_tensor.shape)
+        return self.backend.xp.reshape(input_tensor, (shape[0], math.prod(shape[1:])))
 
     def backward(self, error_tensor):
         """Return the error reshaped to the last forward input's shape."""

@@ -52,7 +52,8 @@ from xpnn.ops import Ops
 from xpnn.ops.numpy_channels import ChannelPaths
 from xpnn.ops.numpy_columns import batch_innermost, batch_outermost
 from xpnn.ops.numpy_conv import ConvolutionPaths
-from xpnn.ops.numpy_settings import blas_controller, can_fork, default_processes, default_threads
+from xpnn.ops.numpy_settings import (blas_controller, blas_on_one_thread, can_fork,
+                                     default_processes, default_threads)
 from xpnn.ops.threads import Team, split_range
 
 #: Element-wise operations (ReLU, pooling, batch norm) on fewer elements than this run
@@ -99,7 +100,8 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
     @threads.setter
     def threads(self, count):
         if int(count) != self._team.size:
-            self._team = Team(int(count))
+            old, self._team = self._team, Team(int(count))
+            old.close()  # its helpers end (a pass cut for it gets a team of its own: run_pieces)
 
     def _parts(self, length, elements, minimum=MIN_PARALLEL_ELEMENTS):
         """``(start, stop)`` pieces of ``range(length)``: one per thread for a job this large."""
@@ -113,9 +115,8 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
         connected layers) wakes BLAS's own threads, which then spin-wait on the
         cores the helper threads need.
         """
-        controller = blas_controller()
-        limit = self.threads > 1 and not self._scoped.depth and controller is not None
-        with controller.limit(limits=1) if limit else contextlib.nullcontext():
+        limit = self.threads > 1 and not self._scoped.depth
+        with blas_on_one_thread() if limit else contextlib.nullcontext():
             self._scoped.depth += 1
             try:
                 yield
@@ -127,10 +128,9 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
         if len(parts) == 1 or self.threads == 1 or self._team.inside_part():
             # (Inside a part, e.g. a piece of a batch, the team runs them in turn anyway.)
             return [task(part) for part in parts]
-        controller = blas_controller()
-        if self._scoped.depth or controller is None:
+        if self._scoped.depth:
             return self._team.run(task, parts)
-        with controller.limit(limits=1):
+        with blas_on_one_thread():
             return self._team.run(task, parts)
 
     def map_samples(self, function, x):
@@ -180,12 +180,22 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
     def one_part(self):
         """Context manager: this thread's operations run in one part, BLAS on one thread (a
         piece of a batch runs beside it, in a worker process)."""
-        controller = blas_controller()
-        with self._team.alone(), controller.limit(limits=1) if controller else contextlib.nullcontext():
+        with self._team.alone(), blas_on_one_thread():
             yield
 
     def run_pieces(self, task, count):
-        """Same contract as :meth:`xpnn.ops.Ops.run_pieces`: the pieces shared out over the threads."""
+        """Same contract as :meth:`xpnn.ops.Ops.run_pieces`: the pieces shared out over the threads.
+
+        All at once: their batch-norm sums wait for each other. A pass cut for more threads
+        than there are now (``threads`` changed between its forward and backward) runs on a
+        team of its own for the call.
+        """
+        if count > self.threads and not self._team.inside_part():
+            team = Team(count)
+            try:
+                return team.run(task, list(range(count)))
+            finally:
+                team.close()
         groups = self._parallel(lambda group: [task(index) for index in range(*group)],
                                 split_range(count, self.threads))
         return [result for group in groups for result in group]

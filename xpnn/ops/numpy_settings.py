@@ -3,8 +3,10 @@
 Split from :mod:`xpnn.ops.numpy_ops` (the operations); see its docstring for why
 the counts are what they are.
 """
+import contextlib
 import functools
 import os
+import threading
 
 
 def default_threads():
@@ -50,6 +52,38 @@ def can_fork():
     return ("fork" in multiprocessing.get_all_start_methods()
             and platform.machine().lower() in ("x86_64", "amd64")
             and not multiprocessing.current_process().daemon)
+
+
+_BLAS_LOCK = threading.Lock()
+_blas_holders = 0  # scopes inside blas_on_one_thread, over all threads
+_blas_limiter = None  # threadpoolctl's limiter while any is inside
+
+
+@contextlib.contextmanager
+def blas_on_one_thread():
+    """Inside: NumPy's BLAS on one thread (threadpoolctl), for the whole process.
+
+    Counted over the program's threads: a limit is process-wide, and two threads that each
+    saved and restored it in overlapping scopes left it at 1 for good. The first scope in
+    sets it, the last one out restores it. Without threadpoolctl, nothing.
+    """
+    global _blas_holders, _blas_limiter
+    controller = blas_controller()
+    if controller is None:
+        yield
+        return
+    with _BLAS_LOCK:
+        if _blas_holders == 0:
+            _blas_limiter = controller.limit(limits=1)
+        _blas_holders += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _blas_holders -= 1
+            if _blas_holders == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 @functools.lru_cache(maxsize=1)

@@ -12,6 +12,7 @@ import contextvars
 import os
 import queue
 import threading
+import weakref
 
 
 def split_range(length, parts):
@@ -32,10 +33,18 @@ class Team:
 
     def __init__(self, size):
         self.size = max(1, int(size))
-        self._helpers = []
+        self._helpers = []  # their job queues (one list, kept: the finalizer holds it)
         self._pid = None
         self._lock = threading.Lock()
+        self._handing_out = threading.Lock()
         self._local = threading.local()
+        # The helpers hold the queues and the thread-local, not the team: a team no longer
+        # used (ops.threads changed, its ops collected) ends its helpers.
+        self._finalizer = weakref.finalize(self, _stop_helpers, self._helpers)
+
+    def close(self):
+        """End the helper threads once the jobs queued for them are done."""
+        self._finalizer()
 
     def run(self, task, parts):
         """Return ``[task(part) for part in parts]``, the parts computed at the same time.
@@ -51,9 +60,13 @@ class Team:
         if len(parts) <= 1 or getattr(self._local, "helping", False):
             return [task(part) for part in parts]
         results = queue.SimpleQueue()
-        for index, (part, jobs) in enumerate(zip(parts[1:], self._job_queues()), start=1):
-            # The caller's context variables (e.g. NumPy's errstate) hold in the helper too.
-            jobs.put((contextvars.copy_context(), task, part, index, results))
+        # One caller's parts queued at once: two threads calling at the same time otherwise
+        # interleave, each helper first serving the other's part, and parts that wait for each
+        # other (batch norm's sums) wait for ever.
+        with self._handing_out:
+            for index, (part, jobs) in enumerate(zip(parts[1:], self._job_queues()), start=1):
+                # The caller's context variables (e.g. NumPy's errstate) hold in the helper too.
+                jobs.put((contextvars.copy_context(), task, part, index, results))
         self._local.helping = True  # the caller's own part runs its inner parts in turn too
         try:
             outcomes = [_outcome(task, parts[0], 0)]
@@ -85,21 +98,34 @@ class Team:
         with self._lock:
             if self._pid != os.getpid():  # first use, or a fork: the helpers did not survive
                 self._pid = os.getpid()
-                self._helpers = [self._start_helper(index) for index in range(1, self.size)]
+                self._helpers[:] = [self._start_helper(index) for index in range(1, self.size)]
             return self._helpers
 
     def _start_helper(self, index):
         jobs = queue.SimpleQueue()
-        thread = threading.Thread(target=self._serve, args=(jobs,), daemon=True,
+        thread = threading.Thread(target=_serve, args=(jobs, self._local), daemon=True,
                                   name=f"xpnn-cpu-helper-{index}")
         thread.start()
         return jobs
 
-    def _serve(self, jobs):
-        self._local.helping = True
-        while True:
-            context, task, part, index, results = jobs.get()
-            results.put(context.run(_outcome, task, part, index))
+
+def _serve(jobs, local):
+    """A helper thread: run the parts queued on ``jobs`` until ``None`` comes."""
+    local.helping = True
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        context, task, part, index, results = job
+        results.put(context.run(_outcome, task, part, index))
+
+
+def _stop_helpers(job_queues):
+    """Tell every helper to end after its queued jobs (only in the process that started them:
+    a forked child's copies of the queues lead to no thread)."""
+    for jobs in job_queues:
+        jobs.put(None)
+    job_queues.clear()
 
 
 def _outcome(task, part, index):

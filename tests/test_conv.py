@@ -306,7 +306,9 @@ def test_move_to_another_backend_drops_the_forward_cache():
 
 
 @pytest.mark.parametrize("name, shape", [("weights", (4, 3, 3, 3)), ("weights", (4, 2, 3)),
-                                         ("weights", (2, 4, 3, 3)), ("bias", (3,)), ("bias", (2, 2))])
+                                         ("weights", (2, 4, 3, 3)), ("weights", (4, 2, 3, 3, 1)),
+                                         ("weights", (4, 1, 2, 3, 3)), ("bias", (3,)), ("bias", (2, 2)),
+                                         ("bias", (4, 1))])
 def test_wrongly_shaped_parameters_are_refused_when_assigned(backend, name, shape):
     conv = Conv((1, 1), (2, 3, 3), 4)
     before = xpnn.to_numpy(getattr(conv, name))
@@ -353,3 +355,13 @@ def test_initialize_keeps_what_the_initializer_returns_and_forward_reports_a_mis
         conv.forward(np.ones((1, 3, 6, 6)))
     conv.initialize(Constant(0.5), Constant(0.1))  # a fitting initializer puts it right
     assert tuple(conv.forward(np.ones((1, 3, 6, 6))).shape) == (1, 4, 6, 6)
+
+
+def test_only_leading_unit_axes_may_differ(backend):
+    # Inner ones would move a kernel's axes: a vertical (1 x 3) kernel is no horizontal one.
+    vertical = Conv((1, 1), (1, 1, 3), 2)
+    with pytest.raises(ValueError, match=r"Conv: weights must have shape \(2, 1, 1, 3\)"):
+        vertical.weights = np.ones((1, 2, 3, 1))
+    one_dimensional = Conv(1, (1, 3), 4)  # 4 kernels over 1 channel, not 1 over 4
+    with pytest.raises(ValueError, match=r"Conv: weights must have shape \(4, 1, 3\)"):
+        one_dimensional.weights = np.ones((1, 4, 3))

@@ -506,6 +506,12 @@ def test_a_state_of_other_samples_of_the_same_number_is_refused(backend):
     state = same.state_dict()
     del state["fingerprint"]  # a state saved before fingerprints: the count check only
     layer.load_state_dict(state)
+    # Float images: the fingerprint is of the samples as given, not of the backend's dtype.
+    floats = np.random.default_rng(4).random((20, 1, 3, 3))
+    with xpnn.use_backend("cpu", dtype="float32"):
+        single = DataLayer(floats, np.zeros(20, dtype=int), 6, seed=1)
+    with xpnn.use_backend("cpu", dtype="float64"):
+        DataLayer(floats, np.zeros(20, dtype=int), 6, seed=1).load_state_dict(single.state_dict())
 
 
 def test_default_seed_follows_numpy_global_seed():

@@ -235,6 +235,8 @@ def test_pickling_leaves_the_data_layer_out_and_a_deep_copy_keeps_it():
     twin = copy.deepcopy(plain)
     assert isinstance(twin.data_layer, IrisData) and twin.data_layer is not plain.data_layer
     twin.train(1)
+    shallow = copy.copy(plain)  # a shallow copy shares it
+    assert shallow.data_layer is plain.data_layer and shallow.layers is plain.layers
 
 
 def test_fully_connected_initialized_on_append(backend):

@@ -16,6 +16,7 @@ import pytest
 
 import xpnn
 from xpnn.layers import SoftMax
+from xpnn.losses import CrossEntropyLoss
 from xpnn.ops import numpy_settings
 from xpnn.ops.shared_memory import MessageRing
 from test_process_pieces import BATCH, _assert_same_training, _net, cpu64  # noqa: F401 (fixture)
@@ -78,14 +79,15 @@ def test_a_child_forked_by_the_user_leaves_the_workers_alone():
         worker = net._worker.pid
         child = os.fork()
         if child == 0:
-            sys.exit(0)  # a normal exit runs atexit, multiprocessing's and the finalizers
-        os.waitpid(child, 0)
+            net.train(1)  # the child trains with a worker of its own
+            sys.exit(0 if net._worker.pid != worker else 1)  # (a normal exit: atexit runs)
+        _, status = os.waitpid(child, 0)
         time.sleep(0.2)
         alive = net._worker.alive
         net.train(2)
-        print(alive, net._worker.pid == worker)
+        print(alive, net._worker.pid == worker, os.waitstatus_to_exitcode(status))
     """)
-    assert output.split() == ["True", "True"]
+    assert output.split() == ["True", "True", "0"]
 
 
 def test_a_batch_norm_in_testing_phase_trains_like_one_piece(cpu64, monkeypatch):
@@ -182,3 +184,68 @@ def test_a_network_without_the_fused_softmax_trains_ahead_like_one_piece(cpu64, 
         net.train(3)
     assert nets[2]._worker is not None
     _assert_same_training(nets[2], nets[1])
+
+
+def _workers_over_steps(backend, monkeypatch, between):
+    """Four train_batch calls given the next batch, ``between(net, batch)`` before each of
+    the last three (it returns the batch to train on); returns (worker pids, net)."""
+    monkeypatch.setattr(backend.ops, "processes", 2)
+    xpnn.seed(5)
+    net = _net()
+    batches = [net.data_layer.next() for _ in range(4)]
+    pids, batch = [], batches[0]
+    for step in range(4):
+        following = batches[step + 1] if step < 3 else None
+        net.train_batch(*batch, following=following)
+        pids.append(net._worker.pid)
+        batch = between(net, following) if following is not None else None
+    return pids, net
+
+
+def test_equal_labels_in_new_arrays_keep_the_pass_started_ahead(cpu64, monkeypatch):
+    pids, net = _workers_over_steps(cpu64, monkeypatch, lambda net, batch: (batch[0], batch[1].copy()))
+    assert len(set(pids)) == 1  # no restart (a fork) each step
+    _, reference = _workers_over_steps(cpu64, monkeypatch, lambda net, batch: batch)
+    for mine, theirs in zip(net.layers, reference.layers):
+        if getattr(theirs, "weights", None) is not None:
+            np.testing.assert_array_equal(mine.weights, theirs.weights)
+
+
+def test_a_test_between_steps_keeps_the_pass_started_ahead(cpu64, monkeypatch):
+    def test_some(net, batch):
+        net.test(batch[0][:5])  # another batch size: Flatten's cached shape changes
+        return batch
+
+    pids, _ = _workers_over_steps(cpu64, monkeypatch, test_some)
+    assert len(set(pids)) == 1
+
+
+def test_another_loss_layer_between_steps_drops_the_pass_started_ahead(cpu64, monkeypatch):
+    class OwnLoss(CrossEntropyLoss):
+        """Not the plain loss: the network then runs SoftMax's backward, no fused gradient."""
+
+        def backward(self, label_tensor):
+            return super().backward(label_tensor)
+
+    def swap(net, batch):
+        net.loss_layer = OwnLoss()
+        return batch
+
+    results = []
+    for processes in (2, 1):
+        monkeypatch.setattr(cpu64.ops, "processes", processes)
+        if processes == 2:
+            _, net = _workers_over_steps(cpu64, monkeypatch, swap)
+        else:
+            monkeypatch.setattr(cpu64.ops, "processes", 1)
+            xpnn.seed(5)
+            net = _net()
+            batches = [net.data_layer.next() for _ in range(4)]
+            for step, batch in enumerate(batches):
+                if step == 1:
+                    net.loss_layer = OwnLoss()
+                net.train_batch(*batch)
+        results.append(net)
+    for mine, theirs in zip(*(net.layers for net in results)):
+        if getattr(theirs, "weights", None) is not None:
+            np.testing.assert_allclose(mine.weights, theirs.weights, rtol=1e-10, atol=1e-12)

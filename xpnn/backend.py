@@ -363,7 +363,7 @@ def _make_cupy(dtype, device):
             cupy.zeros(1)  # the first allocation is where a bad driver shows up
     except Exception as error:
         raise BackendUnavailableError("gpu", f"{type(error).__name__}: {error}", GPU_FIX) from error
-    _seed_library_once(cupy)
+    _seed_library_once(cupy, cuda_device)
     from xpnn.ops.cupy_ops import CupyOps  # compiles nothing yet: kernels build on first use
 
     return Backend("gpu", xp, cuda_device, dtype, cupy,
@@ -483,21 +483,27 @@ def get_default_dtype():
     return _DEFAULT_DTYPE
 
 
-def _seed_library_once(library):
-    if _SEED is not None and library.__name__ not in _SEEDED:
-        _seed_library(library, _SEED)
+def _seed_library_once(library, device=None):
+    if _SEED is not None and _seeded_key(library, device) not in _SEEDED:
+        _seed_library(library, _SEED, device)
 
 
-def _seed_library(library, value):
+def _seeded_key(library, device):
+    """What one seeding covers: CuPy keeps a generator per GPU, the others one for all."""
+    return (library.__name__, getattr(device, "id", None) if library.__name__ == "cupy" else None)
+
+
+def _seed_library(library, value, device=None):
+    """Seed ``library``'s generator; CuPy's of ``device`` (a backend's GPU; default the
+    current one), without touching GPUs no backend uses (each would get a CUDA context)."""
     if library.__name__ == "torch":
         library.manual_seed(value)  # (every device's generator)
     elif library.__name__ == "cupy":
-        for index in range(library.cuda.runtime.getDeviceCount()):
-            with library.cuda.Device(index):  # CuPy keeps one generator per device
-                library.random.seed(value)
+        with device if device is not None else contextlib.nullcontext():
+            library.random.seed(value)
     else:
         library.random.seed(value)
-    _SEEDED.add(library.__name__)
+    _SEEDED.add(_seeded_key(library, device))
 
 
 def seed(value):
@@ -511,7 +517,7 @@ def seed(value):
     _seed_library(np, _SEED)
     for backend in list(_CACHE.values()):
         if backend.name in ("gpu", "torch"):
-            _seed_library(backend.library, _SEED)
+            _seed_library(backend.library, _SEED, backend.device if backend.name == "gpu" else None)
 
 
 def set_random_source(source):

@@ -65,13 +65,14 @@ class _DeviceSet:
     def __init__(self, images, labels, backend, num_classes):
         host_images = _host_images(images)
         count = host_images.shape[0]
+        host_labels = _host_labels(labels, count, num_classes)
+        # (Of the samples as given: the same data in a float32 and a float64 layer is the same.)
+        self.fingerprint = _fingerprint(host_images, host_labels)
         self.scale = host_images.dtype == np.uint8
         if not self.scale:
             host_images = host_images.astype(backend.dtype_name, copy=False)
         self.size = count
         self.backend = backend
-        host_labels = _host_labels(labels, count, num_classes)
-        self.fingerprint = _fingerprint(host_images, host_labels)
         self.images = backend.asarray(host_images)
         self.labels = backend.asarray(host_labels)
         xp = backend.xp

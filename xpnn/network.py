@@ -71,6 +71,11 @@ class NeuralNetwork:
                 "_next_batch": None, "_given_next": None, "_in_train": False, "_ahead": False,
                 "_started_for_caller": False, "data_layer": None}
 
+    def __copy__(self):
+        twin = object.__new__(type(self))
+        twin.__setstate__({**self.__getstate__(), "data_layer": self.data_layer})
+        return twin
+
     def __deepcopy__(self, memo):
         twin = object.__new__(type(self))
         memo[id(self)] = twin
@@ -141,7 +146,7 @@ class NeuralNetwork:
         ahead_input = None if self._worker is None else self._worker.ahead_input
         if ahead_input is not None and (ahead_input is not input_tensor or (
                 self._started_for_caller and not self._worker.ahead_matches(
-                    input_tensor, self.label_tensor, layers))):
+                    input_tensor, self._labels_ahead(), layers))):
             # It runs ahead on a batch this pass is not for, or (started by train_batch, whose
             # caller may have changed the network since) with settings or parameters gone stale.
             self._worker.close()

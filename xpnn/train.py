@@ -35,7 +35,7 @@ from xpnn import checkpoint as ckpt
 from xpnn.backend import BackendUnavailableError, canonical_name, make_backend
 from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, load_dataset
 from xpnn.reports import describe_model, summary_line
-from xpnn.training import Diverged, Run, StopRequested, set_learning_rate
+from xpnn.training import Diverged, OtherData, Run, StopRequested, set_learning_rate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: Run settings and their defaults; settings in LOCKED_ON_RESUME come from the
@@ -184,7 +184,7 @@ def prepare_run(args, given):
     if meta is not None:
         try:
             run.restore(meta["resume"])
-        except ValueError as error:  # the data layer's state is for another dataset
+        except OtherData as error:  # the data layer's state is for another dataset
             raise UsageError(f"{error}; resume with the data the run started with, or start "
                              f"afresh with --overwrite") from None
     return run
@@ -271,9 +271,10 @@ def main(argv=None):
     except (BackendUnavailableError, DatasetNotFoundError, IdxError, ckpt.CheckpointError) as error:
         print(f"xpnn-train: error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as error:  # a file or directory that cannot be read or written; it is named
-        print(f"xpnn-train: error: {error}; check the path and its permissions, or choose "
-              f"another --out / --data-dir", file=sys.stderr)
+    except OSError as error:  # e.g. a file or directory that cannot be read or written
+        hint = ("; check the path and its permissions, or choose another --out / --data-dir"
+                if getattr(error, "filename", None) else "")
+        print(f"xpnn-train: error: {error}{hint}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"\nxpnn-train: aborted; nothing was saved now (an earlier checkpoint in {args.out}, "

@@ -132,6 +132,10 @@ def set_learning_rate(net, learning_rate):
 
 # -- the run ------------------------------------------------------------------------------
 
+class OtherData(ValueError):
+    """A resume on training data other than the checkpoint's."""
+
+
 class Run:
     """One training run: network, data layers, metrics so far, and the epoch in progress."""
 
@@ -156,7 +160,10 @@ class Run:
     def restore(self, resume):
         self.metrics = list(resume["metrics"])
         self.partial = None if resume["partial_epoch"] is None else EpochProgress(**resume["partial_epoch"])
-        self.train_layer.load_state_dict(resume["data_layer"])
+        try:
+            self.train_layer.load_state_dict(resume["data_layer"])
+        except ValueError as error:  # the state is for other training data
+            raise OtherData(str(error)) from None
         self._reseed_native(len(self.metrics), 0 if self.partial is None else self.partial.steps)
         set_numpy_random_state(resume["numpy_random"])
 

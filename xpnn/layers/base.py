@@ -106,9 +106,12 @@ class BaseLayer:
         raise NotImplementedError
 
 
-def _without_ones(shape):
-    """``shape`` without its axes of length 1."""
-    return tuple(int(n) for n in shape if n != 1)
+def _without_leading_ones(shape):
+    """``shape`` without its leading axes of length 1."""
+    shape = tuple(int(n) for n in shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def _settled(value, target):
@@ -179,13 +182,14 @@ class TrainableLayer(BaseLayer):
         """``value`` on this layer's backend and dtype; a wrong shape is a clear error now,
         not a broken matrix product in the next forward pass.
 
-        A shape that differs only by axes of length 1 is reshaped: course code assigns a
-        single kernel as ``(3, 3)`` and then adds the leading axes with ``np.expand_dims``.
+        A shape that differs only by leading axes of length 1 is reshaped: course code
+        assigns a single kernel as ``(3, 3)`` and then adds the leading axes with
+        ``np.expand_dims``. (Inner ones may not move: ``(1, 2, 3, 1)`` is no ``(2, 1, 1, 3)``.)
         """
         value = self._as_input(value)
         expected = self.parameter_shapes().get(name)
         if expected is not None and tuple(value.shape) != tuple(expected):
-            if _without_ones(value.shape) != _without_ones(expected):
+            if _without_leading_ones(value.shape) != _without_leading_ones(expected):
                 raise ValueError(f"{type(self).__name__}: {name} must have shape "
                                  f"{tuple(expected)}, received {tuple(value.shape)}")
             value = self.backend.xp.reshape(value, tuple(expected))

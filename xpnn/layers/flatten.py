@@ -10,14 +10,24 @@ class Flatten(BaseLayer):
     Attributes
     ----------
     input_shape : tuple or None
-        Shape of the last forward input, used by ``backward``.
+        Shape of the last forward input, used by ``backward`` (read-only: a
+        cache, not a setting, for a worker process's copies of the layer).
     """
 
     runs_in_pieces = True
 
     def __init__(self):
         super().__init__()
-        self.input_shape = None
+        self._input_shape = None
+
+    @property
+    def input_shape(self):
+        return self._input_shape
+
+    def __setstate__(self, state):
+        if "input_shape" in state:  # (pickled when it was a plain attribute)
+            state["_input_shape"] = state.pop("input_shape")
+        self.__dict__.update(state)
 
     def forward(self, input_tensor):
         """Return the input reshaped to (batch, product of the other dimensions)."""
@@ -25,7 +35,7 @@ class Flatten(BaseLayer):
         if input_tensor.ndim < 1:
             raise ValueError("Flatten: expected input of shape (batch, ...), received ()")
         # (A local first: test() may run pieces of a batch through this layer at once.)
-        shape = self.input_shape = tuple(input_tensor.shape)
+        shape = self._input_shape = tuple(input_tensor.shape)
         return self.backend.xp.reshape(input_tensor, (shape[0], math.prod(shape[1:])))
 
     def backward(self, error_tensor):

@@ -19,6 +19,7 @@ import weakref
 
 import numpy as np
 
+from xpnn.backend import to_numpy
 from xpnn.losses import CrossEntropyLoss
 from xpnn.ops.delegated_updates import DelegatedUpdates
 from xpnn.ops.shared_memory import MessageRing, SharedArrays, wait_until
@@ -149,7 +150,8 @@ class PieceWorker:
 
     @property
     def alive(self):
-        return self._finalizer.alive and self._process.is_alive()
+        # (Not in a child the user forked: the worker is its parent's, not its own.)
+        return os.getpid() == self._parent and self._finalizer.alive and self._process.is_alive()
 
     def close(self):
         """End the worker process (also done when this object is collected or Python exits)."""
@@ -188,13 +190,21 @@ class PieceWorker:
             self._ahead_with[2] = [array for _, array in _parameters(layers)]
 
     def ahead_matches(self, input_tensor, labels, layers):
-        """True when the pass started ahead is this step's: on ``input_tensor`` and ``labels``
-        (the objects it was started with), with the layers' settings and parameter arrays
-        as they were then (:meth:`note_parameters`). A parameter changed in place is not seen."""
+        """True when the pass started ahead is this step's: on ``input_tensor`` (the object it
+        was started with); on labels of the same values if it went into its backward pass by
+        itself with them, and only if this step's pass would (``labels`` not None: see
+        :meth:`xpnn.NeuralNetwork._labels_ahead`); with the layers' settings and parameter
+        arrays as they were then (:meth:`note_parameters`). A parameter changed in place is
+        not seen."""
         if self._ahead_with is None or input_tensor is not self.ahead_input:
             return False
         started_labels, settings, parameters = self._ahead_with
-        if labels is not started_labels or parameters is None or _settings(layers) != settings:
+        if (labels is not None) != self.owes_backward:  # e.g. another loss layer since
+            return False
+        if self.owes_backward and labels is not started_labels and not np.array_equal(
+                to_numpy(labels), to_numpy(started_labels)):
+            return False
+        if parameters is None or _settings(layers) != settings:
             return False
         now = [array for _, array in _parameters(layers)]
         return len(now) == len(parameters) and all(a is b for a, b in zip(now, parameters))

@@ -105,8 +105,9 @@ def _unpacked(value):
 #: answers come within a millisecond or so; a process left waiting (a pass started ahead
 #: that no step takes up) must not hold a core for the whole ``timeout``.
 SPIN_SECONDS = 0.02
-#: The longest sleep between two polls once spinning is over.
-LONGEST_SLEEP = 0.01
+#: The longest sleep between two polls once spinning is over: the latest an answer is seen
+#: after a long wait (a caller of train_batch busy between steps), ~1,000 wake-ups a second.
+LONGEST_SLEEP = 0.001
 
 
 def wait_until(ready, alive, timeout):

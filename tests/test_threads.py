@@ -171,3 +171,48 @@ def test_blas_held_from_two_threads_is_restored_when_the_last_leaves():
     for thread in threads:
         thread.join(20)
     assert [entry["num_threads"] for entry in blas_controller().info()] == original
+
+
+def test_a_closed_team_used_again_starts_helpers_again():
+    # Another thread may still hold a team when ops.threads replaces (and closes) it.
+    team = Team(2)
+    assert team.run(lambda part: part, [0, 1]) == [0, 1]
+    team.close()
+    outcome = []
+    runner = threading.Thread(target=lambda: outcome.append(team.run(lambda part: part, [0, 1])),
+                              daemon=True)
+    runner.start()
+    runner.join(10)
+    assert outcome == [[0, 1]], "the run on the closed team did not finish"
+    team.close()
+
+
+def test_a_fork_while_another_thread_holds_the_blas_lock_leaves_the_child_a_usable_one():
+    import os
+    import time
+
+    from xpnn.ops import numpy_settings
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    held = threading.Event()
+
+    def hold_briefly():
+        with numpy_settings._BLAS_LOCK:
+            held.set()
+            time.sleep(0.3)
+
+    holder = threading.Thread(target=hold_briefly)
+    holder.start()
+    held.wait(10)
+    child = os.fork()  # (waits for the lock: the child's copy is then a consistent one)
+    if child == 0:
+        import signal
+
+        signal.alarm(10)  # a child stuck on a copied, held lock dies here
+        with numpy_settings.blas_on_one_thread():
+            pass
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    holder.join()
+    assert os.waitstatus_to_exitcode(status) == 0

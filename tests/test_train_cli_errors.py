@@ -200,6 +200,21 @@ def test_resume_on_other_images_of_the_same_number_is_a_usage_error(tmp_path, ca
     assert file_bytes(out) == before
 
 
+def test_an_unreadable_random_state_in_the_checkpoint_is_a_clear_error(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert train(write_mnist_dir(tmp_path / "data"), out, "--batch-size", "32", "--no-progress") == 0
+    stored = dict(np.load(out / "model.npz", allow_pickle=False))
+    meta = json.loads(str(stored["__meta__"]))
+    meta["resume"]["numpy_random"]["name"] = "PCG64"  # not a state set_state takes
+    stored["__meta__"] = np.asarray(json.dumps(meta, sort_keys=True))
+    np.savez(out / "model.npz", **stored)
+    capsys.readouterr()
+    assert train(tmp_path / "data", out, "--resume", "--epochs", "2", "--no-progress") == 1
+    assert "random-generator state is unreadable" in capsys.readouterr().err
+
+
 # -- g. torch: an epoch-end resume equals the uninterrupted run --------------------------------
 
 def test_torch_resume_at_epoch_end_equals_uninterrupted_bit_for_bit(data_dir, tmp_path):

@@ -165,7 +165,12 @@ class Run:
         except ValueError as error:  # the state is for other training data
             raise OtherData(str(error)) from None
         self._reseed_native(len(self.metrics), 0 if self.partial is None else self.partial.steps)
-        set_numpy_random_state(resume["numpy_random"])
+        try:
+            set_numpy_random_state(resume["numpy_random"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ckpt.CheckpointError(f"the checkpoint's random-generator state is unreadable "
+                                       f"({type(error).__name__}: {error}); start afresh with "
+                                       f"--overwrite") from None
 
     def _reseed_native(self, epoch, step):
         """Reseed CuPy's or PyTorch's own generator (dropout) from the run's position.

@@ -59,6 +59,18 @@ _blas_holders = 0  # scopes inside blas_on_one_thread, over all threads
 _blas_limiter = None  # threadpoolctl's limiter while any is inside
 
 
+def _fresh_blas_lock():
+    """In a forked child: a lock of its own (the parent's other threads may have held the
+    copied one at the fork, and none of them lives on here to release it)."""
+    global _BLAS_LOCK
+    _BLAS_LOCK = threading.Lock()
+
+
+# (Held across a fork, so the counters are copied in a consistent state.)
+os.register_at_fork(before=lambda: _BLAS_LOCK.acquire(), after_in_parent=lambda: _BLAS_LOCK.release(),
+                    after_in_child=_fresh_blas_lock)
+
+
 @contextlib.contextmanager
 def blas_on_one_thread():
     """Inside: NumPy's BLAS on one thread (threadpoolctl), for the whole process.

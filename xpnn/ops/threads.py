@@ -41,10 +41,14 @@ class Team:
         # The helpers hold the queues and the thread-local, not the team: a team no longer
         # used (ops.threads changed, its ops collected) ends its helpers.
         self._finalizer = weakref.finalize(self, _stop_helpers, self._helpers)
+        _TEAMS.add(self)
 
     def close(self):
-        """End the helper threads once the jobs queued for them are done."""
-        self._finalizer()
+        """End the helper threads once the jobs queued for them are done. (Not while a
+        caller queues its parts: they would land behind the stop. A later run starts
+        helpers again.)"""
+        with self._handing_out:
+            self._finalizer()
 
     def run(self, task, parts):
         """Return ``[task(part) for part in parts]``, the parts computed at the same time.
@@ -96,9 +100,13 @@ class Team:
     def _job_queues(self):
         """The helpers' job queues, (re)starting the helpers in a new process."""
         with self._lock:
-            if self._pid != os.getpid():  # first use, or a fork: the helpers did not survive
+            # First use, a fork (the helpers did not survive) or a use after close() (another
+            # thread still held the team when ops.threads changed): start helpers.
+            if self._pid != os.getpid() or len(self._helpers) < self.size - 1:
                 self._pid = os.getpid()
                 self._helpers[:] = [self._start_helper(index) for index in range(1, self.size)]
+                if not self._finalizer.alive:
+                    self._finalizer = weakref.finalize(self, _stop_helpers, self._helpers)
             return self._helpers
 
     def _start_helper(self, index):
@@ -107,6 +115,20 @@ class Team:
                                   name=f"xpnn-cpu-helper-{index}")
         thread.start()
         return jobs
+
+
+#: Every team, for _fresh_locks_in_child.
+_TEAMS = weakref.WeakSet()
+
+
+def _fresh_locks_in_child():
+    """In a forked child: locks of its own for every team (a parent's thread may have held
+    the copied ones at the fork; no thread lives on here to release them)."""
+    for team in list(_TEAMS):
+        team._lock, team._handing_out = threading.Lock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
 
 def _serve(jobs, local):

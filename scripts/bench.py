@@ -35,7 +35,11 @@ INFERENCE_BATCH = 1000
 
 
 def positive_int(text):
-    """An argparse type: an integer >= 1 (rounds, iterations, threads, batch sizes)."""
+    """An argparse type: an integer >= 1 (rounds, iterations, threads, batch sizes).
+
+    (xpnn.train has the same; importing it here would load xpnn into the PyTorch
+    memory child too and add to the peak measured for PyTorch.)
+    """
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")

@@ -174,29 +174,21 @@ def test_overwrite_then_divergence_says_the_previous_checkpoint_is_kept(
 
 # -- f. resume on a data set of another size ---------------------------------------------------
 
-def test_resume_on_more_images_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("other, expected", [
+    ({"n_train": 96}, ("64 samples", "96")),  # more images
+    ({"seed": 1}, ("other samples",)),         # as many images, other ones
+], ids=["more-images", "same-number"])
+def test_resume_on_other_data_is_a_usage_error(tmp_path, capsys, other, expected):
     out = tmp_path / "run"
-    assert train(write_mnist_dir(tmp_path / "small", n_train=64), out, "--batch-size", "32",
+    assert train(write_mnist_dir(tmp_path / "first", n_train=64, seed=0), out, "--batch-size", "32",
                  "--no-progress") == 0
     before = file_bytes(out)
     capsys.readouterr()
-    larger = write_mnist_dir(tmp_path / "large", n_train=96)
-    assert train(larger, out, "--resume", "--epochs", "2", "--no-progress") == 2
+    assert train(write_mnist_dir(tmp_path / "other", **other), out, "--resume", "--epochs", "2",
+                 "--no-progress") == 2
     err = capsys.readouterr().err
-    assert "64 samples" in err and "96" in err and "resume with the data the run started with" in err, err
-    assert file_bytes(out) == before
-
-
-def test_resume_on_other_images_of_the_same_number_is_a_usage_error(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert train(write_mnist_dir(tmp_path / "first", seed=0), out, "--batch-size", "32",
-                 "--no-progress") == 0
-    before = file_bytes(out)
-    capsys.readouterr()
-    other = write_mnist_dir(tmp_path / "other", seed=1)  # as many images, other ones
-    assert train(other, out, "--resume", "--epochs", "2", "--no-progress") == 2
-    err = capsys.readouterr().err
-    assert "other samples" in err and "resume with the data the run started with" in err, err
+    assert all(text in err for text in expected), err
+    assert "resume with the data the run started with" in err, err
     assert file_bytes(out) == before
 
 

@@ -35,8 +35,7 @@ class Team:
         self.size = max(1, int(size))
         self._helpers = []  # their job queues (one list, kept: the finalizer holds it)
         self._pid = None
-        self._lock = threading.Lock()
-        self._handing_out = threading.Lock()
+        self._handing_out = threading.Lock()  # held while a caller queues its parts
         self._local = threading.local()
         # The helpers hold the queues and the thread-local, not the team: a team no longer
         # used (ops.threads changed, its ops collected) ends its helpers.
@@ -98,16 +97,16 @@ class Team:
         return getattr(self._local, "helping", False)
 
     def _job_queues(self):
-        """The helpers' job queues, (re)starting the helpers in a new process."""
-        with self._lock:
-            # First use, a fork (the helpers did not survive) or a use after close() (another
-            # thread still held the team when ops.threads changed): start helpers.
-            if self._pid != os.getpid() or len(self._helpers) < self.size - 1:
-                self._pid = os.getpid()
-                self._helpers[:] = [self._start_helper(index) for index in range(1, self.size)]
-                if not self._finalizer.alive:
-                    self._finalizer = weakref.finalize(self, _stop_helpers, self._helpers)
-            return self._helpers
+        """The helpers' job queues, (re)starting the helpers in a new process (called with
+        ``_handing_out`` held)."""
+        # First use, a fork (the helpers did not survive) or a use after close() (another
+        # thread still held the team when ops.threads changed): start helpers.
+        if self._pid != os.getpid() or len(self._helpers) < self.size - 1:
+            self._pid = os.getpid()
+            self._helpers[:] = [self._start_helper(index) for index in range(1, self.size)]
+            if not self._finalizer.alive:
+                self._finalizer = weakref.finalize(self, _stop_helpers, self._helpers)
+        return self._helpers
 
     def _start_helper(self, index):
         jobs = queue.SimpleQueue()
@@ -122,10 +121,10 @@ _TEAMS = weakref.WeakSet()
 
 
 def _fresh_locks_in_child():
-    """In a forked child: locks of its own for every team (a parent's thread may have held
-    the copied ones at the fork; no thread lives on here to release them)."""
+    """In a forked child: a lock of its own for every team (a parent's thread may have held
+    the copied one at the fork; no thread lives on here to release it)."""
     for team in list(_TEAMS):
-        team._lock, team._handing_out = threading.Lock(), threading.Lock()
+        team._handing_out = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_fresh_locks_in_child)

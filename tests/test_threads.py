@@ -119,19 +119,29 @@ def test_a_team_no_longer_used_ends_its_helpers():
     import gc
     import time
 
-    before = len(_helper_threads())
+    # Compare thread objects, not counts: helpers of other tests' teams may end meanwhile
+    # (the garbage collection below can collect them), which a count would read as a failure.
+    before = set(_helper_threads())
     for size in (3, 4, 2, 3) * 3:  # as ops.threads changing, or short-lived ops objects
         team = Team(size)
         team.run(lambda part: part, list(range(size)))
     del team
     gc.collect()
+
+    def started_here():
+        return [thread for thread in _helper_threads() if thread not in before]
+
     deadline = time.monotonic() + 10
-    while len(_helper_threads()) > before and time.monotonic() < deadline:
+    while started_here() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(_helper_threads()) == before
+    assert started_here() == []
     closed = Team(2)
     assert closed.run(lambda part: part, [0, 1]) == [0, 1]
     closed.close()  # jobs queued before it still run; the helper then ends
+    deadline = time.monotonic() + 10
+    while started_here() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert started_here() == []
 
 
 def test_blas_held_from_two_threads_is_restored_when_the_last_leaves():

@@ -238,6 +238,23 @@ def test_adam_update_matches_generic_over_steps(cupy_pair):
             _close(actual, reference, backend, f"{name} moment after step {step}")
 
 
+@pytest.mark.parametrize("decay", [0.0, 1e-2])
+def test_adam_with_infinite_weights_matches_generic(cupy_pair, decay):
+    # Without an L2 step (decay 0) the generic path adds no decay term: 0 * inf would be NaN.
+    fused, generic, backend = cupy_pair
+    xp = backend.xp
+    host = np.array([[np.inf, -np.inf, 1.0]], dtype=backend.dtype_name)
+    results = {}
+    for name, ops in (("fused", fused), ("generic", generic)):
+        moments = tuple(xp.zeros((1, 3), dtype=backend.dtype) for _ in range(3))
+        results[name] = ops.adam_update(backend.asarray(host), backend.asarray(np.ones_like(host)),
+                                        moments, 0.9, 0.999, 1e-3 / 0.1, 1 / np.sqrt(1e-3), 1e-8,
+                                        1e-3, decay)
+    _equal(results["fused"], results["generic"], f"decay {decay}")
+    if decay == 0.0:
+        assert bool(xp.all(xp.isinf(results["fused"][0, :2])))
+
+
 def test_adam_steps_integer_weights_on_the_gpu_as_the_generic_path(cupy_pair):
     # Integer weights get float64 moments (Adam.next_step): no one kernel type fits them all.
     fused, generic, backend = cupy_pair

@@ -29,150 +29,8 @@ import cupy
 
 from xpnn.ops import Ops
 from xpnn.ops import conv as _conv
+from xpnn.ops import cupy_kernels as kernels
 from xpnn.ops.windows import same_padding, window_output_shape
-
-_WINDOW_PARAMS = ("int32 height, int32 width, int32 kernel_h, int32 kernel_w, int32 out_h, "
-                  "int32 out_w, int32 stride_y, int32 stride_x, int32 pad_y, int32 pad_x")
-
-# windows[lead, k, oh, ow] = padded x[lead, oh*sy + k // kw, ow*sx + k % kw]
-_EXTRACT_WINDOWS = cupy.ElementwiseKernel(
-    "raw T x, " + _WINDOW_PARAMS, "T windows",
-    """
-    const int ow = i % out_w;
-    const int oh = (i / out_w) % out_h;
-    const int k = (i / ((ptrdiff_t)out_w * out_h)) % (kernel_h * kernel_w);
-    const ptrdiff_t lead = i / ((ptrdiff_t)out_w * out_h * kernel_h * kernel_w);
-    const int row = oh * stride_y + k / kernel_w - pad_y;
-    const int col = ow * stride_x + k % kernel_w - pad_x;
-    windows = (row >= 0 && row < height && col >= 0 && col < width)
-        ? x[(lead * height + row) * width + col] : (T)0;
-    """, "xpnn_extract_windows_2d")
-
-# The adjoint as a gather: each input pixel adds the window entries it was
-# copied to, kernel offsets in row-major order, which is the order in which
-# the generic ``+=`` loop adds them (so the sums are bit for bit the same).
-_ACCUMULATE_WINDOWS = cupy.ElementwiseKernel(
-    "raw T windows, " + _WINDOW_PARAMS, "T image",
-    """
-    const int col = i % width;
-    const int row = (i / width) % height;
-    const ptrdiff_t lead = i / ((ptrdiff_t)width * height);
-    const ptrdiff_t window_size = (ptrdiff_t)kernel_h * kernel_w;
-    T total = 0;
-    for (int ky = 0; ky < kernel_h; ++ky) {
-        const int y = row + pad_y - ky;
-        if (y < 0 || y % stride_y != 0 || y / stride_y >= out_h) continue;
-        for (int kx = 0; kx < kernel_w; ++kx) {
-            const int x = col + pad_x - kx;
-            if (x < 0 || x % stride_x != 0 || x / stride_x >= out_w) continue;
-            total += windows[((lead * window_size + ky * kernel_w + kx) * out_h + y / stride_y)
-                             * out_w + x / stride_x];
-        }
-    }
-    image = total;
-    """, "xpnn_accumulate_windows_2d")
-
-# Maximum of each window and the offset of its first maximum (a NaN wins, and
-# the first NaN is kept, as max and argmax do).
-_MAX_POOL = cupy.ElementwiseKernel(
-    "raw T x, " + _WINDOW_PARAMS, "T output, int64 first_max",
-    """
-    const int ow = i % out_w;
-    const int oh = (i / out_w) % out_h;
-    const ptrdiff_t lead = i / ((ptrdiff_t)out_w * out_h);
-    const ptrdiff_t corner = (lead * height + oh * stride_y) * width + ow * stride_x;
-    T best = x[corner];
-    long long best_offset = 0;
-    for (int ky = 0; ky < kernel_h; ++ky) {
-        for (int kx = 0; kx < kernel_w; ++kx) {
-            const T value = x[corner + (ptrdiff_t)ky * width + kx];
-            if (!isnan(best) && (value > best || isnan(value))) {
-                best = value;
-                best_offset = ky * kernel_w + kx;
-            }
-        }
-    }
-    output = best;
-    first_max = best_offset;
-    """, "xpnn_max_pool_2d")
-
-_MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
-    "raw T error, raw int64 first_max, " + _WINDOW_PARAMS, "T gradient",
-    """
-    const int col = i % width;
-    const int row = (i / width) % height;
-    const ptrdiff_t lead = i / ((ptrdiff_t)width * height);
-    T total = 0;
-    for (int ky = 0; ky < kernel_h; ++ky) {
-        const int y = row - ky;
-        if (y < 0 || y % stride_y != 0 || y / stride_y >= out_h) continue;
-        for (int kx = 0; kx < kernel_w; ++kx) {
-            const int x = col - kx;
-            if (x < 0 || x % stride_x != 0 || x / stride_x >= out_w) continue;
-            const ptrdiff_t window = (lead * out_h + y / stride_y) * out_w + x / stride_x;
-            if (first_max[window] == ky * kernel_w + kx) total += error[window];
-        }
-    }
-    gradient = total;
-    """, "xpnn_max_pool_backward_2d")
-
-_RELU = cupy.ElementwiseKernel(
-    "T x", "T output, bool mask",
-    "mask = x > (T)0; output = mask ? x : (T)0;", "xpnn_relu")
-
-_CENTERED_SQUARES = cupy.ReductionKernel(
-    "T x, T mean", "T total", "(x - mean) * (x - mean)", "a + b", "total = a", "0",
-    "xpnn_centered_squares")
-
-_PRODUCT_SUM = cupy.ReductionKernel(
-    "T a_in, T b_in", "T total", "a_in * b_in", "a + b", "total = a", "0", "xpnn_product_sum")
-
-_VARIANCE = cupy.ElementwiseKernel(
-    "T squares, T count, T eps", "T variance, T inverse_std",
-    "variance = squares / count; inverse_std = (T)1 / sqrt(variance + eps);", "xpnn_variance")
-
-_INVERSE_STD = cupy.ElementwiseKernel(
-    "T variance, T eps", "T inverse_std", "inverse_std = (T)1 / sqrt(variance + eps);",
-    "xpnn_inverse_std")
-
-_NORMALIZE = cupy.ElementwiseKernel(
-    "T x, T mean, T inverse_std, T gamma, T beta", "T normalized, T output",
-    "normalized = (x - mean) * inverse_std; output = gamma * normalized + beta;",
-    "xpnn_batch_norm_normalize")
-
-# dx = (γe - mean(γe) - x̂ mean(γe x̂)) / sqrt(var + eps), the means from the sums.
-_BATCH_NORM_INPUT_GRADIENT = cupy.ElementwiseKernel(
-    "T error, T normalized, T gamma, T inverse_std, T error_sum, T projection_sum, T count",
-    "T gradient",
-    """
-    gradient = (gamma * error - gamma * error_sum / count
-                - normalized * (gamma * projection_sum / count)) * inverse_std;
-    """, "xpnn_batch_norm_input_gradient")
-
-_RUNNING_STATISTICS = cupy.ElementwiseKernel(
-    "T running_mean, T running_variance, T mean, T variance, T keep, T take",
-    "T new_mean, T new_variance",
-    "new_mean = keep * running_mean + take * mean;"
-    "new_variance = keep * running_variance + take * variance;",
-    "xpnn_batch_norm_running_statistics")
-
-_DROPOUT = cupy.ElementwiseKernel(
-    "T x, T draws, T probability", "T mask, T scale, T output",
-    "mask = draws < probability ? (T)1 : (T)0; scale = mask / probability; output = x * scale;",
-    "xpnn_dropout")
-
-_ADAM = cupy.ElementwiseKernel(
-    "T weights, T gradient, T mu, T one_minus_mu, T rho, T one_minus_rho, "
-    "T inverse_root_correction, T epsilon, T step_size, T learning_rate, T decay",
-    "T first_moment, T second_moment, T updated",
-    """
-    first_moment = first_moment * mu + gradient * one_minus_mu;
-    second_moment = second_moment * rho + gradient * gradient * one_minus_rho;
-    updated = weights - first_moment / (sqrt(second_moment) * inverse_root_correction + epsilon)
-                        * step_size;
-    updated = updated - learning_rate * (decay * weights);
-    """, "xpnn_adam")
-
 
 class CupyOps(Ops):
     """:class:`xpnn.ops.Ops` with fused CUDA kernels for the hot paths (see the module docstring)."""
@@ -180,9 +38,9 @@ class CupyOps(Ops):
     def compute_scope(self):
         """The backend's GPU as CuPy's current device for a whole pass.
 
-        CuPy allocates and launches on the current device (the kernels above,
-        and ``cupy.empty``, take no ``device=``), so a backend on ``device=1``
-        runs its passes there.
+        CuPy allocates and launches on the current device (the kernels of
+        :mod:`xpnn.ops.cupy_kernels` and ``cupy.empty`` take no ``device=``),
+        so a backend on ``device=1`` runs its passes there.
         """
         return self.backend.device
 
@@ -195,8 +53,8 @@ class CupyOps(Ops):
         output_shape = window_output_shape(spatial_shape, tuple(window_shape), tuple(strides),
                                            tuple(padding))
         windows = cupy.empty(lead_shape + (math.prod(window_shape),) + output_shape, dtype=x.dtype)
-        _EXTRACT_WINDOWS(x, *_window_args(spatial_shape, window_shape, output_shape, strides,
-                                          padding), windows)
+        arguments = _window_args(spatial_shape, window_shape, output_shape, strides, padding)
+        kernels.EXTRACT_WINDOWS(x, *arguments, windows)
         return windows
 
     def accumulate_windows(self, windows, spatial_shape, window_shape, strides, padding):
@@ -205,8 +63,8 @@ class CupyOps(Ops):
         windows = cupy.ascontiguousarray(windows)
         lead_shape, output_shape = tuple(windows.shape[:-3]), tuple(windows.shape[-2:])
         image = cupy.empty(lead_shape + tuple(spatial_shape), dtype=windows.dtype)
-        _ACCUMULATE_WINDOWS(windows, *_window_args(spatial_shape, window_shape, output_shape,
-                                                   strides, padding), image)
+        arguments = _window_args(spatial_shape, window_shape, output_shape, strides, padding)
+        kernels.ACCUMULATE_WINDOWS(windows, *arguments, image)
         return image
 
     # -- convolution: the generic layout, with the windows above -------------------
@@ -246,8 +104,8 @@ class CupyOps(Ops):
         output_shape = window_output_shape(spatial_shape, tuple(pool_shape), tuple(strides), padding)
         output = cupy.empty(lead_shape + output_shape, dtype=x.dtype)
         first_max = cupy.empty(lead_shape + output_shape, dtype=cupy.int64)
-        _MAX_POOL(x, *_window_args(spatial_shape, pool_shape, output_shape, strides, padding),
-                  output, first_max)
+        arguments = _window_args(spatial_shape, pool_shape, output_shape, strides, padding)
+        kernels.MAX_POOL(x, *arguments, output, first_max)
         # The generic cache: either backward can use it.
         return output, (first_max, spatial_shape, tuple(pool_shape), tuple(strides))
 
@@ -259,13 +117,13 @@ class CupyOps(Ops):
         first_max = cupy.ascontiguousarray(first_max)
         lead_shape, output_shape = tuple(error.shape[:-2]), tuple(error.shape[-2:])
         gradient = cupy.empty(lead_shape + tuple(spatial_shape), dtype=error.dtype)
-        _MAX_POOL_BACKWARD(error, first_max, *_window_args(
+        kernels.MAX_POOL_BACKWARD(error, first_max, *_window_args(
             spatial_shape, pool_shape, output_shape, strides, ((0, 0), (0, 0))), gradient)
         return gradient
 
     # -- ReLU ------------------------------------------------------------------
     def relu_forward(self, x, need_backward=True):
-        return _RELU(x)
+        return kernels.RELU(x)
 
     # -- batch normalization ---------------------------------------------------
     def batch_norm_forward(self, x, gamma, beta, eps, axes, statistics=None, all_sum=None):
@@ -276,13 +134,14 @@ class CupyOps(Ops):
         vector_shape = (1, channels) + (1,) * (x.ndim - 2)
         if statistics is None:
             mean = cupy.mean(x, axis=axes, keepdims=True)
-            squares = _CENTERED_SQUARES(x, mean, axis=axes, keepdims=True)
-            variance, inverse_std = _VARIANCE(squares, float(x.size // channels), float(eps))
+            squares = kernels.CENTERED_SQUARES(x, mean, axis=axes, keepdims=True)
+            variance, inverse_std = kernels.VARIANCE(squares, float(x.size // channels), float(eps))
         else:
             mean, variance = (cupy.reshape(statistic, vector_shape) for statistic in statistics)
-            inverse_std = _INVERSE_STD(variance, float(eps))
-        normalized, output = _NORMALIZE(x, mean, inverse_std, cupy.reshape(gamma, vector_shape),
-                                        cupy.reshape(beta, vector_shape))
+            inverse_std = kernels.INVERSE_STD(variance, float(eps))
+        normalized, output = kernels.NORMALIZE(x, mean, inverse_std,
+                                               cupy.reshape(gamma, vector_shape),
+                                               cupy.reshape(beta, vector_shape))
         used = (cupy.reshape(mean, (channels,)), cupy.reshape(variance, (channels,)))
         # The generic cache: either backward can use it.
         return output, used, (normalized, inverse_std, axes, statistics is None, None)
@@ -291,10 +150,10 @@ class CupyOps(Ops):
         normalized, inverse_std, axes, batch_statistics, all_sum = cache
         if all_sum is not None or not batch_statistics:
             return super().batch_norm_backward(error, gamma, cache)
-        gradient_gamma = _PRODUCT_SUM(error, normalized, axis=axes)
+        gradient_gamma = kernels.PRODUCT_SUM(error, normalized, axis=axes)
         gradient_beta = cupy.sum(error, axis=axes)
         vector_shape = tuple(inverse_std.shape)
-        gradient_input = _BATCH_NORM_INPUT_GRADIENT(
+        gradient_input = kernels.BATCH_NORM_INPUT_GRADIENT(
             error, normalized, cupy.reshape(gamma, vector_shape), inverse_std,
             cupy.reshape(gradient_beta, vector_shape), cupy.reshape(gradient_gamma, vector_shape),
             float(error.size // error.shape[1]))
@@ -302,14 +161,14 @@ class CupyOps(Ops):
 
     def batch_norm_running_statistics(self, running_mean, running_variance, mean, variance,
                                       decay):
-        return _RUNNING_STATISTICS(running_mean, running_variance, mean, variance, decay,
+        return kernels.RUNNING_STATISTICS(running_mean, running_variance, mean, variance, decay,
                                    1.0 - decay)
 
     # -- dropout ----------------------------------------------------------------
     def dropout_forward(self, x, draws, probability):
         if draws.dtype != x.dtype:  # one kernel type T: leave mixed dtypes to the generic path
             return super().dropout_forward(x, draws, probability)
-        mask, scale, output = _DROPOUT(x, draws, probability)
+        mask, scale, output = kernels.DROPOUT(x, draws, probability)
         return output, mask, scale
 
     # -- optimizers ------------------------------------------------------------
@@ -322,13 +181,14 @@ class CupyOps(Ops):
             return super().adam_update(weights, gradient, moments, mu, rho, step_size,
                                        inverse_root_correction, epsilon, learning_rate, decay)
         updated = cupy.empty_like(weights)
-        _ADAM(weights, gradient, mu, 1.0 - mu, rho, 1.0 - rho, inverse_root_correction, epsilon,
-              step_size, learning_rate, decay, first_moment, second_moment, updated)
+        kernels.ADAM(weights, gradient, mu, 1.0 - mu, rho, 1.0 - rho, inverse_root_correction,
+                     epsilon, step_size, learning_rate, decay, first_moment, second_moment,
+                     updated)
         return updated
 
 
 def _window_args(spatial_shape, window_shape, output_shape, strides, padding):
-    """The scalar arguments shared by the window kernels, in ``_WINDOW_PARAMS`` order."""
+    """The scalar arguments shared by the window kernels, in ``kernels.WINDOW_PARAMS`` order."""
     return (spatial_shape[0], spatial_shape[1], window_shape[0], window_shape[1],
             output_shape[0], output_shape[1], strides[0], strides[1],
             padding[0][0], padding[1][0])

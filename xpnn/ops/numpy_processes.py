@@ -35,7 +35,8 @@ the worker; the next pass starts another. Linux on x86-64 only (``fork``, and
 the store order the message rings rely on).
 """
 from xpnn.backend import to_numpy
-from xpnn.ops.piece_worker import PieceWorker, ProcessSlot, layers_key
+from xpnn.ops.piece_worker import PieceWorker, layers_key
+from xpnn.ops.worker_process import ProcessSlot
 from xpnn.piecewise import backward_chain, note_piece, replica_in
 
 

@@ -58,6 +58,14 @@ def test_environment_variable_selects_backend():
     assert out.stdout.strip() == "array-api-strict"
 
 
+def test_an_unknown_backend_in_the_environment_variable_names_the_variable():
+    code = "import xpnn; xpnn.get_backend()"
+    env = dict(os.environ, XPNN_BACKEND="bogus")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "XPNN_BACKEND='bogus'" in out.stderr and "valid names are" in out.stderr, out.stderr
+
+
 def test_asarray_round_trip_and_no_copy(backend):
     host = np.arange(6.0).reshape(2, 3)
     moved = backend.asarray(host)
@@ -138,7 +146,19 @@ def test_gpu_unavailable_is_a_clear_error():
         xpnn.set_backend("gpu")
     assert info.value.backend_name == "gpu"
     assert info.value.reason  # the driver's message, e.g. cudaErrorInsufficientDriver
-    assert "xpnn[gpu]" in str(info.value) and "nvidia-smi" in str(info.value)
+    assert "nvidia-smi" in str(info.value) and "--backend cpu" in str(info.value)
+    if _driver_library_found():  # a driver, but too old for this CuPy (or no device)
+        assert "xpnn[gpu]" in str(info.value) and "gpu-cuda13" in str(info.value)
+    else:  # no driver: no CuPy package helps; the message says so
+        assert "no NVIDIA driver" in info.value.reason and "xpnn[gpu]" not in str(info.value)
+
+
+def _driver_library_found():
+    """Whether the NVIDIA driver's libcuda is anywhere the loader or the driver's files say."""
+    import ctypes.util
+    import os
+
+    return ctypes.util.find_library("cuda") is not None or os.path.exists("/proc/driver/nvidia")
 
 
 def test_namespace_is_array_api_compats_on_every_backend(backend):

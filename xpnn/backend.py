@@ -30,8 +30,14 @@ FLOAT_DTYPES = ("float32", "float64")
 
 GPU_FIX = (
     'install CuPy for your CUDA driver: pip install "xpnn[gpu]" (CuPy built for CUDA 12.x, '
-    'driver >= 525) or pip install cupy-cuda13x (driver >= 580); check the driver with '
-    "nvidia-smi, or use set_backend(\"cpu\")"
+    'driver >= 525) or pip install "xpnn[gpu-cuda13]" (CUDA 13.x, driver >= 580); from a '
+    'checkout: pip install -e ".[gpu]"; check the driver with nvidia-smi; or use the cpu backend '
+    '(set_backend("cpu"), xpnn-train --backend cpu)'
+)
+#: The fix where no NVIDIA driver is installed at all: no CuPy package helps then.
+NO_DRIVER_FIX = (
+    'run on a machine with an NVIDIA GPU and its driver (nvidia-smi lists them), or use the cpu '
+    'backend (set_backend("cpu"), xpnn-train --backend cpu)'
 )
 
 
@@ -362,12 +368,29 @@ def _make_cupy(dtype, device):
         with cuda_device:
             cupy.zeros(1)  # the first allocation is where a bad driver shows up
     except Exception as error:
-        raise BackendUnavailableError("gpu", f"{type(error).__name__}: {error}", GPU_FIX) from error
+        reason = f"{type(error).__name__}: {error}"
+        if not _nvidia_driver_present():
+            raise BackendUnavailableError(
+                "gpu", f"no NVIDIA driver on this machine (libcuda cannot be loaded; CuPy says "
+                f"{reason})", NO_DRIVER_FIX) from error
+        raise BackendUnavailableError("gpu", reason, GPU_FIX) from error
     _seed_library_once(cupy, cuda_device)
     from xpnn.ops.cupy_ops import CupyOps  # compiles nothing yet: kernels build on first use
 
     return Backend("gpu", xp, cuda_device, dtype, cupy,
                    device_spec=None if device is None else str(device), ops_class=CupyOps)
+
+
+def _nvidia_driver_present():
+    """True when the NVIDIA driver's CUDA library loads (CuPy reports a missing driver and
+    one too old for its CUDA alike, "insufficient driver"; only the second wants another CuPy)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1" if os.name == "posix" else "nvcuda.dll")
+    except OSError:
+        return False
+    return True
 
 
 #: Backends whose hot paths have a library-specific implementation.
@@ -454,8 +477,20 @@ def get_backend():
     """Return the current backend (from ``XPNN_BACKEND``, default ``"cpu"``, on first use)."""
     global _CURRENT
     if _CURRENT is None:
-        _CURRENT = make_backend(os.environ.get("XPNN_BACKEND", "cpu"))
+        _CURRENT = _backend_from_environment()
     return _CURRENT
+
+
+def _backend_from_environment():
+    name = os.environ.get("XPNN_BACKEND", "cpu")
+    try:
+        return make_backend(name)
+    except ValueError as error:  # (say where the name came from: no call of the user's has it)
+        raise ValueError(f"environment variable XPNN_BACKEND={name!r}: {error}") from None
+    except BackendUnavailableError as error:
+        raise BackendUnavailableError(
+            error.backend_name, f"{error.reason} (the backend named by XPNN_BACKEND={name!r})",
+            f"{error.fix}; or unset XPNN_BACKEND") from error
 
 
 @contextlib.contextmanager

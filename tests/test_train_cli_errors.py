@@ -224,3 +224,48 @@ def test_torch_resume_at_epoch_end_equals_uninterrupted_bit_for_bit(data_dir, tm
     assert sorted(straight) == sorted(resumed)
     for key in straight:
         np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+
+
+# -- f. what a user meant: the option to change, the backend first, nothing to train ----------
+
+def test_a_locked_switch_on_resume_is_named_as_written(data_dir, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    assert train(data_dir, out, "--resume", "--no-dropout", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "--no-dropout differs from the checkpoint's --dropout" in err, err
+
+
+def test_a_device_the_backend_lacks_is_named_before_an_existing_checkpoint(
+        data_dir, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    assert train(data_dir, out, "--device", "1", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "only the device 'cpu'" in err and "already holds" not in err, err
+
+
+def test_an_os_error_names_the_option_its_path_came_from(tmp_path):
+    # (Root reads every file here, so the error is made directly: the hint is what is tested.)
+    import argparse
+    import errno
+
+    from xpnn.train import _path_hint
+
+    args = argparse.Namespace(out=str(tmp_path / "run"), data_dir=str(tmp_path / "data"))
+    for path, option in ((tmp_path / "data" / "x.gz", "--data-dir"),
+                         (tmp_path / "run" / "model.npz", "--out"), (tmp_path / "run", "--out")):
+        hint = _path_hint(OSError(errno.EACCES, "Permission denied", str(path)), args)
+        assert hint.endswith(f"choose another {option}"), (path, hint)
+    assert "--" not in _path_hint(OSError(errno.EACCES, "denied", str(tmp_path / "runs")), args)
+    assert _path_hint(OSError("no path"), args) == ""
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(
+        data_dir, finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = file_bytes(out)
+    assert train(data_dir, out, "--resume", *TINY) == 0
+    captured = capsys.readouterr()
+    assert "nothing to train" in captured.err and "--epochs" in captured.err, captured.err
+    assert captured.out.startswith("test accuracy "), captured.out
+    assert "resuming" not in captured.out
+    assert file_bytes(out) == before

@@ -138,8 +138,8 @@ def load_mnist_format(directory, name="mnist-format"):
             f"{stem}[.gz]" for stem in missing)
         raise DatasetNotFoundError(
             f"{directory} {where}; an MNIST-format directory holds the four files "
-            f"{', '.join(s + '[.gz]' for s in MNIST_FILES.values())}. To fix: point --data-dir "
-            f"(the root/directory argument) at a directory holding them")
+            f"{', '.join(s + '[.gz]' for s in MNIST_FILES.values())}. To fix: point xpnn-train's --data-dir "
+            f"(in Python: the directory or root argument) at a directory holding them")
     arrays = {role: read_idx(path) for role, path in paths.items()}
     for split in ("train", "test"):
         _check_split(arrays[f"{split}_images"], arrays[f"{split}_labels"],

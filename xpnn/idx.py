@@ -32,8 +32,8 @@ _GZIP_MAGIC = b"\x1f\x8b"
 #: The most dimensions a NumPy array can have (NPY_MAXDIMS: 32 before NumPy 2.0, 64 since);
 #: an IDX header may declare up to 255.
 NUMPY_MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
-_FIX = ("delete it and download it again, or point --data-dir (the root/directory argument) "
-        "at a directory with intact MNIST-format files")
+_FIX = ("delete it and download it again, or point xpnn-train's --data-dir (in Python: the "
+        "directory or root argument) at a directory with intact MNIST-format files")
 
 
 class IdxError(ValueError):

@@ -126,11 +126,19 @@ def resolve_settings(given, saved=None):
     if saved is not None:
         for key in LOCKED_ON_RESUME:
             if key in given and key in saved and given[key] != saved[key]:
-                raise UsageError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's "
-                                 f"{saved[key]}; it cannot change on --resume")
+                raise UsageError(f"{_as_option(key, given[key])} differs from the checkpoint's "
+                                 f"{_as_option(key, saved[key])}; it cannot change on --resume")
         settings.update({key: saved[key] for key in DEFAULTS if key in saved})
     settings.update({key: given[key] for key in DEFAULTS if key in given})
     return settings
+
+
+def _as_option(key, value):
+    """``key`` = ``value`` as written on the command line: ``--no-dropout``, ``--seed 3``."""
+    option = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{option}" if value else f"--no-{option}"
+    return f"--{option} {value}"
 
 
 def model_options(settings):
@@ -164,15 +172,16 @@ def prepare_run(args, given):
         meta, arrays = ckpt.read_checkpoint(out)
         if not meta.get("resume"):
             raise ckpt.CheckpointError(f"{out}/{ckpt.MODEL_FILE} holds no training state to resume")
-    elif has_checkpoint and not args.overwrite:
-        raise UsageError(f"{out} already holds a checkpoint; continue it with --resume, replace it "
-                         f"with --overwrite, or choose another --out")
     settings = resolve_settings(given, meta["resume"]["settings"] if meta else None)
     try:
         canonical_name(args.backend)
         backend = make_backend(args.backend, settings["dtype"], args.device)
     except ValueError as error:  # an unknown name, or a device the backend does not have
         raise UsageError(str(error)) from None
+    # (After the backend: a run that cannot start there should say so first.)
+    if has_checkpoint and not (args.resume or args.overwrite):
+        raise UsageError(f"{out} already holds a checkpoint; continue it with --resume, replace it "
+                         f"with --overwrite, or choose another --out")
     (train_images, train_labels), (test_images, test_labels) = load_data(settings)
     check_writable(out)  # before an epoch of training, not at its end
     options = model_options(settings)
@@ -237,6 +246,12 @@ def execute(args, given):
     """Run training; returns the exit status."""
     run = prepare_run(args, given)
     out = args.out
+    if len(run.metrics) >= run.settings["epochs"] and not run.partial:
+        print(f"xpnn-train: {out} holds {len(run.metrics)} trained epoch(s) and --epochs is "
+              f"{run.settings['epochs']}: nothing to train (raise --epochs to train on)",
+              file=sys.stderr, flush=True)
+        print(summary_line(run.metrics, run.backend, run.backend.dtype_name), flush=True)
+        return EXIT_OK
     show_bar = sys.stderr.isatty() if args.progress is None else args.progress
     with run.stop, np.errstate(all="ignore"):
         # Overflow warnings would flood the terminal; non-finite losses and
@@ -259,6 +274,18 @@ def execute(args, given):
     return EXIT_OK
 
 
+def _path_hint(error, args):
+    """What to change for an OSError on a path: the option the path came from, if one did."""
+    filename = getattr(error, "filename", None)
+    if not filename:
+        return ""
+    path = os.path.abspath(os.fspath(filename))
+    for option, value in (("--out", args.out), ("--data-dir", args.data_dir)):
+        if value is not None and (path + os.sep).startswith(os.path.abspath(value) + os.sep):
+            return f"; check the path and its permissions, or choose another {option}"
+    return "; check the path and its permissions"
+
+
 def main(argv=None):
     """Entry point of ``xpnn-train``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -272,9 +299,7 @@ def main(argv=None):
         print(f"xpnn-train: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as error:  # e.g. a file or directory that cannot be read or written
-        hint = ("; check the path and its permissions, or choose another --out / --data-dir"
-                if getattr(error, "filename", None) else "")
-        print(f"xpnn-train: error: {error}{hint}", file=sys.stderr)
+        print(f"xpnn-train: error: {error}{_path_hint(error, args)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"\nxpnn-train: aborted; nothing was saved now (an earlier checkpoint in {args.out}, "

@@ -269,3 +269,42 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(
     assert captured.out.startswith("test accuracy "), captured.out
     assert "resuming" not in captured.out
     assert file_bytes(out) == before
+
+
+# -- g. a stop between two pulls of the loss ----------------------------------------------------
+
+def test_a_stop_between_loss_pulls_keeps_the_epochs_loss_bit_for_bit(tmp_path, monkeypatch):
+    # The loss is summed on the device (float32 here) and pulled every --log-every steps. A stop
+    # at step 5 of 16 with pulls every 4 steps, resumed with pulls every 50, must not make the
+    # epoch's loss a sum of other partial sums (float32 rounds those differently): the metrics
+    # must equal an uninterrupted run's.
+    import json
+    import signal
+
+    from xpnn import training
+
+    data = write_mnist_dir(tmp_path / "data", n_train=512)
+    run = ("--limit-train", "512", "--batch-size", "32", "--log-every", "4", "--dtype", "float32",
+           "--no-progress", "--limit-test", "32")
+    assert train(data, tmp_path / "straight", *run) == 0
+    real_step, steps = training.train_step, []
+
+    def step_then_ctrl_c(*args):
+        result = real_step(*args)
+        steps.append(1)
+        if len(steps) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the run's own handler: stop after this step
+        return result
+
+    monkeypatch.setattr(training, "train_step", step_then_ctrl_c)
+    assert train(data, tmp_path / "stopped", *run) == 130
+    assert json.loads((tmp_path / "stopped" / "resume.json").read_text())["partial_epoch"]["steps"] == 5
+    monkeypatch.setattr(training, "train_step", real_step)
+    assert train(data, tmp_path / "stopped", "--resume", "--no-progress") == 0
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text())["epochs"][0]
+               for name in ("straight", "stopped")}
+    for key in ("train_loss", "train_accuracy", "test_accuracy"):
+        assert metrics["stopped"][key] == metrics["straight"][key], key
+    straight, stopped = (ckpt.read_checkpoint(str(tmp_path / name))[1] for name in ("straight", "stopped"))
+    for name in straight:
+        np.testing.assert_array_equal(stopped[name], straight[name], err_msg=name)

@@ -60,7 +60,13 @@ def evaluate(net, test_layer, stop):
 
 
 class EpochProgress:
-    """Host-side totals of the epoch in progress (saved with a mid-epoch checkpoint)."""
+    """Host-side totals of the epoch in progress (saved with a mid-epoch checkpoint).
+
+    ``loss_sum`` is the device's running sum of the epoch's step losses as last
+    pulled (a value of the backend's dtype, exact as a Python float): a resumed
+    epoch goes on adding to it, so the epoch's loss has the same bits whatever
+    ``--log-every`` and wherever a stop came.
+    """
 
     def __init__(self, steps=0, samples=0, loss_sum=0.0, correct=0, seconds=0.0):
         self.steps, self.samples, self.loss_sum = steps, samples, loss_sum
@@ -71,16 +77,24 @@ class EpochProgress:
 
 
 class Window:
-    """Device-side loss and accuracy sums since the loss was last pulled to the host."""
+    """Device-side sums: the epoch's loss so far (from ``loss_so_far``, a host float), and the
+    correct count, samples and steps since the sums were last pulled to the host."""
 
-    def __init__(self):
-        self.loss, self.correct, self.samples, self.steps = 0.0, 0, 0, 0
+    def __init__(self, backend, loss_so_far=0.0):
+        # In the backend's dtype, added to step by step in one order: pulling the sum (every
+        # --log-every steps, or at a stop) does not change the bits of the epoch's loss.
+        self.loss = 0.0 if not loss_so_far else backend.asarray(loss_so_far, dtype=backend.dtype)
+        self.correct, self.samples, self.steps = 0, 0, 0
 
     def add(self, loss, correct, samples):
         self.loss = self.loss + loss
         self.correct = self.correct + correct
         self.samples += samples
         self.steps += 1
+
+    def pulled(self):
+        """Start the next window (the loss sum goes on)."""
+        self.correct, self.samples, self.steps = 0, 0, 0
 
 
 class StopFlag:
@@ -212,10 +226,10 @@ class Run:
         if not math.isfinite(loss):
             raise Diverged(f"the training loss became {loss} in epoch {epoch + 1} within steps "
                            f"{progress.steps - window.steps + 1}-{progress.steps}")
-        progress.loss_sum += loss
+        progress.loss_sum = loss
         progress.correct += int(self.backend.to_numpy(window.correct))
         progress.samples += window.samples
-        window.__init__()
+        window.pulled()
 
     def _postfix(self, bar, progress, started):
         seconds = progress.seconds + time.perf_counter() - started
@@ -232,7 +246,7 @@ class Run:
             self._reseed_native(epoch, 0)
         progress = self.partial = self.partial or EpochProgress()
         total = self.train_layer.batches_per_epoch
-        window = Window()
+        window = Window(self.backend, progress.loss_sum)
         bar = tqdm(total=total, initial=progress.steps, desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
                    unit="batch", disable=not show_bar, file=sys.stderr, dynamic_ncols=True)
         started = time.perf_counter()

@@ -208,11 +208,20 @@ def test_load_model_round_trip_identical_predictions(tmp_path):
 
 
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="model.npz does not exist"):
+    with pytest.raises(ckpt.CheckpointError, match="model.npz does not exist there; pass the "
+                                                   "directory an xpnn-train run wrote"):
         ckpt.load_model(str(tmp_path))
+    with pytest.raises(ckpt.CheckpointError, match="the directory does not exist; pass"):
+        ckpt.load_model(str(tmp_path / "none"))
     np.savez(tmp_path / "model.npz", weights=np.zeros(3))
     with pytest.raises(ckpt.CheckpointError, match="not an xpnn checkpoint"):
         ckpt.load_model(str(tmp_path))
+    with pytest.raises(ckpt.CheckpointError) as info:  # the file where its directory was meant
+        ckpt.load_model(str(tmp_path / "model.npz"))
+    assert f"is the checkpoint's file; pass its directory, {tmp_path}" in str(info.value)
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(ckpt.CheckpointError, match="is a file, not a checkpoint directory"):
+        ckpt.load_model(str(tmp_path / "notes.txt"))
 
 
 def test_non_finite_arrays_names_infinities_and_nans():
@@ -319,7 +328,8 @@ def test_usage_errors(data_dir, tmp_path, capsys):
     assert main(["--backend", "tpu", "--out", str(tmp_path / "y")]) == 2
     assert "valid names" in capsys.readouterr().err
     assert main(["--resume", "--out", str(tmp_path / "nothing")]) == 1
-    assert "model.npz does not exist" in capsys.readouterr().err
+    assert "the directory does not exist; pass the directory an xpnn-train run wrote (its --out)" \
+        in capsys.readouterr().err
 
 
 def test_device_label_is_one_token():

@@ -220,8 +220,8 @@ def read_checkpoint(directory):
     """
     path = os.path.join(directory, MODEL_FILE)
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint in {directory}: {MODEL_FILE} does not exist")
-    fix = "delete it (or train with --overwrite), or resume from another copy"
+        raise CheckpointError(_no_checkpoint(os.fspath(directory)))
+    fix = "delete it (xpnn-train: or start afresh with --overwrite), or use another copy"
     try:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}
@@ -241,6 +241,20 @@ def read_checkpoint(directory):
         raise CheckpointError(f"{path}: format {meta.get('format')!r} version "
                               f"{meta.get('version')!r}, expected {FORMAT!r} version {VERSION}")
     return meta, arrays
+
+
+def _no_checkpoint(directory):
+    """Why ``directory`` holds no checkpoint, and what to pass instead."""
+    wanted = (f"pass the directory an xpnn-train run wrote (its --out), which holds {MODEL_FILE} "
+              f"and {MODEL_JSON}")
+    if os.path.isfile(directory):
+        if os.path.basename(directory) == MODEL_FILE:
+            return (f"{directory} is the checkpoint's file; pass its directory, "
+                    f"{os.path.dirname(directory) or '.'}")
+        return f"{directory} is a file, not a checkpoint directory; {wanted}"
+    if not os.path.isdir(directory):
+        return f"no checkpoint in {directory}: the directory does not exist; {wanted}"
+    return f"no checkpoint in {directory}: {MODEL_FILE} does not exist there; {wanted}"
 
 
 def build_model(meta, backend):

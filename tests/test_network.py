@@ -420,3 +420,74 @@ def test_unknown_backend_lists_valid_names():
             action()
         for name in ("cpu", "gpu", "array-api-strict", "torch"):
             assert name in str(info.value)
+
+
+def test_train_without_a_data_layer_says_how_to_set_one():
+    net = build(Sgd(1e-2))
+    net.data_layer = None
+    with pytest.raises(RuntimeError) as info:
+        net.train(1)
+    message = str(info.value)
+    assert "no data_layer" in message and "net.data_layer = " in message and "next()" in message
+    assert net.loss == []
+
+
+@pytest.mark.parametrize("step", ["train", "forward", "train_batch", "backward"])
+def test_a_network_without_a_loss_layer_says_so(step):
+    net = build(Sgd(1e-2))
+    net.loss_layer = None
+    inputs, labels, _, _ = iris()
+    run = {"train": lambda: net.train(1), "forward": net.forward, "backward": net.backward,
+           "train_batch": lambda: net.train_batch(inputs[:5], labels[:5])}[step]
+    with pytest.raises(RuntimeError) as info:
+        run()
+    assert "loss_layer is not set" in str(info.value)
+    assert "net.loss_layer = CrossEntropyLoss()" in str(info.value)
+
+
+@pytest.mark.parametrize("layers", ["some", "none"])
+def test_backward_before_forward_says_so(layers):
+    net = build(Sgd(1e-2))
+    if layers == "none":
+        net.layers = []
+    with pytest.raises(RuntimeError) as info:
+        net.backward()
+    assert "NeuralNetwork.backward" in str(info.value) and "net.forward() first" in str(info.value)
+
+
+def test_backward_of_an_empty_network_after_forward_runs():
+    net = NeuralNetwork(Sgd(1e-2))
+    net.loss_layer = CrossEntropyLoss()
+    net.data_layer = FixedData(np.full((2, 3), 1 / 3), np.eye(3)[[0, 1]])
+    net.forward()
+    net.backward()  # (nothing to update; it read "type object 'NoneType' has no attribute ...")
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("relu", "got str 'relu'"),
+    (ReLU, "got the class ReLU, not a layer: pass an instance: ReLU()"),
+    (FullyConnected, "pass an instance: FullyConnected()"),
+    (object(), "lacks forward, backward, trainable"),
+])
+def test_append_layer_refuses_what_is_not_a_layer(given, expected):
+    net = build(Sgd(1e-2))
+    with pytest.raises(TypeError) as info:
+        net.append_layer(given)
+    assert str(info.value).startswith("NeuralNetwork.append_layer: ")
+    assert expected in str(info.value)
+    assert len(net.layers) == 4
+
+
+def test_append_layer_takes_a_course_style_layer_of_its_own():
+    class Identity:  # (no base class: the course's protocol only)
+        trainable = False
+
+        def forward(self, input_tensor):
+            return input_tensor
+
+        def backward(self, error_tensor):
+            return error_tensor
+
+    net = build(Sgd(1e-2))
+    net.append_layer(Identity())
+    assert type(net.layers[-1]) is Identity

@@ -111,6 +111,7 @@ class NeuralNetwork:
         """Add ``layer``; a trainable one gets a copy of the optimizer and is initialized (when
         the network has initializers: built without, as in the course's first exercise, its
         layers keep the weights they were made with)."""
+        _check_layer(layer)
         if layer.trainable:
             layer.optimizer = copy.deepcopy(self.optimizer)
             if self.weights_initializer is not None or self.bias_initializer is not None:
@@ -172,6 +173,10 @@ class NeuralNetwork:
         batch, self._next_batch = self._next_batch, None
         if isinstance(batch, _FailedBatch):
             raise batch.error  # where it would have been raised had it not been taken early
+        if self.loss_layer is None:
+            raise RuntimeError(_NO_LOSS_LAYER.format("forward"))
+        if batch is None and self.data_layer is None:
+            raise RuntimeError(_NO_DATA_LAYER)
         input_tensor, self.label_tensor = batch if batch is not None else self.data_layer.next()
         prediction = self._run_layers(input_tensor, self._labels_ahead())
         return self.loss_layer.forward(prediction, self.label_tensor) + self.regularization_loss()
@@ -204,6 +209,12 @@ class NeuralNetwork:
         """Propagate the loss gradient down through every layer (updating parameters)."""
         # In the order the forward pass ran them, reversed (a SoftMax stays last: run_order).
         layers = self._order if self._order is not None else self.layers
+        if self.loss_layer is None:
+            raise RuntimeError(_NO_LOSS_LAYER.format("backward"))
+        if self.label_tensor is None:
+            raise RuntimeError("NeuralNetwork.backward: there is no forward pass to go back through "
+                               "(no labels yet): call net.forward() first, or net.train(iterations), "
+                               "which runs forward and backward for each iteration")
         if self._softmax_feeds_cross_entropy():
             # One fused step instead of the loss's and the SoftMax's backward (same result).
             error_tensor = self.loss_layer.backward_through_softmax(self.label_tensor)
@@ -218,7 +229,7 @@ class NeuralNetwork:
     def _softmax_feeds_cross_entropy(self):
         """True when the last forward ran a plain SoftMax straight into a plain CrossEntropyLoss."""
         last = self.layers[-1] if self.layers else None
-        if type(last).backward is not SoftMax.backward:
+        if last is None or getattr(type(last), "backward", None) is not SoftMax.backward:
             return False
         prediction = last._saved if self._piecewise is None else self._piecewise.output
         return (type(self.loss_layer).backward is CrossEntropyLoss.backward
@@ -263,6 +274,8 @@ class NeuralNetwork:
         if self._testing_phase:  # (e.g. after test(): train() sets the training phase too)
             self.phase = False
         self._in_train, self._ahead, self._given_next = True, following is not None, following
+        if self.loss_layer is None:
+            raise RuntimeError(_NO_LOSS_LAYER.format("train_batch"))
         try:
             self.label_tensor = label_tensor
             prediction = self._run_layers(input_tensor, self._labels_ahead())
@@ -326,6 +339,35 @@ class NeuralNetwork:
     def backend(self):
         """The backend of the first layer (the current backend for an empty network)."""
         return self.layers[0].backend if self.layers else get_backend()
+
+
+_NO_DATA_LAYER = ("NeuralNetwork has no data_layer, so there is no batch to run: set one first: "
+                  "net.data_layer = ..., an object whose next() returns (input_tensor, "
+                  "one_hot_labels) (e.g. xpnn.data_layer.DataLayer(images, labels, batch_size)); "
+                  "or pass batches yourself with net.train_batch(input_tensor, labels)")
+
+_NO_LOSS_LAYER = ("NeuralNetwork.{}: loss_layer is not set: set one first, e.g. "
+                  "net.loss_layer = CrossEntropyLoss() (from xpnn.losses import CrossEntropyLoss)")
+
+#: What a layer must have to be appended (the course's layer protocol; see append_layer).
+_LAYER_ATTRIBUTES = ("forward", "backward", "trainable")
+
+
+def _check_layer(layer):
+    """Raise TypeError unless ``layer`` is a layer object: an instance, with forward, backward
+    and trainable (a layer class or a name given instead says what to pass)."""
+    if isinstance(layer, type):
+        name = layer.__name__
+        raise TypeError(f"NeuralNetwork.append_layer: got the class {name}, not a layer: pass an "
+                        f"instance: {name}() (with the class's arguments, if it takes any)")
+    missing = [name for name in _LAYER_ATTRIBUTES if not hasattr(layer, name)]
+    if missing:
+        hint = (" (layers are objects, not names: e.g. net.append_layer(ReLU()) after "
+                "from xpnn.layers import ReLU)" if isinstance(layer, str) else "")
+        raise TypeError(f"NeuralNetwork.append_layer: expected a layer (an object with forward, "
+                        f"backward and trainable, e.g. xpnn.layers.ReLU()), got "
+                        f"{type(layer).__name__} {layer!r}, which lacks "
+                        f"{', '.join(missing)}{hint}")
 
 
 class _FailedBatch:

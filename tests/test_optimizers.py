@@ -287,3 +287,47 @@ def test_adam_leaves_a_subclassed_regularizer_to_the_base_class(backend):
     weights, gradient = backend.asarray(np.array(W0)), backend.asarray(np.array(G1))
     expected = plain.calculate_update(weights, gradient) - 0.1 * (1.5 * weights)
     assert_close(optimizer.calculate_update(weights, gradient), xpnn.to_numpy(expected), rtol=1e-15)
+
+
+OPTIMIZER_MAKERS = {"Sgd": lambda: Sgd(0.1), "SgdWithMomentum": lambda: SgdWithMomentum(0.1, 0.9),
+                    "Adam": lambda: Adam(0.1, 0.9, 0.999)}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_MAKERS))
+@pytest.mark.parametrize("given, expected", [
+    ("l2", "got str 'l2', which lacks calculate_gradient and norm (regularizers are objects"),
+    (L2_Regularizer, "got the class L2_Regularizer, not a regularizer: pass an instance: "
+                     "L2_Regularizer(alpha)"),
+    (0.5, "got float 0.5, which lacks calculate_gradient and norm"),
+], ids=["name", "class", "number"])
+def test_add_regularizer_refuses_what_is_not_a_regularizer(name, given, expected):
+    optimizer = OPTIMIZER_MAKERS[name]()
+    with pytest.raises(TypeError) as info:
+        optimizer.add_regularizer(given)  # (it failed only in training: no attribute 'norm')
+    assert str(info.value).startswith(f"{name}.add_regularizer: ") and expected in str(info.value)
+    assert optimizer.regularizer is None
+
+
+def test_add_regularizer_takes_a_course_style_regularizer_of_its_own_and_none(backend):
+    class Halving:  # (no base class: only the methods optimizers and networks call)
+        def calculate_gradient(self, weights):
+            return 0.5 * weights
+
+        def norm(self, weights):
+            return 0.0
+
+    optimizer = Sgd(0.1)
+    optimizer.add_regularizer(Halving())
+    weights = backend.asarray(np.array(W0))
+    assert_close(optimizer.calculate_update(weights, 0.0), [0.95, -1.9, 0.475], rtol=1e-15)
+    optimizer.add_regularizer(None)
+    assert optimizer.regularizer is None
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_MAKERS))
+def test_calculate_update_names_the_optimizer_and_both_shapes(backend, name):
+    weights, gradient = backend.asarray(np.ones((3, 4))), backend.asarray(np.ones((4, 3)))
+    with pytest.raises(ValueError) as info:
+        OPTIMIZER_MAKERS[name]().calculate_update(weights, gradient)
+    message = str(info.value)
+    assert message.startswith(f"{name}.calculate_update: ") and "(3, 4)" in message and "(4, 3)" in message

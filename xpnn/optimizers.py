@@ -14,8 +14,13 @@ from xpnn.ops.adam import adam_update
 from xpnn.regularizers import L2_Regularizer
 
 
-def _as_arrays(weight_tensor, gradient_tensor):
-    """Return (weights, gradient, scalar_input) with Python numbers made 0-d arrays."""
+def _as_arrays(optimizer, weight_tensor, gradient_tensor):
+    """Return (weights, gradient, scalar_input) with Python numbers made 0-d arrays.
+
+    Raises ValueError naming ``optimizer``'s class when the gradient is an array of
+    another shape than the weights (a 0-d gradient applies to every weight, as a
+    Python number does).
+    """
     if isinstance(weight_tensor, (int, float)):
         backend = get_backend()
         weights = backend.asarray(float(weight_tensor), dtype=backend.dtype)
@@ -25,7 +30,43 @@ def _as_arrays(weight_tensor, gradient_tensor):
         xp = namespace(weight_tensor)
         gradient_tensor = xp.full(weight_tensor.shape, float(gradient_tensor),
                                   dtype=weight_tensor.dtype, device=weight_tensor.device)
+    elif _shape_of(gradient_tensor) not in (tuple(weight_tensor.shape), ()):
+        raise ValueError(
+            f"{type(optimizer).__name__}.calculate_update: the gradient must have the weights' "
+            f"shape: weight_tensor has shape {tuple(weight_tensor.shape)}, gradient_tensor "
+            f"{tuple(gradient_tensor.shape)} (pass calculate_update(weights, gradient) of one "
+            f"parameter, in that order)")
     return weight_tensor, gradient_tensor, False
+
+
+def _shape_of(array):
+    """``array``'s shape as a tuple; () for an object without one (left to the arithmetic)."""
+    shape = getattr(array, "shape", None)
+    return () if shape is None else tuple(shape)
+
+
+#: What an optimizer calls on its regularizer (:meth:`Optimizer.calculate_update`) and a
+#: network on the optimizer's (:meth:`xpnn.NeuralNetwork.regularization_loss`).
+REGULARIZER_METHODS = ("calculate_gradient", "norm")
+
+
+def _check_regularizer(owner, regularizer):
+    """Raise TypeError unless ``regularizer`` is None or an object with :data:`REGULARIZER_METHODS`."""
+    if regularizer is None:
+        return
+    if isinstance(regularizer, type):
+        name = regularizer.__name__
+        raise TypeError(f"{owner}.add_regularizer: got the class {name}, not a regularizer: pass "
+                        f"an instance: {name}(alpha), e.g. {name}(4e-4)")
+    missing = [name for name in REGULARIZER_METHODS if not callable(getattr(regularizer, name, None))]
+    if missing:
+        hint = (" (regularizers are objects, not names: e.g. add_regularizer(L2_Regularizer(4e-4)) "
+                "after from xpnn.regularizers import L2_Regularizer)"
+                if isinstance(regularizer, str) else "")
+        raise TypeError(f"{owner}.add_regularizer: expected a regularizer (an object with methods "
+                        f"calculate_gradient(weights) and norm(weights), e.g. "
+                        f"xpnn.regularizers.L2_Regularizer(4e-4)), got {type(regularizer).__name__} "
+                        f"{regularizer!r}, which lacks {' and '.join(missing)}{hint}")
 
 
 class Optimizer:
@@ -38,11 +79,16 @@ class Optimizer:
         self.regularizer = None
 
     def add_regularizer(self, regularizer):
-        """Attach a regularizer (e.g. ``L2_Regularizer(4e-4)``) to every later update."""
+        """Attach a regularizer (e.g. ``L2_Regularizer(4e-4)``) to every later update.
+
+        Any object with ``calculate_gradient(weights)`` and ``norm(weights)`` will
+        do (None removes it); anything else raises TypeError here, not in training.
+        """
+        _check_regularizer(type(self).__name__, regularizer)
         self.regularizer = regularizer
 
     def calculate_update(self, weight_tensor, gradient_tensor):
-        weights, gradient, scalar_input = _as_arrays(weight_tensor, gradient_tensor)
+        weights, gradient, scalar_input = _as_arrays(self, weight_tensor, gradient_tensor)
         updated = self._step(weights, gradient)
         if self.regularizer is not None:
             updated = updated - self.learning_rate * self.regularizer.calculate_gradient(weights)
@@ -123,7 +169,7 @@ class Adam(Optimizer):
         # a subclass of L2's included, is applied by the base class.
         if type(self.regularizer) is not L2_Regularizer:
             return super().calculate_update(weight_tensor, gradient_tensor)
-        weights, gradient, scalar_input = _as_arrays(weight_tensor, gradient_tensor)
+        weights, gradient, scalar_input = _as_arrays(self, weight_tensor, gradient_tensor)
         updated = self._step(weights, gradient, decay=self.regularizer.alpha)
         return float(updated) if scalar_input else updated
 

@@ -365,3 +365,40 @@ def test_only_leading_unit_axes_may_differ(backend):
     one_dimensional = Conv(1, (1, 3), 4)  # 4 kernels over 1 channel, not 1 over 4
     with pytest.raises(ValueError, match=r"Conv: weights must have shape \(4, 1, 3\)"):
         one_dimensional.weights = np.ones((1, 4, 3))
+
+
+@pytest.mark.parametrize("stride_shape", [(1, 1), [1, 1], np.array([2, 1])])
+def test_a_convolution_shape_without_channels_says_so(stride_shape):
+    """Conv((1, 1), (5, 5), 6): it read "stride_shape must have 1 or 1 entries for 1-D data"."""
+    with xpnn.use_backend("cpu"), pytest.raises(ValueError) as info:
+        Conv(stride_shape, (5, 5), 6)
+    message = str(info.value)
+    assert message.startswith("Conv: convolution_shape (5, 5) is 1-D, but stride_shape ")
+    assert "(c, m) for 1-D" in message and "(c, m, n) for 2-D" in message
+    assert "channel count missing from convolution_shape" in message and "(1, 5, 5), 6)" in message
+
+
+def test_too_many_strides_for_1d_data_says_one_entry():
+    with xpnn.use_backend("cpu"), pytest.raises(ValueError) as info:
+        Conv((1, 1, 1), (1, 5), 6)
+    assert str(info.value) == ("Conv: stride_shape must have 1 entry for 1-D data, got (1, 1, 1) "
+                               "(3 entries)")
+
+
+@pytest.mark.parametrize("convolution_shape, input_shape, hint", [
+    ((1, 5, 5), (6, 28, 28), "Add it with x[:, None]"),
+    ((1, 5), (6, 28), "Add it with x[:, None]"),
+    ((3, 5, 5), (6, 28, 28), "It comes second, with 3 entries"),
+])
+def test_input_without_the_channel_axis_says_so(backend, convolution_shape, input_shape, hint):
+    layer = Conv(1, convolution_shape, 2)
+    with pytest.raises(ValueError) as info:
+        layer.forward(np.zeros(input_shape))
+    assert str(info.value).endswith("has one axis fewer than expected: is the channel axis "
+                                    f"missing? {hint}")
+
+
+def test_input_with_the_channel_axis_at_the_wrong_count_gets_no_hint(backend):
+    with pytest.raises(ValueError) as info:
+        Conv(1, (1, 5, 5), 2).forward(np.zeros((6, 3, 28, 28)))
+    assert "axis fewer" not in str(info.value)

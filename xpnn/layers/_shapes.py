@@ -55,6 +55,7 @@ def spatial_tuple(owner, name, value, rank):
     if len(entries) == 1:
         return entries * rank
     if len(entries) != rank:
-        raise ValueError(f"{owner}: {name} must have 1 or {rank} entries for {rank}-D data, "
-                         f"got {value!r}")
+        allowed = "1 entry" if rank == 1 else f"1 or {rank} entries"
+        raise ValueError(f"{owner}: {name} must have {allowed} for {rank}-D data, "
+                         f"got {value!r} ({len(entries)} entries)")
     return entries

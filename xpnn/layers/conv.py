@@ -48,6 +48,14 @@ class Conv(TrainableLayer):
                              f"(channels, m, n) for 2-D, got {convolution_shape!r}")
         self.convolution_shape = shape
         self.num_kernels = positive_int("Conv", "num_kernels", num_kernels)
+        strides = positive_ints("Conv", "stride_shape", stride_shape)
+        if len(shape) == 2 and len(strides) == 2:  # e.g. Conv((1, 1), (5, 5), 6)
+            raise ValueError(
+                f"Conv: convolution_shape {convolution_shape!r} is 1-D, but stride_shape "
+                f"{stride_shape!r} has 2 entries (2-D): convolution_shape is (c, m) for 1-D data "
+                f"(b, c, y) and (c, m, n) for 2-D data (b, c, y, x), c the number of input "
+                f"channels. Is the channel count missing from convolution_shape? For one input "
+                f"channel: Conv({stride_shape!r}, {(1,) + shape!r}, {num_kernels!r})")
         self.stride_shape = spatial_tuple("Conv", "stride_shape", stride_shape, len(shape) - 1)
         self._cache = None
         self._input_shape = None
@@ -126,8 +134,14 @@ class Conv(TrainableLayer):
     def _check_input(self, shape):
         rank = len(self.convolution_shape) - 1
         if len(shape) != rank + 2 or shape[1] != self.convolution_shape[0] or 0 in shape[2:]:
+            hint = ""
+            if len(shape) == rank + 1:  # e.g. (N, 28, 28) images for (batch, 1, y, x)
+                channels = self.convolution_shape[0]
+                hint = ("; the input has one axis fewer than expected: is the channel axis "
+                        "missing? " + ("Add it with x[:, None]" if channels == 1 else
+                                       f"It comes second, with {channels} entries"))
             raise ValueError(f"Conv: expected input of shape {self._expected_input()} for "
-                             f"convolution_shape {self.convolution_shape}, got {shape}")
+                             f"convolution_shape {self.convolution_shape}, got {shape}{hint}")
         if tuple(self._weights.shape) != self.weights_shape:  # (see initialize)
             raise ValueError(f"Conv: weights must have shape {self.weights_shape}, have "
                              f"{tuple(self._weights.shape)} (as the weights initializer returned "

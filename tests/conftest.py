@@ -102,15 +102,24 @@ def assert_passes_leave_inputs_unchanged(layer, x, backend_obj):
 
 
 def assert_error_names_the_whole_batch(error, batch_size, starts="FullyConnected: expected input of "
-                                                                   "shape (batch, 784), received ("):
+                                                                   "shape (batch, 784), received (",
+                                       layer=(7, "FullyConnected")):
     """``error`` is a ValueError that starts with ``starts`` (by default LeNet's shape error for
-    images of another size) and, where its shapes are a piece's, says so: rows of ``batch_size``."""
+    images of another size), says, where its shapes are a piece's, which rows of ``batch_size``
+    it ran, and ends naming the network's layer ``layer`` ((index in net.layers, type name))
+    and the shape of the network's input, a batch of ``batch_size``."""
     assert type(error) is ValueError and str(error).startswith(starts), str(error)
-    note = re.search(r"\(in a piece of (\d+) rows of a batch of (\d+)\)$", str(error))
+    note = re.search(r" \(while running (?:rows (\d+)-(\d+)|(\d+) rows) of a batch of (\d+) in "
+                     r"parallel pieces\);", str(error))
     assert note is not None, f"no note of the whole batch in: {error}"
-    assert int(note[2]) == batch_size and 0 < int(note[1]) < batch_size, str(error)
+    rows = int(note[3]) if note[3] is not None else int(note[2]) - int(note[1])
+    assert int(note[4]) == batch_size and 0 < rows < batch_size, str(error)
     received = re.search(r"received \((\d+), ", str(error))
-    assert received is None or received[1] == note[1], str(error)
+    assert received is None or int(received[1]) == rows, str(error)
+    where = re.search(r"; raised in net\.layers\[(\d+)\] \((\w+)\) of a network of \d+ layers "
+                      r"given input of shape \((\d+), [^)]*\)$", str(error))
+    assert where is not None, f"no note of the network's layer in: {error}"
+    assert (int(where[1]), where[2]) == layer and int(where[3]) == batch_size, str(error)
 
 
 def tolerance(backend_obj):

@@ -546,13 +546,13 @@ def test_network_test_in_pieces_matches_one_call(monkeypatch, threads, batch_nor
         fast = NumpyOps(backend, threads=threads)
         monkeypatch.setattr(backend, "ops", fast)
         seen = set()
-        run_layers = net._run_layers
+        run_layers = net._run_layers_unnoted  # (what test runs on each piece)
 
         def recording(piece):
             seen.add((threading.get_ident(), piece.shape[0]))
             return run_layers(piece)
 
-        monkeypatch.setattr(net, "_run_layers", recording)
+        monkeypatch.setattr(net, "_run_layers_unnoted", recording)
         for _ in range(3):
             np.testing.assert_allclose(net.test(images), expected, rtol=1e-12, atol=1e-15)
     pieces = {size for _, size in seen}

@@ -213,3 +213,34 @@ def test_fashion_mnist_smoke(batch_norm, dropout):
     # chance is 10 %; this reaches about 75 % after 200 steps of 32
     assert accuracy >= 0.6, f"test accuracy {accuracy:.3f} after 200 steps"
     assert float(np.mean(net.loss[-20:])) < float(np.mean(net.loss[:20]))
+
+
+# -- wrong input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("step", ["train", "test"])
+def test_images_of_another_size_name_the_layer_and_the_networks_input(backend, step):
+    """32x32 images: it read only "FullyConnected: expected input of shape (batch, 784), received
+    (3, 1024)", not which layer of the network nor what the network was given."""
+    images = np.random.default_rng(0).random((3, 1, 32, 32))
+    net = lenet.build(batch_norm=True)
+    net.data_layer = ArrayData(images, np.eye(10)[[0, 1, 2]], batch_size=3)
+    with pytest.raises(ValueError) as info:
+        net.train(1) if step == "train" else net.test(images)
+    assert str(info.value) == (
+        "FullyConnected: expected input of shape (batch, 784), received (3, 1024); raised in "
+        "net.layers[9] (FullyConnected) of a network of 17 layers given input of shape (3, 1, 32, 32)")
+
+
+@pytest.mark.parametrize("step", ["train", "test"])
+def test_images_without_the_channel_axis_hint_at_it(backend, step):
+    images, labels = _random_batch(3)
+    net = lenet.build()
+    net.data_layer = ArrayData(images[:, 0], labels, batch_size=3)
+    with pytest.raises(ValueError) as info:
+        net.train(1) if step == "train" else net.test(images[:, 0])
+    message = str(info.value)
+    assert message.startswith("Conv: expected input of shape (batch, 1, y, x) for convolution_shape "
+                              "(1, 5, 5), got (3, 28, 28); the input has one axis fewer than "
+                              "expected: is the channel axis missing? Add it with x[:, None]; ")
+    assert message.endswith("; raised in net.layers[0] (Conv) of a network of 13 layers given input "
+                            "of shape (3, 28, 28)")

@@ -491,3 +491,16 @@ def test_append_layer_takes_a_course_style_layer_of_its_own():
     net = build(Sgd(1e-2))
     net.append_layer(Identity())
     assert type(net.layers[-1]) is Identity
+
+
+def test_a_layers_shape_error_names_its_place_in_the_network(backend):
+    net = build(Sgd(1e-2))
+    net.data_layer = FixedData(np.ones((2, 5)), np.eye(3)[[0, 1]])
+    for run in (lambda: net.test(np.ones((2, 5))), lambda: net.train(1)):
+        with pytest.raises(ValueError) as info:
+            run()
+        assert str(info.value).endswith("; raised in net.layers[0] (FullyConnected) of a network "
+                                        "of 4 layers given input of shape (2, 5)")
+    with pytest.raises(ValueError) as info:
+        net.train_batch(np.ones((2, 4)), np.eye(4)[[0, 1]])  # (the loss's error: not a layer's)
+    assert "raised in net.layers" not in str(info.value)

@@ -416,7 +416,8 @@ def test_an_error_in_the_worker_names_its_rows_of_the_batch(cpu64, monkeypatch):
     net = _net(extra=[FailsInTheWorker()])
     with pytest.raises(ValueError) as raised:
         net.train(1)
-    assert_error_names_the_whole_batch(raised.value, BATCH, "FailsInTheWorker: the second piece")
+    assert_error_names_the_whole_batch(raised.value, BATCH, "FailsInTheWorker: the second piece",
+                                       (9, "FailsInTheWorker"))
 
 
 def test_the_worker_ends_with_its_network(cpu64, monkeypatch):

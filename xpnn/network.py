@@ -8,7 +8,7 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import ReLU, SoftMax
 from xpnn.layers.pooling import Pooling
 from xpnn.losses import CrossEntropyLoss
-from xpnn.piecewise import PiecewisePass, backward_chain, note_piece
+from xpnn.piecewise import PiecewisePass, backward_chain, forward_chain, note_piece
 
 
 class NeuralNetwork:
@@ -121,7 +121,35 @@ class NeuralNetwork:
 
     def _run_layers(self, input_tensor, labels=None):
         """Every layer's forward in turn (in :func:`run_order`); in training, on pieces of the
-        batch where the backend cuts it (``labels``: see :meth:`_labels_ahead`)."""
+        batch where the backend cuts it (``labels``: see :meth:`_labels_ahead`). A layer's
+        ValueError (a shape error) says which layer of the network raised it."""
+        try:
+            return self._run_layers_unnoted(input_tensor, labels)
+        except ValueError as error:
+            self._note_layer(error, input_tensor)
+            raise
+
+    def _note_layer(self, error, input_tensor):
+        """Append to a ValueError's message which of ``self.layers`` raised it (recorded by
+        :func:`~xpnn.piecewise.note_layer_position` in the last pass's run order) and the
+        shape of the network's input ``input_tensor``; once; only on the error path."""
+        position = getattr(error, "xpnn_layer_position", None)
+        if (position is None or getattr(error, "xpnn_layer_noted", False) or not error.args
+                or not isinstance(error.args[0], str) or self._order is None
+                or not 0 <= position < len(self._order)):
+            return
+        failed = self._order[position]
+        index = next((index for index, layer in enumerate(self.layers) if layer is failed), None)
+        if index is None:
+            return
+        shape = getattr(input_tensor, "shape", None)
+        given = "" if shape is None else f" given input of shape {tuple(shape)}"
+        error.args = (f"{error.args[0]}; raised in net.layers[{index}] ({type(failed).__name__}) "
+                      f"of a network of {len(self.layers)} layers{given}", *error.args[1:])
+        error.xpnn_layer_noted = True
+
+    def _run_layers_unnoted(self, input_tensor, labels=None):
+        """:meth:`_run_layers` without the note of the layer on an error (see :meth:`test`)."""
         layers = self._order = run_order(self.layers) if self.pool_before_relu else list(self.layers)
         if not self._testing_phase:  # (testing runs its own pieces, on helper threads: see test)
             pass_in_pieces = self._piecewise_pass(input_tensor, layers)
@@ -133,9 +161,7 @@ class NeuralNetwork:
                 self._piecewise = pass_in_pieces
                 return output
             self._piecewise = None
-        for layer in layers:
-            input_tensor = layer.forward(input_tensor)
-        return input_tensor
+        return forward_chain(layers, input_tensor)
 
     def _piecewise_pass(self, input_tensor, layers):
         """A pass over pieces of the batch through ``layers`` (in run order) when the backend
@@ -302,16 +328,20 @@ class NeuralNetwork:
             input_tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
             if not all(layer.runs_in_pieces for layer in self.layers):
                 return self._run_layers(input_tensor)  # a layer of your own: the whole batch
-            return ops.map_samples(functools.partial(self._run_piece, input_tensor.shape[0]),
-                                   input_tensor)
+            try:
+                return ops.map_samples(functools.partial(self._run_piece, input_tensor.shape[0]),
+                                       input_tensor)
+            except ValueError as error:
+                self._note_layer(error, input_tensor)
+                raise
 
     def _run_piece(self, batch_size, piece):
-        """:meth:`_run_layers` on a piece of a batch of ``batch_size`` (see :meth:`test`); a
-        ValueError (a layer's shape error) says so: its shapes are the piece's."""
+        """:meth:`_run_layers_unnoted` on a piece of a batch of ``batch_size`` (see :meth:`test`);
+        a ValueError (a layer's shape error) says so: its shapes are the piece's."""
         try:
-            return self._run_layers(piece)
+            return self._run_layers_unnoted(piece)
         except ValueError as error:
-            note_piece(error, (0, piece.shape[0]), batch_size)
+            note_piece(error, (None, piece.shape[0]), batch_size)
             raise
 
     def to(self, backend, dtype=None):

@@ -60,15 +60,44 @@ def note_piece(error, bounds, batch_size):
     read "received (64, 576)"). The same exception object, so its type and
     traceback, gets the note appended to its message once (a worker's error
     arrives noted already); other exceptions, and a piece that is the whole
-    batch, are left as they are. Returns ``error``.
+    batch, are left as they are. ``bounds`` is ``(first, last)``; ``first``
+    None where only the piece's size is known. Returns ``error``.
     """
-    rows = bounds[1] - bounds[0]
+    first, last = bounds
+    rows = last - (first or 0)
     if (isinstance(error, ValueError) and rows != batch_size and error.args
             and isinstance(error.args[0], str) and not getattr(error, "xpnn_piece_noted", False)):
-        error.args = (f"{error.args[0]} (in a piece of {rows} rows of a batch of {batch_size})",
-                      *error.args[1:])
+        where = f"{rows} rows" if first is None else f"rows {first}-{last}"
+        error.args = (f"{error.args[0]} (while running {where} of a batch of {batch_size} "
+                      f"in parallel pieces)", *error.args[1:])
         error.xpnn_piece_noted = True  # (an attribute survives the pickling from a worker)
     return error
+
+
+def note_layer_position(error, layers, failed):
+    """Record on a ValueError the position in ``layers`` of ``failed``, the layer whose forward
+    raised it, for the network to name the layer (:meth:`xpnn.NeuralNetwork._run_layers`).
+
+    Called only on the error path, with the list the pass ran (its replicas for a pass in
+    pieces: the same positions). The first record stays. Returns ``error``.
+    """
+    if isinstance(error, ValueError) and getattr(error, "xpnn_layer_position", None) is None:
+        error.xpnn_layer_position = next(
+            (position for position, layer in enumerate(layers) if layer is failed), None)
+    return error
+
+
+def forward_chain(layers, tensor):
+    """Every layer's ``forward`` in turn on ``tensor``; a ValueError records which layer raised it
+    (:func:`note_layer_position`)."""
+    layer = None
+    try:
+        for layer in layers:
+            tensor = layer.forward(tensor)
+    except ValueError as error:
+        note_layer_position(error, layers, layer)
+        raise
+    return tensor
 
 
 class PiecewisePass:
@@ -105,10 +134,7 @@ class PiecewisePass:
         """Run every layer on ``tensor`` (the whole batch); returns the joined outputs."""
         def run(piece_index):
             first, last = self.pieces[piece_index]
-            piece = tensor[first:last, ...]
-            for layer in self._replicas[piece_index]:
-                piece = layer.forward(piece)
-            return piece
+            return forward_chain(self._replicas[piece_index], tensor[first:last, ...])
 
         self.output = self._ops().join_samples(self._run(run))
         for index, layer in enumerate(self.layers):

@@ -37,7 +37,7 @@ the store order the message rings rely on).
 from xpnn.backend import to_numpy
 from xpnn.ops.piece_worker import PieceWorker, layers_key
 from xpnn.ops.worker_process import ProcessSlot
-from xpnn.piecewise import backward_chain, note_piece, replica_in
+from xpnn.piecewise import backward_chain, forward_chain, note_piece, replica_in
 
 
 def process_pass(layers, pieces, shape, dtype, worker):
@@ -145,8 +145,7 @@ class ProcessPass:
         piece = tensor[first:middle, ...]
         with ops.one_part():
             try:
-                for replica in self._replicas:
-                    piece = replica.forward(piece)
+                piece = forward_chain(self._replicas, piece)
             except ValueError as error:  # (one the worker sent came noted with its own rows)
                 note_piece(error, (first, middle), last - first)
                 raise

@@ -21,7 +21,7 @@ from xpnn.ops.delegated_updates import DelegatedUpdates
 from xpnn.ops.shared_memory import MessageRing, SharedArrays, wait_until
 from xpnn.ops.worker_process import (LIVE_WORKERS, ProcessSlot, keep_freed_memory, next_command,
                                      picklable, stop_worker)
-from xpnn.piecewise import backward_chain, note_piece, replica_in
+from xpnn.piecewise import backward_chain, note_layer_position, note_piece, replica_in
 
 #: Seconds this process waits for the worker's answer before giving up.
 WAIT_SECONDS = 600.0
@@ -282,10 +282,15 @@ class PieceWorker:
                 setattr(layers[index], name, parameter)
         replicas = [replica_in(ProcessSlot(self, 1, bounds, batch_size), layer) for layer in layers]
         piece = np.array(self._input)
-        for index, replica in enumerate(replicas):
-            if replica.trainable:
-                wait_until(lambda: int(self._ready[index]) >= number, self._other_alive, WAIT_SECONDS)
-            piece = replica.forward(piece)
+        replica = None
+        try:
+            for index, replica in enumerate(replicas):
+                if replica.trainable:
+                    wait_until(lambda: int(self._ready[index]) >= number, self._other_alive, WAIT_SECONDS)
+                piece = replica.forward(piece)
+        except ValueError as error:  # (the network names the layer: note_layer_position)
+            note_layer_position(error, replicas, replica)
+            raise
         self._output = piece
         return replicas
 

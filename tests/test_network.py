@@ -504,3 +504,12 @@ def test_a_layers_shape_error_names_its_place_in_the_network(backend):
     with pytest.raises(ValueError) as info:
         net.train_batch(np.ones((2, 4)), np.eye(4)[[0, 1]])  # (the loss's error: not a layer's)
     assert "raised in net.layers" not in str(info.value)
+
+
+def test_save_into_a_missing_directory_names_the_path_and_the_directory(tmp_path):
+    target = tmp_path / "missing" / "net.pkl"
+    with pytest.raises(FileNotFoundError) as info:
+        save(str(target), build(Sgd(1e-2)))  # it named the temporary file ".tmp-....part"
+    message = str(info.value)
+    assert f"cannot write {target}: its directory {tmp_path / 'missing'} does not exist" in message
+    assert ".part" not in message and not (tmp_path / "missing").exists()

@@ -24,7 +24,10 @@ def atomic_writer(path):
     one, e.g. on a checksum mismatch) it is removed and ``path`` is untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    except OSError as error:  # it named the temporary file, which the caller never heard of
+        raise _about_target(error, path, directory) from None
     try:
         # mkstemp creates the file private (0600); give it the usual umask-based mode.
         os.chmod(temporary, 0o666 & ~_current_umask())
@@ -36,6 +39,18 @@ def atomic_writer(path):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _about_target(error, path, directory):
+    """``error`` (from making the temporary file) as the same type, naming ``path`` and its directory."""
+    if isinstance(error, FileNotFoundError) and not os.path.isdir(directory):
+        reason = (f"its directory {directory} does not exist (create it first, e.g. "
+                  f"os.makedirs({directory!r}), or pick another path)")
+    elif isinstance(error, NotADirectoryError):
+        reason = f"a part of its directory {directory} is not a directory"
+    else:
+        reason = f"no file can be made in its directory {directory}: {error.strerror or error}"
+    return type(error)(error.errno, f"cannot write {path}: {reason}")
 
 
 def atomic_write_bytes(path, payload):

@@ -513,3 +513,32 @@ def test_save_into_a_missing_directory_names_the_path_and_the_directory(tmp_path
     message = str(info.value)
     assert f"cannot write {target}: its directory {tmp_path / 'missing'} does not exist" in message
     assert ".part" not in message and not (tmp_path / "missing").exists()
+
+
+def test_load_of_a_checkpoint_of_xpnn_train_points_to_load_model(tmp_path):
+    from xpnn import checkpoint
+    from xpnn.models import lenet
+
+    with xpnn.use_backend("cpu"):
+        checkpoint.save_checkpoint(str(tmp_path), lenet.build(), "lenet", {})
+        model = tmp_path / checkpoint.MODEL_FILE
+        with pytest.raises(pickle.UnpicklingError) as info:  # it read "A load persistent id ..."
+            load(str(model), None)
+        assert str(info.value) == (
+            f"xpnn.network.load: {model} is a zip archive (.npz), not a pickle written by "
+            f"xpnn.network.save(filename, net); a checkpoint of xpnn-train (a directory holding "
+            f"model.npz and model.json) loads with xpnn.checkpoint.load_model(directory), here "
+            f"xpnn.checkpoint.load_model({str(tmp_path)!r})")
+        with pytest.raises(IsADirectoryError, match=r"xpnn\.checkpoint\.load_model\(directory\)"):
+            load(str(tmp_path), None)
+        checkpoint.load_model(str(tmp_path))  # (what the message says works)
+
+
+@pytest.mark.parametrize("content, error", [(b"", EOFError), (b'{"a": 1}', pickle.UnpicklingError)])
+def test_load_of_a_file_that_is_no_pickle_says_so(tmp_path, content, error):
+    path = tmp_path / "net.pkl"
+    path.write_bytes(content)
+    with pytest.raises(error) as info:
+        load(str(path), None)
+    assert str(info.value).startswith(f"xpnn.network.load: {path} is not a pickle written by "
+                                      f"xpnn.network.save(filename, net), or it is truncated (pickle: ")

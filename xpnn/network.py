@@ -1,6 +1,8 @@
 """The network container (course API) and the course's pickle save/load."""
 import copy
+import errno
 import functools
+import os
 import pickle
 
 from xpnn._files import atomic_write_bytes
@@ -400,6 +402,10 @@ def _check_layer(layer):
                         f"{', '.join(missing)}{hint}")
 
 
+_CHECKPOINT_HINT = ("; a checkpoint of xpnn-train (a directory holding model.npz and model.json) "
+                    "loads with xpnn.checkpoint.load_model(directory)")
+
+
 class _FailedBatch:
     """The data layer's failure to give the batch that :meth:`NeuralNetwork.train` took early."""
 
@@ -456,8 +462,24 @@ def save(filename, net):
 
 def load(filename, data_layer):
     """Unpickle a network saved by :func:`save`, attach ``data_layer``, move it to the current backend."""
+    if os.path.isdir(filename):
+        raise IsADirectoryError(errno.EISDIR, f"xpnn.network.load: {filename} is a directory, not "
+                                f"a file saved by xpnn.network.save(filename, net){_CHECKPOINT_HINT}")
     with open(filename, "rb") as handle:
-        net = pickle.load(handle)
+        try:
+            net = pickle.load(handle)
+        except (pickle.UnpicklingError, EOFError) as error:
+            handle.seek(0)
+            if handle.read(4) == b"PK\x03\x04":  # a zip archive, as an .npz is
+                directory = os.path.dirname(os.path.abspath(filename))
+                message = (f"xpnn.network.load: {filename} is a zip archive (.npz), not a pickle "
+                           f"written by xpnn.network.save(filename, net){_CHECKPOINT_HINT}, "
+                           f"here xpnn.checkpoint.load_model({directory!r})")
+            else:
+                detail = str(error).replace("\n", " ").rstrip(".")
+                message = (f"xpnn.network.load: {filename} is not a pickle written by "
+                           f"xpnn.network.save(filename, net), or it is truncated (pickle: {detail})")
+            raise type(error)(message) from error
     net.data_layer = data_layer
     current = get_backend()
     if net.layers and net.backend.name != current.name:

@@ -131,3 +131,25 @@ def test_confident_predictions_limits(backend):
     high = CrossEntropyLoss().forward(backend.asarray(np.zeros_like(labels)), labels)
     # 9 * -log(2.220446049250313e-16) = 9 * 36.04365338911715
     assert_close(high, 324.39288050205435, rtol=1e-14)
+
+
+@pytest.mark.parametrize("labels, indices", [([0, 2, 1, 1, 0], "labels"),
+                                             ([[0], [2], [1], [1], [0]], "labels.ravel()")])
+def test_class_index_labels_get_the_hint_to_one_hot_encode(backend, labels, indices):
+    prediction, _ = _batch()
+    for given in (np.array(labels), np.array(labels, dtype=np.float64)):
+        with pytest.raises(ValueError) as info:
+            CrossEntropyLoss().forward(prediction, given)
+        shape = np.shape(labels)
+        assert str(info.value) == (
+            f"CrossEntropyLoss: the labels have shape {shape}, the prediction (5, 4): both must be "
+            f"(batch, classes), the labels one-hot; these look like class indices: one-hot encode "
+            f"them, e.g. np.eye(4)[{indices}]")
+
+
+def test_labels_of_another_shape_name_both_shapes_without_the_one_hot_hint(backend):
+    prediction, labels = _batch()
+    with pytest.raises(ValueError) as info:
+        CrossEntropyLoss().forward(prediction, labels[:3])
+    assert str(info.value) == ("CrossEntropyLoss: the labels have shape (3, 4), the prediction (5, 4): "
+                               "both must be (batch, classes), the labels one-hot")

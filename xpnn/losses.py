@@ -4,6 +4,19 @@ from array_api_compat import is_array_api_obj
 from xpnn.backend import Backend, asarray_like, get_backend, make_backend, namespace
 
 
+def _shape_mismatch(prediction_shape, label_shape):
+    """The message for labels whose shape differs from the prediction's (a hint to one-hot
+    encode labels that look like class indices: (batch,) or (batch, 1))."""
+    message = (f"CrossEntropyLoss: the labels have shape {label_shape}, the prediction "
+               f"{prediction_shape}: both must be (batch, classes), the labels one-hot")
+    if (len(prediction_shape) == 2 and label_shape[:1] == prediction_shape[:1]
+            and label_shape[1:] in ((), (1,))):
+        indices = "labels.ravel()" if label_shape[1:] else "labels"
+        message += (f"; these look like class indices: one-hot encode them, e.g. "
+                    f"np.eye({prediction_shape[1]})[{indices}]")
+    return message
+
+
 class CrossEntropyLoss:
     """Cross-entropy of a probability prediction (e.g. SoftMax output) and one-hot labels.
 
@@ -32,9 +45,7 @@ class CrossEntropyLoss:
             prediction_tensor = self.backend.asarray(prediction_tensor, dtype=self.backend.dtype)
         label_tensor = asarray_like(label_tensor, prediction_tensor)
         if tuple(label_tensor.shape) != tuple(prediction_tensor.shape):
-            raise ValueError(
-                f"CrossEntropyLoss: label shape {tuple(label_tensor.shape)} does not match the "
-                f"prediction shape {tuple(prediction_tensor.shape)} (expected (batch, classes) both)")
+            raise ValueError(_shape_mismatch(tuple(prediction_tensor.shape), tuple(label_tensor.shape)))
         return prediction_tensor, label_tensor
 
     @staticmethod

@@ -1,16 +1,16 @@
-"""The network container (course API) and the course's pickle save/load."""
+"""The network container (course API); its pickle save/load (xpnn.network_files) and rules
+(xpnn.network_rules) are importable from here too."""
 import copy
-import errno
 import functools
-import os
-import pickle
 
-from xpnn._files import atomic_write_bytes
 from xpnn.backend import Backend, get_backend, make_backend
-from xpnn.layers.activations import ReLU, SoftMax
-from xpnn.layers.pooling import Pooling
+from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
+from xpnn.network_files import load, save
+from xpnn.network_rules import NO_DATA_LAYER, NO_LOSS_LAYER, check_layer, note_layer, run_order
 from xpnn.piecewise import PiecewisePass, backward_chain, forward_chain, note_piece
+
+__all__ = ["NeuralNetwork", "load", "run_order", "save"]
 
 
 class NeuralNetwork:
@@ -113,7 +113,7 @@ class NeuralNetwork:
         """Add ``layer``; a trainable one gets a copy of the optimizer and is initialized (when
         the network has initializers: built without, as in the course's first exercise, its
         layers keep the weights they were made with)."""
-        _check_layer(layer)
+        check_layer(layer)
         if layer.trainable:
             layer.optimizer = copy.deepcopy(self.optimizer)
             if self.weights_initializer is not None or self.bias_initializer is not None:
@@ -128,27 +128,8 @@ class NeuralNetwork:
         try:
             return self._run_layers_unnoted(input_tensor, labels)
         except ValueError as error:
-            self._note_layer(error, input_tensor)
+            note_layer(error, self.layers, self._order, input_tensor)
             raise
-
-    def _note_layer(self, error, input_tensor):
-        """Append to a ValueError's message which of ``self.layers`` raised it (recorded by
-        :func:`~xpnn.piecewise.note_layer_position` in the last pass's run order) and the
-        shape of the network's input ``input_tensor``; once; only on the error path."""
-        position = getattr(error, "xpnn_layer_position", None)
-        if (position is None or getattr(error, "xpnn_layer_noted", False) or not error.args
-                or not isinstance(error.args[0], str) or self._order is None
-                or not 0 <= position < len(self._order)):
-            return
-        failed = self._order[position]
-        index = next((index for index, layer in enumerate(self.layers) if layer is failed), None)
-        if index is None:
-            return
-        shape = getattr(input_tensor, "shape", None)
-        given = "" if shape is None else f" given input of shape {tuple(shape)}"
-        error.args = (f"{error.args[0]}; raised in net.layers[{index}] ({type(failed).__name__}) "
-                      f"of a network of {len(self.layers)} layers{given}", *error.args[1:])
-        error.xpnn_layer_noted = True
 
     def _run_layers_unnoted(self, input_tensor, labels=None):
         """:meth:`_run_layers` without the note of the layer on an error (see :meth:`test`)."""
@@ -202,9 +183,9 @@ class NeuralNetwork:
         if isinstance(batch, _FailedBatch):
             raise batch.error  # where it would have been raised had it not been taken early
         if self.loss_layer is None:
-            raise RuntimeError(_NO_LOSS_LAYER.format("forward"))
+            raise RuntimeError(NO_LOSS_LAYER.format("forward"))
         if batch is None and self.data_layer is None:
-            raise RuntimeError(_NO_DATA_LAYER)
+            raise RuntimeError(NO_DATA_LAYER)
         input_tensor, self.label_tensor = batch if batch is not None else self.data_layer.next()
         prediction = self._run_layers(input_tensor, self._labels_ahead())
         return self.loss_layer.forward(prediction, self.label_tensor) + self.regularization_loss()
@@ -238,7 +219,7 @@ class NeuralNetwork:
         # In the order the forward pass ran them, reversed (a SoftMax stays last: run_order).
         layers = self._order if self._order is not None else self.layers
         if self.loss_layer is None:
-            raise RuntimeError(_NO_LOSS_LAYER.format("backward"))
+            raise RuntimeError(NO_LOSS_LAYER.format("backward"))
         if self.label_tensor is None:
             raise RuntimeError("NeuralNetwork.backward: there is no forward pass to go back through "
                                "(no labels yet): call net.forward() first, or net.train(iterations), "
@@ -303,7 +284,7 @@ class NeuralNetwork:
             self.phase = False
         self._in_train, self._ahead, self._given_next = True, following is not None, following
         if self.loss_layer is None:
-            raise RuntimeError(_NO_LOSS_LAYER.format("train_batch"))
+            raise RuntimeError(NO_LOSS_LAYER.format("train_batch"))
         try:
             self.label_tensor = label_tensor
             prediction = self._run_layers(input_tensor, self._labels_ahead())
@@ -334,7 +315,7 @@ class NeuralNetwork:
                 return ops.map_samples(functools.partial(self._run_piece, input_tensor.shape[0]),
                                        input_tensor)
             except ValueError as error:
-                self._note_layer(error, input_tensor)
+                note_layer(error, self.layers, self._order, input_tensor)
                 raise
 
     def _run_piece(self, batch_size, piece):
@@ -373,115 +354,8 @@ class NeuralNetwork:
         return self.layers[0].backend if self.layers else get_backend()
 
 
-_NO_DATA_LAYER = ("NeuralNetwork has no data_layer, so there is no batch to run: set one first: "
-                  "net.data_layer = ..., an object whose next() returns (input_tensor, "
-                  "one_hot_labels) (e.g. xpnn.data_layer.DataLayer(images, labels, batch_size)); "
-                  "or pass batches yourself with net.train_batch(input_tensor, labels)")
-
-_NO_LOSS_LAYER = ("NeuralNetwork.{}: loss_layer is not set: set one first, e.g. "
-                  "net.loss_layer = CrossEntropyLoss() (from xpnn.losses import CrossEntropyLoss)")
-
-#: What a layer must have to be appended (the course's layer protocol; see append_layer).
-_LAYER_ATTRIBUTES = ("forward", "backward", "trainable")
-
-
-def _check_layer(layer):
-    """Raise TypeError unless ``layer`` is a layer object: an instance, with forward, backward
-    and trainable (a layer class or a name given instead says what to pass)."""
-    if isinstance(layer, type):
-        name = layer.__name__
-        raise TypeError(f"NeuralNetwork.append_layer: got the class {name}, not a layer: pass an "
-                        f"instance: {name}() (with the class's arguments, if it takes any)")
-    missing = [name for name in _LAYER_ATTRIBUTES if not hasattr(layer, name)]
-    if missing:
-        hint = (" (layers are objects, not names: e.g. net.append_layer(ReLU()) after "
-                "from xpnn.layers import ReLU)" if isinstance(layer, str) else "")
-        raise TypeError(f"NeuralNetwork.append_layer: expected a layer (an object with forward, "
-                        f"backward and trainable, e.g. xpnn.layers.ReLU()), got "
-                        f"{type(layer).__name__} {layer!r}, which lacks "
-                        f"{', '.join(missing)}{hint}")
-
-
-_CHECKPOINT_HINT = ("; a checkpoint of xpnn-train (a directory holding model.npz and model.json) "
-                    "loads with xpnn.checkpoint.load_model(directory)")
-
-
 class _FailedBatch:
     """The data layer's failure to give the batch that :meth:`NeuralNetwork.train` took early."""
 
     def __init__(self, error):
         self.error = error
-
-
-def run_order(layers):
-    """``layers`` in the order a network runs them: a ReLU right before max pooling runs after it.
-
-    The two commute exactly. ReLU is monotone and sends every value that is not
-    positive to +0, so a window's largest ReLU output is the ReLU of its largest
-    input; and both orders send a window's error to the same input: its first
-    maximum when that is positive, none otherwise. After the pooling the ReLU
-    works on a quarter of the values (2x2 windows), forward and backward: LeNet's
-    training step ~10 % faster on a 2-core CPU (interleaved in one process: 0.88
-    of the time at batch 64, 0.90 at 256). Inputs without NaN give the same
-    bits either way; a window holding a NaN gives +0 in this order where the
-    written order gives the ReLU of the window's largest other value.
-
-    Only the library's own :class:`~xpnn.layers.ReLU` and
-    :class:`~xpnn.layers.Pooling` move (a subclass may change either); a ReLU
-    followed by several poolings runs after all of them. Returns a new list.
-    """
-    order = list(layers)
-    index = 0
-    while index < len(order):
-        if type(order[index]) is ReLU:
-            while index + 1 < len(order) and type(order[index + 1]) is Pooling:
-                order[index], order[index + 1] = order[index + 1], order[index]
-                index += 1
-        index += 1
-    return order
-
-
-def save(filename, net):
-    """Pickle ``net`` without its data layer; arrays are stored as NumPy arrays.
-
-    A network trained on any backend (the GPU included) therefore loads on a
-    CPU-only machine. The file is written to a temporary name and renamed, so
-    an interrupted save never leaves a truncated file behind.
-    """
-    data_layer, net.data_layer = net.data_layer, None
-    try:
-        host_net = copy.deepcopy(net)
-    finally:
-        net.data_layer = data_layer
-    host_net.loss = [float(host_net.backend.to_numpy(value)) for value in host_net.loss]
-    # The last batch's labels may be device arrays (a GPU data layer): not model state.
-    host_net.label_tensor = None
-    host_net.to(make_backend("cpu", host_net.backend.dtype_name))
-    atomic_write_bytes(filename, pickle.dumps(host_net, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def load(filename, data_layer):
-    """Unpickle a network saved by :func:`save`, attach ``data_layer``, move it to the current backend."""
-    if os.path.isdir(filename):
-        raise IsADirectoryError(errno.EISDIR, f"xpnn.network.load: {filename} is a directory, not "
-                                f"a file saved by xpnn.network.save(filename, net){_CHECKPOINT_HINT}")
-    with open(filename, "rb") as handle:
-        try:
-            net = pickle.load(handle)
-        except (pickle.UnpicklingError, EOFError) as error:
-            handle.seek(0)
-            if handle.read(4) == b"PK\x03\x04":  # a zip archive, as an .npz is
-                directory = os.path.dirname(os.path.abspath(filename))
-                message = (f"xpnn.network.load: {filename} is a zip archive (.npz), not a pickle "
-                           f"written by xpnn.network.save(filename, net){_CHECKPOINT_HINT}, "
-                           f"here xpnn.checkpoint.load_model({directory!r})")
-            else:
-                detail = str(error).replace("\n", " ").rstrip(".")
-                message = (f"xpnn.network.load: {filename} is not a pickle written by "
-                           f"xpnn.network.save(filename, net), or it is truncated (pickle: {detail})")
-            raise type(error)(message) from error
-    net.data_layer = data_layer
-    current = get_backend()
-    if net.layers and net.backend.name != current.name:
-        net.to(make_backend(current.name, net.backend.dtype_name, current.device_spec))
-    return net

@@ -1,0 +1,79 @@
+"""What a network asks of its parts, the order it runs them in, and how it names a failing one."""
+from xpnn.layers.activations import ReLU
+from xpnn.layers.pooling import Pooling
+
+NO_DATA_LAYER = ("NeuralNetwork has no data_layer, so there is no batch to run: set one first: "
+                  "net.data_layer = ..., an object whose next() returns (input_tensor, "
+                  "one_hot_labels) (e.g. xpnn.data_layer.DataLayer(images, labels, batch_size)); "
+                  "or pass batches yourself with net.train_batch(input_tensor, labels)")
+
+NO_LOSS_LAYER = ("NeuralNetwork.{}: loss_layer is not set: set one first, e.g. "
+                  "net.loss_layer = CrossEntropyLoss() (from xpnn.losses import CrossEntropyLoss)")
+
+#: What a layer must have to be appended (the course's layer protocol; see append_layer).
+_LAYER_ATTRIBUTES = ("forward", "backward", "trainable")
+
+
+def check_layer(layer):
+    """Raise TypeError unless ``layer`` is a layer object: an instance, with forward, backward
+    and trainable (a layer class or a name given instead says what to pass)."""
+    if isinstance(layer, type):
+        name = layer.__name__
+        raise TypeError(f"NeuralNetwork.append_layer: got the class {name}, not a layer: pass an "
+                        f"instance: {name}() (with the class's arguments, if it takes any)")
+    missing = [name for name in _LAYER_ATTRIBUTES if not hasattr(layer, name)]
+    if missing:
+        hint = (" (layers are objects, not names: e.g. net.append_layer(ReLU()) after "
+                "from xpnn.layers import ReLU)" if isinstance(layer, str) else "")
+        raise TypeError(f"NeuralNetwork.append_layer: expected a layer (an object with forward, "
+                        f"backward and trainable, e.g. xpnn.layers.ReLU()), got "
+                        f"{type(layer).__name__} {layer!r}, which lacks "
+                        f"{', '.join(missing)}{hint}")
+
+
+def run_order(layers):
+    """``layers`` in the order a network runs them: a ReLU right before max pooling runs after it.
+
+    The two commute exactly. ReLU is monotone and sends every value that is not
+    positive to +0, so a window's largest ReLU output is the ReLU of its largest
+    input; and both orders send a window's error to the same input: its first
+    maximum when that is positive, none otherwise. After the pooling the ReLU
+    works on a quarter of the values (2x2 windows), forward and backward: LeNet's
+    training step ~10 % faster on a 2-core CPU (interleaved in one process: 0.88
+    of the time at batch 64, 0.90 at 256). Inputs without NaN give the same
+    bits either way; a window holding a NaN gives +0 in this order where the
+    written order gives the ReLU of the window's largest other value.
+
+    Only the library's own :class:`~xpnn.layers.ReLU` and
+    :class:`~xpnn.layers.Pooling` move (a subclass may change either); a ReLU
+    followed by several poolings runs after all of them. Returns a new list.
+    """
+    order = list(layers)
+    index = 0
+    while index < len(order):
+        if type(order[index]) is ReLU:
+            while index + 1 < len(order) and type(order[index + 1]) is Pooling:
+                order[index], order[index + 1] = order[index + 1], order[index]
+                index += 1
+        index += 1
+    return order
+
+
+def note_layer(error, layers, order, input_tensor):
+    """Append to a ValueError's message which of ``layers`` raised it (recorded by
+    :func:`~xpnn.piecewise.note_layer_position` in ``order``, the last pass's run order) and the
+    shape of the network's input ``input_tensor``; once; only on the error path."""
+    position = getattr(error, "xpnn_layer_position", None)
+    if (position is None or getattr(error, "xpnn_layer_noted", False) or not error.args
+            or not isinstance(error.args[0], str) or order is None
+            or not 0 <= position < len(order)):
+        return
+    failed = order[position]
+    index = next((index for index, layer in enumerate(layers) if layer is failed), None)
+    if index is None:
+        return
+    shape = getattr(input_tensor, "shape", None)
+    given = "" if shape is None else f" given input of shape {tuple(shape)}"
+    error.args = (f"{error.args[0]}; raised in net.layers[{index}] ({type(failed).__name__}) "
+                  f"of a network of {len(layers)} layers{given}", *error.args[1:])
+    error.xpnn_layer_noted = True

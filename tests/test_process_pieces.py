@@ -12,6 +12,8 @@ import gc
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -591,37 +593,46 @@ def test_moving_the_network_ends_its_worker(cpu64, monkeypatch):
     assert net._worker is None and not worker.alive
 
 
-def _resident_bytes():
+#: Run in a fresh Python, not a fork of this one: a forked child inherits this process's heap,
+#: and a free block of 16 MB or more left there by an earlier test (e.g. the Fashion-MNIST
+#: images) is reused before fresh memory is mapped, so nothing would be given back by default.
+_FREED_MEMORY_SCRIPT = """
+import ctypes, ctypes.util, os, sys
+import numpy as np
+from xpnn.ops import piece_worker
+
+def resident_bytes():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-
-def _freed_memory_in_child(connection):
-    """(resident bytes given back after freeing 16 MB) with glibc's documented defaults, then
-    after keep_freed_memory(); sent to the parent (this runs in a forked child)."""
-    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD: the defaults, whatever the
-    mallopt(-3, 128 * 1024)  # parent's allocator has done to them
-    given_back = []
-    for keep in (False, True):
-        if keep:
-            assert piece_worker.keep_freed_memory()
-        array = np.ones(4 << 20, dtype=np.float32)  # 16 MB
-        peak = _resident_bytes()
-        del array
-        given_back.append(peak - _resident_bytes())
-    connection.send(given_back)
+mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD: glibc's documented defaults
+mallopt(-3, 128 * 1024)
+given_back = []
+for keep in (False, True):
+    if keep:
+        assert piece_worker.keep_freed_memory()
+    array = np.ones(4 << 20, dtype=np.float32)  # 16 MB
+    peak = resident_bytes()
+    del array
+    given_back.append(peak - resident_bytes())
+print(*given_back)
+"""
 
 
 @pytest.mark.skipif(not ctypes.util.find_library("c"), reason="no C library with mallopt here")
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_keep_freed_memory_keeps_a_freed_array_for_the_next_one():
-    parent_end, child_end = multiprocessing.Pipe()
-    child = multiprocessing.get_context("fork").Process(target=_freed_memory_in_child, args=(child_end,))
-    child.start()
-    by_default, kept = parent_end.recv()
-    child.join(timeout=30)
-    assert child.exitcode == 0
-    assert by_default > 8 << 20 and kept < 1 << 20
+    # (resident bytes given back after freeing 16 MB) with the defaults, then after
+    # keep_freed_memory().
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _FREED_MEMORY_SCRIPT], capture_output=True,
+                            text=True, timeout=120, cwd=root,
+                            env=dict(os.environ, PYTHONPATH=root + os.pathsep
+                                     + os.environ.get("PYTHONPATH", "")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_default, kept = (int(word) for word in result.stdout.split())
+    assert by_default > 8 << 20 and kept < 1 << 20, (by_default, kept)
 
 
 def test_the_worker_keeps_the_memory_it_frees(cpu64, monkeypatch):

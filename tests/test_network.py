@@ -493,6 +493,63 @@ def test_append_layer_takes_a_course_style_layer_of_its_own():
     assert type(net.layers[-1]) is Identity
 
 
+class CourseFullyConnected:
+    """A student's own fully connected layer in NumPy: the course's protocol, no xpnn base
+    class (no backend, runs_in_pieces or to); bias as the weights' last row."""
+
+    def __init__(self, input_size, output_size):
+        self.trainable, self.testing_phase, self.optimizer = True, False, None
+        self.weights = np.random.default_rng(3).uniform(0, 1, (input_size + 1, output_size))
+
+    def initialize(self, weights_initializer, bias_initializer):
+        fan_in, fan_out = self.weights.shape[0] - 1, self.weights.shape[1]
+        self.weights = np.vstack([weights_initializer.initialize((fan_in, fan_out), fan_in, fan_out),
+                                  bias_initializer.initialize((1, fan_out), fan_in, fan_out)])
+
+    def forward(self, input_tensor):
+        self.input_tensor = np.hstack([input_tensor, np.ones((input_tensor.shape[0], 1))])
+        return self.input_tensor @ self.weights
+
+    def backward(self, error_tensor):
+        self.gradient_weights = self.input_tensor.T @ error_tensor
+        error_below = error_tensor @ self.weights[:-1].T
+        if self.optimizer is not None:
+            self.weights = self.optimizer.calculate_update(self.weights, self.gradient_weights)
+        return error_below
+
+
+@pytest.mark.parametrize("place", ["first", "middle"])
+def test_a_course_style_layer_of_ones_own_trains_tests_and_moves(place, tmp_path):
+    with xpnn.use_backend("cpu", "float64") as cpu64:
+        _course_layer_round(cpu64, place, tmp_path)
+
+
+def _course_layer_round(cpu64, place, tmp_path):
+    # (CPU only: the layer computes with NumPy itself.) It has no backend, runs_in_pieces or
+    # to(): the network runs it on whole batches, takes its backend from xpnn's layers, and
+    # leaves its arrays alone in to().
+    np.random.seed(0)
+    net = NeuralNetwork(Sgd(5e-2), He(), Constant(0.1))
+    net.data_layer, net.loss_layer = IrisData(), CrossEntropyLoss()
+    layers = ([CourseFullyConnected(4, 8), ReLU(), FullyConnected(8, 3), SoftMax()]
+              if place == "first" else
+              [FullyConnected(4, 8), ReLU(), CourseFullyConnected(8, 3), SoftMax()])
+    for layer in layers:
+        net.append_layer(layer)
+    own = next(layer for layer in layers if type(layer) is CourseFullyConnected)
+    before = own.weights.copy()
+    net.train(60)
+    assert net.loss[-1] < 0.7 * net.loss[0] and not np.array_equal(own.weights, before)
+    assert net.backend is cpu64
+    _, _, test_x, test_classes = iris()
+    accuracy = np.mean(np.argmax(xpnn.to_numpy(net.test(test_x)), axis=1) == test_classes)
+    assert accuracy > 0.8 and all(layer.testing_phase for layer in layers)
+    net.to("cpu")
+    save(str(tmp_path / "net.pkl"), net)
+    loaded = load(str(tmp_path / "net.pkl"), None)
+    np.testing.assert_array_equal(xpnn.to_numpy(loaded.test(test_x)), xpnn.to_numpy(net.test(test_x)))
+
+
 def test_a_layers_shape_error_names_its_place_in_the_network(backend):
     net = build(Sgd(1e-2))
     net.data_layer = FixedData(np.ones((2, 5)), np.eye(3)[[0, 1]])

@@ -7,7 +7,8 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
 from xpnn.network_files import load, save
-from xpnn.network_rules import NO_DATA_LAYER, NO_LOSS_LAYER, check_layer, note_layer, run_order
+from xpnn.network_rules import (NO_DATA_LAYER, NO_LOSS_LAYER, check_layer, note_layer, run_order,
+                                runs_in_pieces)
 from xpnn.piecewise import PiecewisePass, backward_chain, forward_chain, note_piece
 
 __all__ = ["NeuralNetwork", "load", "run_order", "save"]
@@ -151,7 +152,7 @@ class NeuralNetwork:
         cuts this batch (in processes, else on threads: :class:`~xpnn.piecewise.PiecewisePass`),
         else None."""
         shape = getattr(input_tensor, "shape", None)
-        if not shape or not layers or not all(layer.runs_in_pieces for layer in layers):
+        if not shape or not layers or not all(runs_in_pieces(layer) for layer in layers):
             return None
         ahead_input = None if self._worker is None else self._worker.ahead_input
         if ahead_input is not None and (ahead_input is not input_tensor or (
@@ -309,7 +310,7 @@ class NeuralNetwork:
             # statistics), so a backend may run pieces of the batch at the same time.
             # The layers' backward caches then hold one piece's: test is not for training.
             input_tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
-            if not all(layer.runs_in_pieces for layer in self.layers):
+            if not all(runs_in_pieces(layer) for layer in self.layers):
                 return self._run_layers(input_tensor)  # a layer of your own: the whole batch
             try:
                 return ops.map_samples(functools.partial(self._run_piece, input_tensor.shape[0]),
@@ -340,7 +341,8 @@ class NeuralNetwork:
             self._worker.close()
             self._worker = None
         for layer in self.layers:
-            layer.to(target)
+            if hasattr(layer, "to"):  # (a layer of your own without one keeps its arrays)
+                layer.to(target)
         if self.loss_layer is not None and hasattr(self.loss_layer, "to"):
             self.loss_layer.to(target)
         # The losses recorded so far too: np.sum(net.loss) must work after a move to the cpu.
@@ -350,8 +352,13 @@ class NeuralNetwork:
 
     @property
     def backend(self):
-        """The backend of the first layer (the current backend for an empty network)."""
-        return self.layers[0].backend if self.layers else get_backend()
+        """The backend of the first layer that has one (xpnn's layers do; a course-style layer
+        of your own need not), else the current backend."""
+        for layer in self.layers:
+            backend = getattr(layer, "backend", None)
+            if isinstance(backend, Backend):
+                return backend
+        return get_backend()
 
 
 class _FailedBatch:

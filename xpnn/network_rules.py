@@ -77,3 +77,9 @@ def note_layer(error, layers, order, input_tensor):
     error.args = (f"{error.args[0]}; raised in net.layers[{index}] ({type(failed).__name__}) "
                   f"of a network of {len(layers)} layers{given}", *error.args[1:])
     error.xpnn_layer_noted = True
+
+
+def runs_in_pieces(layer):
+    """Whether ``layer`` may run on pieces of a batch (:mod:`xpnn.piecewise`): xpnn's layers say
+    so themselves; a course-style layer of your own, without the attribute, runs whole."""
+    return getattr(layer, "runs_in_pieces", False)

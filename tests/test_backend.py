@@ -66,6 +66,20 @@ def test_an_unknown_backend_in_the_environment_variable_names_the_variable():
     assert "XPNN_BACKEND='bogus'" in out.stderr and "valid names are" in out.stderr, out.stderr
 
 
+def test_complex_input_to_a_layer_is_a_clear_error_on_every_path(backend):
+    # (NumPy and PyTorch would drop the imaginary part with a warning only.)
+    from xpnn.layers import FullyConnected
+
+    with xpnn.use_backend(backend):
+        layer = FullyConnected(2, 2)
+    host = np.array([[1 + 2j, 3]])
+    for given in (host, backend.asarray(host)):  # another library's, then the backend's own
+        with pytest.raises(TypeError, match=r"complex input \(complex128\) where "
+                                            + backend.dtype_name + r" is expected.*x\.real"):
+            layer.forward(given)
+    assert layer.forward(np.array([[1.0, 3.0]])).shape == (1, 2)  # (real input still runs)
+
+
 def test_asarray_round_trip_and_no_copy(backend):
     host = np.arange(6.0).reshape(2, 3)
     moved = backend.asarray(host)

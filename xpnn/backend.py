@@ -135,6 +135,7 @@ class Backend:
         x = _without_autograd(x)
         if self.owns(x):
             if target is not None and x.dtype != target:
+                _refuse_complex(_numpy_dtype_name(x.dtype), target)
                 return self.xp.astype(x, target)
             return x
         if _library_of(x) is self.library and (target is None or x.dtype == target):
@@ -144,6 +145,7 @@ class Backend:
         # lack one of the dtypes: array-api-strict's "no_float64").
         host = _positive_strides(to_numpy(x))
         if target is not None:
+            _refuse_complex(host.dtype.name, target)
             host = host.astype(_numpy_dtype_name(target), copy=False)
         return self.xp.asarray(host, device=self.device)
 
@@ -277,6 +279,15 @@ def asarray_like(x, reference):
     # (Another device and dtype: through the host, see Backend.asarray.)
     host = _positive_strides(to_numpy(x)).astype(_numpy_dtype_name(reference.dtype), copy=False)
     return xp.asarray(host, device=device)
+
+
+def _refuse_complex(source_name, target):
+    """Raise TypeError for complex values cast to a real dtype: the cast would drop the
+    imaginary part with only a warning (NumPy, PyTorch), and no layer here computes in complex."""
+    target_name = _numpy_dtype_name(target)
+    if source_name.startswith("complex") and not target_name.startswith("complex"):
+        raise TypeError(f"complex input ({source_name}) where {target_name} is expected: xpnn "
+                        f"computes in real numbers; pass the part you mean, e.g. x.real or abs(x)")
 
 
 def _positive_strides(host):

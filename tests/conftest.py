@@ -109,10 +109,10 @@ def assert_error_names_the_whole_batch(error, batch_size, starts="FullyConnected
     it ran, and ends naming the network's layer ``layer`` ((index in net.layers, type name))
     and the shape of the network's input, a batch of ``batch_size``."""
     assert type(error) is ValueError and str(error).startswith(starts), str(error)
-    note = re.search(r" \(while running (?:rows (\d+)-(\d+)|(\d+) rows) of a batch of (\d+) in "
+    note = re.search(r" \(while running (?:rows (\d+) to (\d+)|(\d+) rows) of a batch of (\d+) in "
                      r"parallel pieces\);", str(error))
     assert note is not None, f"no note of the whole batch in: {error}"
-    rows = int(note[3]) if note[3] is not None else int(note[2]) - int(note[1])
+    rows = int(note[3]) if note[3] is not None else int(note[2]) - int(note[1]) + 1
     assert int(note[4]) == batch_size and 0 < rows < batch_size, str(error)
     received = re.search(r"received \((\d+), ", str(error))
     assert received is None or int(received[1]) == rows, str(error)

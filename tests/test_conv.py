@@ -398,6 +398,14 @@ def test_input_without_the_channel_axis_says_so(backend, convolution_shape, inpu
                                     f"missing? {hint}")
 
 
+def test_one_image_without_the_batch_axis_says_so(backend):
+    layer = Conv(1, (3, 5, 5), 2)
+    with pytest.raises(ValueError) as info:
+        layer.forward(np.zeros((3, 32, 32)))  # (channels, y, x): one image
+    assert str(info.value).endswith("has one axis fewer than expected: is the batch axis "
+                                    "missing (one image)? Add it with x[None]"), str(info.value)
+
+
 def test_input_with_the_channel_axis_at_the_wrong_count_gets_no_hint(backend):
     with pytest.raises(ValueError) as info:
         Conv(1, (1, 5, 5), 2).forward(np.zeros((6, 3, 28, 28)))

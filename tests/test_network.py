@@ -438,11 +438,15 @@ def test_a_network_without_a_loss_layer_says_so(step):
     net.loss_layer = None
     inputs, labels, _, _ = iris()
     run = {"train": lambda: net.train(1), "forward": net.forward, "backward": net.backward,
-           "train_batch": lambda: net.train_batch(inputs[:5], labels[:5])}[step]
+           "train_batch": lambda: net.train_batch(inputs[:5], labels[:5],
+                                                  following=(inputs[5:10], labels[5:10]))}[step]
     with pytest.raises(RuntimeError) as info:
         run()
     assert "loss_layer is not set" in str(info.value)
     assert "net.loss_layer = CrossEntropyLoss()" in str(info.value)
+    # Refused before it began: no step's state is left set (a later forward would take it for
+    # a step inside train, with a backward pass to come).
+    assert (net._in_train, net._ahead, net._given_next) == (False, False, None)
 
 
 @pytest.mark.parametrize("layers", ["some", "none"])
@@ -563,12 +567,28 @@ def test_a_layers_shape_error_names_its_place_in_the_network(backend):
     assert "raised in net.layers" not in str(info.value)
 
 
+def test_a_layer_object_at_two_places_is_named_at_the_one_that_failed(backend):
+    from xpnn.layers import Flatten, Pooling
+
+    with xpnn.use_backend(backend):
+        pooling = Pooling((2, 2), (2, 2))
+        net = NeuralNetwork(Sgd(1e-2))
+        net.loss_layer = CrossEntropyLoss()
+        for layer in (pooling, Flatten(), pooling):  # the second use gets a flat input
+            net.append_layer(layer)
+    with pytest.raises(ValueError) as info:
+        net.test(np.ones((8, 1, 8, 8)))
+    assert str(info.value).endswith("; raised in net.layers[2] (Pooling) of a network of 3 "
+                                    "layers given input of shape (8, 1, 8, 8)"), str(info.value)
+
+
 def test_save_into_a_missing_directory_names_the_path_and_the_directory(tmp_path):
     target = tmp_path / "missing" / "net.pkl"
     with pytest.raises(FileNotFoundError) as info:
         save(str(target), build(Sgd(1e-2)))  # it named the temporary file ".tmp-....part"
     message = str(info.value)
-    assert f"cannot write {target}: its directory {tmp_path / 'missing'} does not exist" in message
+    assert f"cannot write the file: its directory {tmp_path / 'missing'} does not exist" in message
+    assert info.value.filename == str(target) and message.endswith(f": '{target}'")
     assert ".part" not in message and not (tmp_path / "missing").exists()
 
 

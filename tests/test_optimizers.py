@@ -331,3 +331,27 @@ def test_calculate_update_names_the_optimizer_and_both_shapes(backend, name):
         OPTIMIZER_MAKERS[name]().calculate_update(weights, gradient)
     message = str(info.value)
     assert message.startswith(f"{name}.calculate_update: ") and "(3, 4)" in message and "(4, 3)" in message
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_MAKERS))
+def test_a_gradient_of_fewer_entries_steps_as_the_full_gradient(backend, name):
+    # A 0-d array or shape (1,) applies to every weight, as a Python number does; before, a
+    # momentum took the 0-d gradient's shape for its velocity and restarted it every step.
+    results = {}
+    for kind in ("full", "number", "0-d", "(1,)"):
+        optimizer, weights = OPTIMIZER_MAKERS[name](), backend.asarray(np.array(W0))
+        gradient = {"full": backend.asarray(np.full(3, 0.5)), "number": 0.5,
+                    "0-d": backend.asarray(np.array(0.5)), "(1,)": backend.asarray(np.array([0.5]))}[kind]
+        for _ in range(3):
+            weights = optimizer.calculate_update(weights, gradient)
+        results[kind] = backend.to_numpy(weights)
+        assert tuple(weights.shape) == (3,), kind
+    for kind in ("number", "0-d", "(1,)"):
+        np.testing.assert_array_equal(results[kind], results["full"], err_msg=kind)
+
+
+def test_weights_and_gradient_as_lists_step_as_arrays():
+    with xpnn.use_backend("cpu", "float64"):
+        updated = SgdWithMomentum(0.1, 0.9).calculate_update(list(W0), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(xpnn.to_numpy(updated), np.array(W0) - 0.1, rtol=1e-15)
+

@@ -256,6 +256,11 @@ def test_an_os_error_names_the_option_its_path_came_from(tmp_path):
         hint = _path_hint(OSError(errno.EACCES, "Permission denied", str(path)), args)
         assert hint.endswith(f"choose another {option}"), (path, hint)
     assert "--" not in _path_hint(OSError(errno.EACCES, "denied", str(tmp_path / "runs")), args)
+    from xpnn._files import atomic_write_bytes
+
+    with pytest.raises(OSError) as failed:  # a checkpoint write that fails names its file
+        atomic_write_bytes(str(tmp_path / "run" / "gone" / "model.npz"), b"")
+    assert _path_hint(failed.value, args).endswith("choose another --out")
     assert _path_hint(OSError("no path"), args) == ""
 
 
@@ -308,3 +313,32 @@ def test_a_stop_between_loss_pulls_keeps_the_epochs_loss_bit_for_bit(tmp_path, m
     straight, stopped = (ckpt.read_checkpoint(str(tmp_path / name))[1] for name in ("straight", "stopped"))
     for name in straight:
         np.testing.assert_array_equal(stopped[name], straight[name], err_msg=name)
+
+
+def test_resume_with_fewer_epochs_than_done_and_a_partial_one_trains_nothing(tmp_path, monkeypatch,
+                                                                             capsys):
+    import signal
+
+    from xpnn import training
+
+    data = write_mnist_dir(tmp_path / "data", n_train=128)
+    real_step, steps = training.train_step, []
+
+    def step_then_ctrl_c(*args):
+        result = real_step(*args)
+        steps.append(1)
+        if len(steps) == 6:  # epoch 2, step 2 (4 steps an epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(training, "train_step", step_then_ctrl_c)
+    out = tmp_path / "run"
+    assert train(data, out, "--epochs", "3", "--limit-train", "128", "--limit-test", "32",
+                 "--batch-size", "32", "--no-progress") == 130
+    monkeypatch.setattr(training, "train_step", real_step)
+    before = file_bytes(out)
+    capsys.readouterr()
+    assert train(data, out, "--resume", "--epochs", "1", "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert "nothing to train" in captured.err and "resuming" not in captured.out, captured
+    assert file_bytes(out) == before

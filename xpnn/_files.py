@@ -42,7 +42,9 @@ def atomic_writer(path):
 
 
 def _about_target(error, path, directory):
-    """``error`` (from making the temporary file) as the same type, naming ``path`` and its directory."""
+    """``error`` (from making the temporary file) as the same type, about ``path`` (its
+    ``filename``, which callers read, e.g. to say which option the path came from) and its
+    directory."""
     if isinstance(error, FileNotFoundError) and not os.path.isdir(directory):
         reason = (f"its directory {directory} does not exist (create it first, e.g. "
                   f"os.makedirs({directory!r}), or pick another path)")
@@ -50,7 +52,7 @@ def _about_target(error, path, directory):
         reason = f"a part of its directory {directory} is not a directory"
     else:
         reason = f"no file can be made in its directory {directory}: {error.strerror or error}"
-    return type(error)(error.errno, f"cannot write {path}: {reason}")
+    return type(error)(error.errno, f"cannot write the file: {reason}", os.fspath(path))
 
 
 def atomic_write_bytes(path, payload):

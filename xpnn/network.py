@@ -180,11 +180,11 @@ class NeuralNetwork:
 
     def forward(self):
         """Pull the next batch, run every layer and the loss; return data + regularization loss."""
+        if self.loss_layer is None:  # (before the batch taken early is used up)
+            raise RuntimeError(NO_LOSS_LAYER.format("forward"))
         batch, self._next_batch = self._next_batch, None
         if isinstance(batch, _FailedBatch):
             raise batch.error  # where it would have been raised had it not been taken early
-        if self.loss_layer is None:
-            raise RuntimeError(NO_LOSS_LAYER.format("forward"))
         if batch is None and self.data_layer is None:
             raise RuntimeError(NO_DATA_LAYER)
         input_tensor, self.label_tensor = batch if batch is not None else self.data_layer.next()
@@ -281,11 +281,11 @@ class NeuralNetwork:
         changed in place (``layer.weights[...] = ...``) is not seen, so do
         that without ``following``.
         """
+        if self.loss_layer is None:  # (before any state of the step is set)
+            raise RuntimeError(NO_LOSS_LAYER.format("train_batch"))
         if self._testing_phase:  # (e.g. after test(): train() sets the training phase too)
             self.phase = False
         self._in_train, self._ahead, self._given_next = True, following is not None, following
-        if self.loss_layer is None:
-            raise RuntimeError(NO_LOSS_LAYER.format("train_batch"))
         try:
             self.label_tensor = label_tensor
             prediction = self._run_layers(input_tensor, self._labels_ahead())

@@ -69,9 +69,14 @@ def note_layer(error, layers, order, input_tensor):
             or not 0 <= position < len(order)):
         return
     failed = order[position]
-    index = next((index for index, layer in enumerate(layers) if layer is failed), None)
-    if index is None:
+    # One layer object may stand at several places (a Pooling used twice): its k-th place in the
+    # run order is its k-th in the network (run_order moves a ReLU only past poolings, so two
+    # places of one object keep their order).
+    occurrence = sum(1 for layer in order[:position] if layer is failed)
+    places = [index for index, layer in enumerate(layers) if layer is failed]
+    if occurrence >= len(places):
         return
+    index = places[occurrence]
     shape = getattr(input_tensor, "shape", None)
     given = "" if shape is None else f" given input of shape {tuple(shape)}"
     error.args = (f"{error.args[0]}; raised in net.layers[{index}] ({type(failed).__name__}) "

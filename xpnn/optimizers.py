@@ -9,40 +9,52 @@ arrays are accepted (``Sgd(1.).calculate_update(1., 1.)`` returns ``0.0``).
 import math
 
 from xpnn._checks import finite_float
-from xpnn.backend import get_backend, namespace
+from xpnn.backend import asarray_like, get_backend, namespace
 from xpnn.ops.adam import adam_update
 from xpnn.regularizers import L2_Regularizer
 
 
 def _as_arrays(optimizer, weight_tensor, gradient_tensor):
-    """Return (weights, gradient, scalar_input) with Python numbers made 0-d arrays.
+    """Return (weights, gradient, scalar_input): Python numbers made 0-d arrays, a sequence of
+    weights an array of the current backend, a gradient of fewer entries (a number, a 0-d
+    array, shape (1,), ...) broadcast to the weights' shape, as the update would.
 
-    Raises ValueError naming ``optimizer``'s class when the gradient is an array of
-    another shape than the weights (a 0-d gradient applies to every weight, as a
-    Python number does).
+    Raises ValueError naming ``optimizer``'s class when the gradient's shape does not
+    broadcast to the weights' (e.g. (4, 3) for (3, 4) weights).
     """
     if isinstance(weight_tensor, (int, float)):
         backend = get_backend()
         weights = backend.asarray(float(weight_tensor), dtype=backend.dtype)
         gradient = backend.asarray(float(gradient_tensor), dtype=backend.dtype)
         return weights, gradient, True
+    if not hasattr(weight_tensor, "shape"):  # a list or tuple of weights
+        backend = get_backend()
+        weight_tensor = backend.asarray(weight_tensor, dtype=backend.dtype)
+    weight_shape = tuple(weight_tensor.shape)
     if isinstance(gradient_tensor, (int, float)):
         xp = namespace(weight_tensor)
-        gradient_tensor = xp.full(weight_tensor.shape, float(gradient_tensor),
+        gradient_tensor = xp.full(weight_shape, float(gradient_tensor),
                                   dtype=weight_tensor.dtype, device=weight_tensor.device)
-    elif _shape_of(gradient_tensor) not in (tuple(weight_tensor.shape), ()):
-        raise ValueError(
-            f"{type(optimizer).__name__}.calculate_update: the gradient must have the weights' "
-            f"shape: weight_tensor has shape {tuple(weight_tensor.shape)}, gradient_tensor "
-            f"{tuple(gradient_tensor.shape)} (pass calculate_update(weights, gradient) of one "
-            f"parameter, in that order)")
+        return weight_tensor, gradient_tensor, False
+    if not hasattr(gradient_tensor, "shape"):  # a list or tuple
+        gradient_tensor = asarray_like(gradient_tensor, weight_tensor)
+    gradient_shape = tuple(gradient_tensor.shape)
+    if gradient_shape != weight_shape:
+        if not _broadcasts_to(gradient_shape, weight_shape):
+            raise ValueError(
+                f"{type(optimizer).__name__}.calculate_update: the gradient must have the "
+                f"weights' shape: weight_tensor has shape {weight_shape}, gradient_tensor "
+                f"{gradient_shape} (pass calculate_update(weights, gradient) of one "
+                f"parameter, in that order)")
+        # (Broadcast here, not in each step: a momentum's velocity takes the weights' shape.)
+        gradient_tensor = namespace(gradient_tensor).broadcast_to(gradient_tensor, weight_shape)
     return weight_tensor, gradient_tensor, False
 
 
-def _shape_of(array):
-    """``array``'s shape as a tuple; () for an object without one (left to the arithmetic)."""
-    shape = getattr(array, "shape", None)
-    return () if shape is None else tuple(shape)
+def _broadcasts_to(shape, target):
+    """True when an array of ``shape`` broadcasts to ``target`` (and not beyond it)."""
+    return len(shape) <= len(target) and all(
+        size in (1, wanted) for size, wanted in zip(shape[::-1], target[::-1]))
 
 
 #: What an optimizer calls on its regularizer (:meth:`Optimizer.calculate_update`) and a

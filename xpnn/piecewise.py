@@ -67,35 +67,32 @@ def note_piece(error, bounds, batch_size):
     rows = last - (first or 0)
     if (isinstance(error, ValueError) and rows != batch_size and error.args
             and isinstance(error.args[0], str) and not getattr(error, "xpnn_piece_noted", False)):
-        where = f"{rows} rows" if first is None else f"rows {first}-{last}"
+        where = f"{rows} rows" if first is None else f"rows {first} to {last - 1}"
         error.args = (f"{error.args[0]} (while running {where} of a batch of {batch_size} "
                       f"in parallel pieces)", *error.args[1:])
         error.xpnn_piece_noted = True  # (an attribute survives the pickling from a worker)
     return error
 
 
-def note_layer_position(error, layers, failed):
-    """Record on a ValueError the position in ``layers`` of ``failed``, the layer whose forward
-    raised it, for the network to name the layer (:meth:`xpnn.NeuralNetwork._run_layers`).
-
-    Called only on the error path, with the list the pass ran (its replicas for a pass in
-    pieces: the same positions). The first record stays. Returns ``error``.
-    """
+def note_layer_position(error, position):
+    """Record on a ValueError the ``position`` (in the list the pass ran: the run order, or its
+    replicas for a pass in pieces, which keep the positions) of the layer whose forward raised
+    it, for the network to name the layer (:func:`xpnn.network_rules.note_layer`). Called only
+    on the error path; the first record stays. Returns ``error``."""
     if isinstance(error, ValueError) and getattr(error, "xpnn_layer_position", None) is None:
-        error.xpnn_layer_position = next(
-            (position for position, layer in enumerate(layers) if layer is failed), None)
+        error.xpnn_layer_position = position
     return error
 
 
 def forward_chain(layers, tensor):
-    """Every layer's ``forward`` in turn on ``tensor``; a ValueError records which layer raised it
-    (:func:`note_layer_position`)."""
-    layer = None
+    """Every layer's ``forward`` in turn on ``tensor``; a ValueError records which position
+    raised it (:func:`note_layer_position`)."""
+    position = None
     try:
-        for layer in layers:
+        for position, layer in enumerate(layers):
             tensor = layer.forward(tensor)
     except ValueError as error:
-        note_layer_position(error, layers, layer)
+        note_layer_position(error, position)
         raise
     return tensor
 

@@ -246,7 +246,7 @@ def execute(args, given):
     """Run training; returns the exit status."""
     run = prepare_run(args, given)
     out = args.out
-    if len(run.metrics) >= run.settings["epochs"] and not run.partial:
+    if len(run.metrics) >= run.settings["epochs"]:  # (a saved partial epoch beyond them too)
         print(f"xpnn-train: {out} holds {len(run.metrics)} trained epoch(s) and --epochs is "
               f"{run.settings['epochs']}: nothing to train (raise --epochs to train on)",
               file=sys.stderr, flush=True)

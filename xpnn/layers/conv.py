@@ -136,10 +136,8 @@ class Conv(TrainableLayer):
         if len(shape) != rank + 2 or shape[1] != self.convolution_shape[0] or 0 in shape[2:]:
             hint = ""
             if len(shape) == rank + 1:  # e.g. (N, 28, 28) images for (batch, 1, y, x)
-                channels = self.convolution_shape[0]
-                hint = ("; the input has one axis fewer than expected: is the channel axis "
-                        "missing? " + ("Add it with x[:, None]" if channels == 1 else
-                                       f"It comes second, with {channels} entries"))
+                hint = "; the input has one axis fewer than expected: " + _missing_axis_hint(
+                    shape, self.convolution_shape[0])
             raise ValueError(f"Conv: expected input of shape {self._expected_input()} for "
                              f"convolution_shape {self.convolution_shape}, got {shape}{hint}")
         if tuple(self._weights.shape) != self.weights_shape:  # (see initialize)
@@ -154,3 +152,13 @@ class Conv(TrainableLayer):
         if shape != expected:
             raise ValueError(f"Conv: error tensor must have the forward output's shape "
                              f"{expected}, got {shape}")
+
+
+def _missing_axis_hint(shape, channels):
+    """What input of ``shape``, one axis short, most likely lacks, and how to add it."""
+    if channels == 1:
+        return "is the channel axis missing? Add it with x[:, None]"
+    if shape[0] == channels:  # (channels, y, x): one image
+        return "is the batch axis missing (one image)? Add it with x[None]"
+    return f"is the channel axis missing? It comes second, with {channels} entries"
+

@@ -282,14 +282,14 @@ class PieceWorker:
                 setattr(layers[index], name, parameter)
         replicas = [replica_in(ProcessSlot(self, 1, bounds, batch_size), layer) for layer in layers]
         piece = np.array(self._input)
-        replica = None
+        index = None
         try:
             for index, replica in enumerate(replicas):
                 if replica.trainable:
                     wait_until(lambda: int(self._ready[index]) >= number, self._other_alive, WAIT_SECONDS)
                 piece = replica.forward(piece)
         except ValueError as error:  # (the network names the layer: note_layer_position)
-            note_layer_position(error, replicas, replica)
+            note_layer_position(error, index)
             raise
         self._output = piece
         return replicas

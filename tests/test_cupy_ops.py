@@ -238,7 +238,12 @@ def test_adam_update_matches_generic_over_steps(cupy_pair):
             _close(actual, reference, backend, f"{name} moment after step {step}")
 
 
-@pytest.mark.parametrize("decay", [0.0, 1e-2])
+@pytest.mark.parametrize("decay", [
+    pytest.param(0.0, marks=pytest.mark.xfail(
+        strict=True, reason="known: the fused Adam kernel adds learning_rate * (0 * weights), NaN "
+        "for infinite weights, where the generic path skips the term; the fix (`if (decay != "
+        "(T)0)`) waits for a GPU run (DESIGN.md: no CuPy-only code lands that has never run)")),
+    1e-2])
 def test_adam_with_infinite_weights_matches_generic(cupy_pair, decay):
     # Without an L2 step (decay 0) the generic path adds no decay term: 0 * inf would be NaN.
     fused, generic, backend = cupy_pair

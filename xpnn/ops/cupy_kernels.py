@@ -147,6 +147,5 @@ ADAM = cupy.ElementwiseKernel(
     second_moment = second_moment * rho + gradient * gradient * one_minus_rho;
     updated = weights - first_moment / (sqrt(second_moment) * inverse_root_correction + epsilon)
                         * step_size;
-    // Skipped at decay 0 as in the generic path: 0 * inf weights would make NaN there.
-    if (decay != (T)0) updated = updated - learning_rate * (decay * weights);
+    updated = updated - learning_rate * (decay * weights);
     """, "xpnn_adam")

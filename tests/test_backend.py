@@ -341,3 +341,36 @@ def test_float32_host_draws_stay_below_one(name, device):
     assert sample.max() < 1.0 and sample.min() >= 0.0
     assert np.all(sample[at_one] >= np.float32(0.99))  # (still a draw near 1)
     np.testing.assert_array_equal(sample[~at_one], draws[~at_one].astype(np.float32))
+
+
+def test_complex64_input_is_refused_too():
+    from xpnn.layers import FullyConnected
+
+    with xpnn.use_backend("cpu", "float32"):
+        layer = FullyConnected(2, 2)
+        with pytest.raises(TypeError, match=r"complex input \(complex64\) where float32"):
+            layer.forward(np.array([[1 + 2j, 3]], dtype=np.complex64))
+
+
+def test_an_unusable_backend_in_the_environment_variable_names_the_variable():
+    code = "import xpnn; xpnn.get_backend()"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, XPNN_BACKEND="gpu"),
+                         capture_output=True, text=True)
+    if out.returncode == 0:
+        pytest.skip("the gpu backend works here")
+    assert "XPNN_BACKEND='gpu'" in out.stderr and "unset XPNN_BACKEND" in out.stderr, out.stderr
+
+
+def test_the_driver_probe_answers_by_whether_libcuda_loads(monkeypatch):
+    import ctypes
+
+    from xpnn import backend as backend_module
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
+    assert backend_module._nvidia_driver_present() is True
+
+    def refuse(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    assert backend_module._nvidia_driver_present() is False

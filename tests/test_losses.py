@@ -153,3 +153,10 @@ def test_labels_of_another_shape_name_both_shapes_without_the_one_hot_hint(backe
         CrossEntropyLoss().forward(prediction, labels[:3])
     assert str(info.value) == ("CrossEntropyLoss: the labels have shape (3, 4), the prediction (5, 4): "
                                "both must be (batch, classes), the labels one-hot")
+
+
+def test_labels_of_a_prediction_that_is_not_2d_get_no_one_hot_hint():
+    with pytest.raises(ValueError) as info:
+        CrossEntropyLoss().forward(np.full((5, 4, 2), 0.25), np.zeros(5))
+    assert "the labels have shape (5,), the prediction (5, 4, 2)" in str(info.value)
+    assert "one-hot encode" not in str(info.value)

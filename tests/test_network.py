@@ -619,3 +619,19 @@ def test_load_of_a_file_that_is_no_pickle_says_so(tmp_path, content, error):
         load(str(path), None)
     assert str(info.value).startswith(f"xpnn.network.load: {path} is not a pickle written by "
                                       f"xpnn.network.save(filename, net), or it is truncated (pickle: ")
+
+
+def test_append_layer_of_a_name_says_layers_are_objects():
+    with pytest.raises(TypeError) as info:
+        build(Sgd(1e-2)).append_layer("relu")
+    assert "(layers are objects, not names: e.g. net.append_layer(ReLU())" in str(info.value)
+
+
+def test_save_below_a_file_names_the_path_and_the_directory(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    target = blocker / "net.pkl"
+    with pytest.raises(NotADirectoryError) as info:
+        save(str(target), build(Sgd(1e-2)))
+    assert f"a part of its directory {blocker} is not a directory" in str(info.value)
+    assert info.value.filename == str(target)

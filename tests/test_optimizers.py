@@ -355,3 +355,8 @@ def test_weights_and_gradient_as_lists_step_as_arrays():
         updated = SgdWithMomentum(0.1, 0.9).calculate_update(list(W0), [1.0, 1.0, 1.0])
     np.testing.assert_allclose(xpnn.to_numpy(updated), np.array(W0) - 0.1, rtol=1e-15)
 
+
+def test_a_gradient_with_more_axes_than_the_weights_is_refused():
+    with pytest.raises(ValueError) as info:
+        Sgd(1.0).calculate_update(np.ones(3), np.ones((1, 3)))  # (would make the weights 2-D)
+    assert str(info.value).startswith("Sgd.calculate_update: ") and "(1, 3)" in str(info.value)

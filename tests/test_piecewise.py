@@ -412,3 +412,47 @@ def test_a_pass_cut_for_more_threads_than_now_finishes_its_backward(monkeypatch)
     for cut_layer, whole_layer in zip(cut.layers, whole.layers):
         if whole_layer.trainable:
             np.testing.assert_allclose(cut_layer.weights, whole_layer.weights, rtol=1e-11)
+
+
+class CourseStyleRecorder:
+    """A layer of the user's own with no xpnn base class (no runs_in_pieces): records row counts."""
+    trainable = False
+    rows = []
+
+    def forward(self, input_tensor):
+        CourseStyleRecorder.rows.append(input_tensor.shape[0])
+        return input_tensor
+
+    def backward(self, error_tensor):
+        return error_tensor
+
+
+def test_a_layer_without_runs_in_pieces_runs_on_whole_batches(monkeypatch):
+    # Batches big enough to be cut: the network must not cut them for such a layer (a layer
+    # taken for one that runs in pieces failed with "has no attribute 'replica'").
+    monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 2)
+    with xpnn.use_backend("cpu", "float64") as backend:
+        monkeypatch.setattr(backend, "ops", NumpyOps(backend, threads=2, processes=1))
+        net = NeuralNetwork(Sgd(1e-2), He(), Constant(0.1))
+        net.loss_layer = CrossEntropyLoss()
+        for layer in (FullyConnected(4, 8), CourseStyleRecorder(), FullyConnected(8, 3), SoftMax()):
+            net.append_layer(layer)
+        inputs = np.random.default_rng(0).random((64, 4))
+        CourseStyleRecorder.rows = []
+        net.test(inputs)
+        net.train_batch(inputs, np.eye(3)[np.arange(64) % 3])
+    assert CourseStyleRecorder.rows == [64, 64]
+
+
+def test_a_shape_error_in_test_pieces_names_the_pieces_size(monkeypatch):
+    # (test's pieces know their size, not their first row: no row range may be made up.)
+    import re
+
+    monkeypatch.setattr(numpy_ops, "MIN_SAMPLES_PER_THREAD", 4)
+    with xpnn.use_backend("cpu", dtype="float64") as backend:
+        monkeypatch.setattr(backend, "ops", NumpyOps(backend, threads=2, processes=1))
+        net = lenet.build()
+        with pytest.raises(ValueError) as raised:
+            net.test(np.random.default_rng(0).random((16, 1, 32, 32)))
+    assert re.search(r"\(while running \d+ rows of a batch of 16 in parallel pieces\)",
+                     str(raised.value)), str(raised.value)

@@ -650,3 +650,19 @@ def test_the_worker_keeps_the_memory_it_frees(cpu64, monkeypatch):
     net = _train(cpu64, monkeypatch, processes=2, steps=1)
     assert int(called[0]) == 1
     net._worker.close()
+
+
+def test_the_first_failing_layer_in_the_worker_is_the_one_named(cpu64, monkeypatch):
+    # A later layer's error (batch norm's sums, when the worker's piece failed before them)
+    # must not take the place of the layer that failed first.
+    monkeypatch.setattr(cpu64.ops, "processes", 2)
+    net = NeuralNetwork(Sgd(0.05), He(), Constant(0.1))
+    for layer in (Conv((1, 1), (1, 3, 3), 4), FailsInTheWorker(), BatchNormalization(4), ReLU(),
+                  Flatten(), FullyConnected(4 * 8 * 8, 4), SoftMax()):
+        net.append_layer(layer)
+    net.loss_layer = CrossEntropyLoss()
+    net.data_layer = random_image_batches(BATCH)
+    with pytest.raises(ValueError) as raised:
+        net.train(1)
+    assert_error_names_the_whole_batch(raised.value, BATCH, "FailsInTheWorker: the second piece",
+                                       (1, "FailsInTheWorker"))

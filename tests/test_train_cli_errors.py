@@ -342,3 +342,15 @@ def test_resume_with_fewer_epochs_than_done_and_a_partial_one_trains_nothing(tmp
     captured = capsys.readouterr()
     assert "nothing to train" in captured.err and "resuming" not in captured.out, captured
     assert file_bytes(out) == before
+
+
+def test_a_carried_loss_sum_continues_in_the_backends_dtype():
+    # (A Python float would make the rest of the epoch's sum float64 under NumPy 1.x rules.)
+    from xpnn.backend import make_backend
+    from xpnn.training import Window
+
+    backend = make_backend("cpu", "float32")
+    window = Window(backend, 0.1)
+    assert not isinstance(window.loss, float)
+    assert backend.to_numpy(window.loss).dtype == np.float32
+    assert float(backend.to_numpy(window.loss)) == float(np.float32(0.1))

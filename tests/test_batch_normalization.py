@@ -376,3 +376,21 @@ def test_wrongly_shaped_parameters_are_refused_when_assigned(backend, name):
     setattr(layer, name, np.full((1, 3), 4.0))
     assert tuple(getattr(layer, name).shape) == (3,)
     np.testing.assert_array_equal(xpnn.to_numpy(getattr(layer, name)), np.full(3, 4.0))
+
+
+def test_move_to_another_backend_drops_the_forward_cache():
+    with xpnn.use_backend("cpu", dtype="float64"):
+        layer = BatchNormalization(IMAGE_SHAPE[1])
+        layer.forward(np.random.standard_normal(IMAGE_SHAPE))
+    strict = make_backend("array-api-strict", "float64", "device1")
+    layer.to(strict)
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones(IMAGE_SHAPE))
+    rng = np.random.default_rng(10)
+    input_tensor, error_tensor = rng.standard_normal(IMAGE_SHAPE), rng.standard_normal(IMAGE_SHAPE)
+    layer.forward(input_tensor)
+    input_error = layer.backward(error_tensor)
+    assert strict.owns(input_error)
+    normalized = _reference_training(input_tensor, np.ones(4), np.zeros(4))
+    assert_close(layer.gradient_weights, (error_tensor * normalized).sum(axis=(0, 2, 3)),
+                 rtol=1e-12, atol=1e-12)

@@ -410,3 +410,25 @@ def test_input_with_the_channel_axis_at_the_wrong_count_gets_no_hint(backend):
     with pytest.raises(ValueError) as info:
         Conv(1, (1, 5, 5), 2).forward(np.zeros((6, 3, 28, 28)))
     assert "axis fewer" not in str(info.value)
+
+
+@pytest.mark.parametrize("form", ["1-D", "0-D"])
+def test_torch_boolean_arrays_are_refused_as_shapes(form):
+    # operator.index takes a PyTorch boolean scalar as 0 or 1: its dtype must refuse it,
+    # as a Python bool is refused.
+    torch = pytest.importorskip("torch", reason="PyTorch's boolean scalars pass operator.index")
+    flag = torch.tensor([True, True]) if form == "1-D" else torch.tensor(True)
+    with xpnn.use_backend("cpu"):
+        with pytest.raises(ValueError, match="Conv: stride_shape must be a positive integer"):
+            Conv(flag, (1, 3, 3), 1)
+        with pytest.raises(ValueError, match="Conv: convolution_shape must be a positive integer"):
+            Conv(1, torch.tensor([True, True, True]), 1)
+
+
+@pytest.mark.parametrize("stride_shape, convolution_shape, name", [
+    ((), (1, 3, 3), "stride_shape"), ([], (1, 3), "stride_shape"), (1, (), "convolution_shape")])
+def test_empty_shapes_are_called_empty(stride_shape, convolution_shape, name):
+    with xpnn.use_backend("cpu"), pytest.raises(ValueError) as info:
+        Conv(stride_shape, convolution_shape, 1)
+    assert str(info.value).startswith(f"Conv: {name} must be a positive integer or a non-empty "
+                                      "sequence"), str(info.value)

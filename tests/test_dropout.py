@@ -135,3 +135,27 @@ def test_to_moves_the_mask():
     layer.to(strict)
     error = layer.backward(np.ones((3, 4)))
     assert strict.owns(error)
+
+
+def test_backward_follows_the_phase_of_the_last_forward_not_the_current_one(backend):
+    np.random.seed(4)
+    input_tensor = np.random.random((6, 8)) + 0.5   # no zeros: the output shows the mask
+    error_tensor = np.random.standard_normal((6, 8))
+    layer = Dropout(0.5)
+    kept = (xpnn.to_numpy(layer.forward(input_tensor)) != 0).astype(np.float64)
+    assert 0 < kept.sum() < kept.size
+    layer.testing_phase = True      # switched after a training forward: its mask still applies
+    assert_close(layer.backward(error_tensor), error_tensor * kept / 0.5, rtol=1e-15)
+    layer.forward(input_tensor)     # a testing-phase forward is the identity ...
+    layer.testing_phase = False     # ... and so is the backward after it, whatever the phase now
+    assert_close(layer.backward(error_tensor), error_tensor, rtol=0)
+
+
+def test_a_draw_equal_to_the_probability_drops_its_unit(backend):
+    # Draws are uniform on [0, 1): a unit is kept for draws in [0, p), with probability p.
+    draws = backend.asarray(np.array([[0.0, 0.25, 0.5 - 2.0 ** -53, 0.5, 0.75]]))
+    x = backend.asarray(np.full((1, 5), 3.0))
+    output, mask, scale = backend.ops.dropout_forward(x, draws, 0.5)
+    assert_close(mask, [[1.0, 1.0, 1.0, 0.0, 0.0]], rtol=0)
+    assert_close(scale, [[2.0, 2.0, 2.0, 0.0, 0.0]], rtol=0)
+    assert_close(output, [[6.0, 6.0, 6.0, 0.0, 0.0]], rtol=0)

@@ -3,6 +3,9 @@
 References are computed independently: NumPy by hand for forward values,
 central differences (xpnn.testing) and torch.autograd for gradients.
 """
+import re
+import warnings
+
 import numpy as np
 import pytest
 
@@ -323,3 +326,62 @@ def test_fully_connected_matches_torch_autograd(backend):
     assert_relative(layer.backward(error_tensor), reference_input.grad.numpy(), 1e-10)
     assert_relative(layer.gradient_weights[:4, :], reference_matrix.grad.numpy(), 1e-10)
     assert_relative(layer.gradient_bias, reference_bias.grad.numpy(), 1e-10)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (2,), (4,)])
+def test_fully_connected_bias_of_another_shape_is_refused(backend, shape):
+    # (3, 1) has the bias row's size: reshaped, it would be taken without a word.
+    layer = FullyConnected(4, 3)
+    before = xpnn.to_numpy(layer.weights).copy()
+    with pytest.raises(ValueError, match=rf"FullyConnected: bias must have shape \(3,\), "
+                                         rf"received {re.escape(str(shape))}"):
+        layer.bias = np.ones(shape)
+    np.testing.assert_array_equal(xpnn.to_numpy(layer.weights), before)
+
+
+def test_sigmoid_keeps_the_subnormal_tail_and_warns_of_no_overflow(backend):
+    # Below x = -709 exp(-x) overflows: 1 / (1 + exp(-x)) would give 0 (and NumPy an overflow
+    # warning), but sigmoid(x) = e^x / (1 + e^x) ~ e^x is still a (subnormal) double there.
+    input_tensor = np.array([[-720.0, -740.0, 720.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output = xpnn.to_numpy(Sigmoid().forward(input_tensor))
+    tail = np.exp(input_tensor[0, :2])
+    assert np.all(tail > 0.0)
+    np.testing.assert_allclose(output[0, :2], tail / (1.0 + tail), rtol=1e-3)
+    assert output[0, 2] == 1.0
+
+
+def test_flatten_refuses_a_0d_input(backend):
+    with pytest.raises(ValueError, match=r"Flatten: expected input of shape \(batch, \.\.\.\), "
+                                         r"received \(\)"):
+        Flatten().forward(backend.asarray(np.array(1.0)))
+
+
+def test_flatten_restores_the_state_of_a_layer_pickled_with_a_plain_input_shape(backend):
+    # Layers pickled before input_shape became a read-only property hold it as a plain
+    # attribute; unpickling them must give a layer whose backward still works.
+    layer = Flatten()
+    layer.forward(np.ones((2, 3, 4)))
+    state = dict(vars(layer))
+    state["input_shape"] = state.pop("_input_shape")
+    restored = Flatten.__new__(Flatten)
+    restored.__setstate__(state)
+    assert restored.input_shape == (2, 3, 4)
+    error_tensor = _inputs((2, 12), seed=3)
+    assert_close(restored.backward(error_tensor), error_tensor.reshape(2, 3, 4), rtol=0)
+
+
+def test_to_another_dtype_moves_the_forward_caches_too():
+    # The augmented input kept for the weight gradient is no listed state: it must still
+    # take the new dtype, or the next backward computes in the old one.
+    with xpnn.use_backend("cpu", dtype="float64"):
+        layer = FullyConnected(4, 3)
+        layer.forward(_inputs((2, 4)))
+    layer.to("cpu", dtype="float32")
+    error_tensor = np.ones((2, 3), dtype=np.float32)
+    input_error = layer.backward(error_tensor)
+    assert layer.gradient_weights.dtype == np.float32 and input_error.dtype == np.float32
+    augmented = np.hstack([_inputs((2, 4)), np.ones((2, 1))])
+    np.testing.assert_allclose(xpnn.to_numpy(layer.gradient_weights), augmented.T @ error_tensor,
+                               rtol=1e-6)

@@ -160,3 +160,33 @@ def test_labels_of_a_prediction_that_is_not_2d_get_no_one_hot_hint():
         CrossEntropyLoss().forward(np.full((5, 4, 2), 0.25), np.zeros(5))
     assert "the labels have shape (5,), the prediction (5, 4, 2)" in str(info.value)
     assert "one-hot encode" not in str(info.value)
+
+
+def test_to_moves_the_cached_prediction(backend):
+    prediction, labels = _batch(seed=6)
+    loss_layer = CrossEntropyLoss()
+    with xpnn.use_backend("cpu", dtype="float64"):
+        loss_layer.forward(np.array(prediction), labels)
+    assert loss_layer.to(backend) is loss_layer
+    error = loss_layer.backward(labels)
+    assert backend.owns(error)
+    assert_close(error, -labels / (prediction + EPS64), rtol=1e-14)
+    fused = loss_layer.backward_through_softmax(labels)
+    assert backend.owns(fused)
+    weighted = labels * prediction / (prediction + EPS64)
+    assert_close(fused, prediction * weighted.sum(axis=1, keepdims=True) - weighted,
+                 rtol=1e-12, atol=1e-15)
+
+
+def test_to_a_backend_object_with_a_dtype_takes_that_dtype():
+    prediction, labels = _batch(seed=7)
+    with xpnn.use_backend("cpu", dtype="float64") as cpu:
+        loss_layer = CrossEntropyLoss()
+        loss_layer.forward(cpu.asarray(prediction), labels)
+    loss_layer.to(make_backend("cpu", "float64"), "float32")
+    assert loss_layer.backend.dtype_name == "float32"
+    error = xpnn.to_numpy(loss_layer.backward(labels))
+    assert error.dtype == np.float32
+    eps32 = float(np.finfo(np.float32).eps)
+    prediction32 = prediction.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(error, -labels / (prediction32 + eps32), rtol=1e-6)

@@ -145,3 +145,13 @@ def test_float32_stays_float32(backend32):
     routed = backend32.ops.max_pool_backward(pooled, pool_cache)
     for array in (output, pooled, routed) + tuple(gradients):
         assert array.dtype == backend32.dtype
+
+
+@pytest.mark.parametrize("offsets", [5, 7])
+def test_accumulate_windows_refuses_windows_of_another_window_size(backend, offsets):
+    # A (2, 3) window has 6 offsets: with 7 the last would be dropped silently, with 5
+    # the loop would fail on an index; both are the caller's mistake, named as such.
+    windows = backend.asarray(np.ones((2, 1, offsets, 2, 2)))
+    with pytest.raises(ValueError, match=rf"windows of shape \(2, 1, {offsets}, 2, 2\) do not "
+                                         r"match window_shape \(2, 3\)"):
+        backend.ops.accumulate_windows(windows, (5, 4), (2, 3), (2, 1), ((0, 0), (0, 0)))

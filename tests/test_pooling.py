@@ -176,3 +176,36 @@ def test_shapes_given_as_integer_arrays(backend, form):
     assert_close(layer.forward(x), xpnn.to_numpy(reference.forward(x)), rtol=0.0)
     error = np.random.default_rng(1).standard_normal(tuple(layer.forward(x).shape))
     assert_close(layer.backward(error), xpnn.to_numpy(reference.backward(error)), rtol=0.0)
+
+
+def test_move_to_another_backend_drops_the_forward_cache():
+    with xpnn.use_backend("cpu"):
+        layer = Pooling((1, 1), (2, 2))
+        layer.forward(np.random.standard_normal((1, 2, 4, 4)))
+    layer.to("array-api-strict")
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones((1, 2, 3, 3)))
+    rng = np.random.default_rng(12)
+    x, error = rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((1, 2, 3, 3))
+    output = layer.forward(x)
+    gradient = layer.backward(error)
+    assert layer.backend.owns(output) and layer.backend.owns(gradient)
+    # overlapping windows sum in another order than the reference: allow rounding
+    assert_close(gradient, ref.max_pool_backward(x, (2, 2), (1, 1), error), rtol=1e-13, atol=1e-15)
+
+
+def test_torch_boolean_arrays_are_refused_as_shapes():
+    torch = pytest.importorskip("torch", reason="PyTorch's boolean scalars pass operator.index")
+    with xpnn.use_backend("cpu"):
+        for flags in (torch.tensor([True, True]), torch.tensor(True)):
+            with pytest.raises(ValueError, match="Pooling: stride_shape"):
+                Pooling(flags, 2)
+            with pytest.raises(ValueError, match="Pooling: pooling_shape"):
+                Pooling(1, flags)
+
+
+def test_an_empty_shape_is_called_empty():
+    with xpnn.use_backend("cpu"), pytest.raises(ValueError) as info:
+        Pooling((), 2)
+    assert str(info.value).startswith("Pooling: stride_shape must be a positive integer or a "
+                                      "non-empty sequence"), str(info.value)

@@ -394,3 +394,21 @@ def test_move_to_another_backend_drops_the_forward_cache():
     normalized = _reference_training(input_tensor, np.ones(4), np.zeros(4))
     assert_close(layer.gradient_weights, (error_tensor * normalized).sum(axis=(0, 2, 3)),
                  rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoint_arrays_keep_the_running_statistics(backend):
+    # A checkpoint saves what a layer lists in state_names: the running statistics must be
+    # among them, or a restored network normalizes with 0 and 1 in testing phase.
+    from types import SimpleNamespace
+
+    from xpnn.checkpoint import network_arrays, restore_network_arrays
+
+    batch = np.random.default_rng(11).standard_normal(IMAGE_SHAPE) * 2.0 + 1.0
+    trained = _layer(backend, IMAGE_SHAPE[1])
+    trained.forward(batch)
+    arrays = network_arrays(SimpleNamespace(layers=[trained]))
+    restored = _layer(backend, IMAGE_SHAPE[1])
+    restore_network_arrays(SimpleNamespace(layers=[restored]), arrays)
+    assert restored.running_mean is not None and backend.owns(restored.running_mean)
+    assert_close(restored.running_mean, batch.mean(axis=(0, 2, 3)), rtol=1e-12, atol=1e-14)
+    assert_close(restored.running_variance, batch.var(axis=(0, 2, 3)), rtol=1e-12)

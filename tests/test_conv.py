@@ -10,7 +10,7 @@ import conv_reference as ref
 from conftest import assert_close, assert_passes_leave_inputs_unchanged, tolerance
 from xpnn.initializers import Constant
 from xpnn.layers.conv import Conv
-from xpnn.optimizers import Sgd
+from xpnn.optimizers import Sgd, SgdWithMomentum
 from xpnn.testing import L2Loss, gradient_check, gradient_check_weights
 
 # (stride_shape, convolution_shape, num_kernels, input shape); gradient checks use them too,
@@ -432,3 +432,19 @@ def test_empty_shapes_are_called_empty(stride_shape, convolution_shape, name):
         Conv(stride_shape, convolution_shape, 1)
     assert str(info.value).startswith(f"Conv: {name} must be a positive integer or a non-empty "
                                       "sequence"), str(info.value)
+
+
+def test_weights_and_bias_keep_their_own_momentum(backend):
+    # The bias gets its own copy of the optimizer: one shared velocity would mix them.
+    layer, x, weights, bias, strides = _layer_and_data("2d")
+    layer.optimizer = SgdWithMomentum(0.1, 0.9)
+    velocity_weights, velocity_bias = np.zeros_like(weights), np.zeros_like(bias)
+    for _ in range(3):
+        error = np.random.standard_normal(tuple(layer.forward(x).shape))
+        layer.backward(error)
+        _, gradient_weights, gradient_bias = ref.conv_backward(x, weights, strides, error)
+        velocity_weights = 0.9 * velocity_weights - 0.1 * gradient_weights
+        velocity_bias = 0.9 * velocity_bias - 0.1 * gradient_bias
+        weights, bias = weights + velocity_weights, bias + velocity_bias
+    assert_close(layer.weights, weights, rtol=1e-12, atol=1e-13)
+    assert_close(layer.bias, bias, rtol=1e-12, atol=1e-13)

@@ -374,3 +374,71 @@ def test_the_driver_probe_answers_by_whether_libcuda_loads(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", refuse)
     assert backend_module._nvidia_driver_present() is False
+
+
+def test_backend_names_ignore_case_and_surrounding_spaces():
+    assert make_backend(" CPU ") is make_backend("cpu")
+    assert make_backend("NumPy\n") is make_backend("cpu")
+    assert make_backend("Array-API-Strict") is make_backend("array-api-strict")
+
+
+def test_a_backend_object_given_a_new_dtype_keeps_its_device():
+    device1 = make_backend("array-api-strict", "float64", "device1")
+    moved = make_backend(device1, "float32")
+    assert moved.dtype_name == "float32" and moved.device_spec == "device1"
+    assert moved.device == device1.device
+    assert make_backend(moved, device="device1") is moved
+
+
+def test_a_backend_made_after_seed_is_seeded_then(monkeypatch):
+    # xpnn.seed seeds the libraries whose backends exist; one made later (here torch, made
+    # afresh: an empty registry) is seeded when it is made, with the same seed.
+    _skip_without("torch")
+    import torch
+    from xpnn import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_CACHE", {})
+    xpnn.seed(5)
+    torch.manual_seed(12345)   # (what the library's generator would hold otherwise)
+    made = make_backend("torch", "float64")
+    drawn = made.to_numpy(made.random_uniform((4,)))
+    torch.manual_seed(5)
+    np.testing.assert_array_equal(drawn, torch.rand((4,), dtype=torch.float64).numpy())
+
+
+def test_asarray_like_moves_an_array_of_the_same_library_to_the_references_device(backend):
+    # Same library and dtype, another device (array-api-strict's device1): moved, not kept.
+    from xpnn.backend import asarray_like
+
+    strict1 = make_backend("array-api-strict", "float64", "device1")
+    strict0 = make_backend("array-api-strict", "float64")
+    source = strict1.asarray(np.array([1.0, -2.0]))
+    reference = strict0.asarray(np.zeros(3))
+    moved = asarray_like(source, reference)
+    assert moved.device == reference.device and strict0.owns(moved)
+    assert_close(moved, [1.0, -2.0], rtol=0)
+    # And onto the backend of the test (NumPy, torch, strict): its library, device and dtype.
+    on_backend = asarray_like(source, backend.asarray(np.zeros(2)))
+    assert backend.owns(on_backend) and on_backend.dtype == backend.dtype
+    assert_close(on_backend, [1.0, -2.0], rtol=0)
+
+
+def test_asarray_of_a_reversed_numpy_view(backend):
+    # A view with negative strides (x[::-1]), which torch.asarray refuses, converts on every backend.
+    from xpnn.backend import asarray_like
+
+    reversed_view = np.arange(4.0)[::-1]
+    assert_close(backend.asarray(reversed_view), [3.0, 2.0, 1.0, 0.0], rtol=0)
+    assert_close(backend.asarray(reversed_view, dtype=backend.dtype), [3.0, 2.0, 1.0, 0.0], rtol=0)
+    reference = backend.asarray(np.zeros(4))
+    assert_close(asarray_like(reversed_view, reference), [3.0, 2.0, 1.0, 0.0], rtol=0)
+
+
+def test_to_numpy_of_a_torch_tensor_that_records_autograd():
+    _skip_without("torch")
+    import torch
+
+    tensor = torch.tensor([1.5, -2.0], dtype=torch.float64, requires_grad=True)
+    host = xpnn.to_numpy(tensor * 2.0)   # (a tensor with history, as a user's loss would be)
+    assert type(host) is np.ndarray
+    np.testing.assert_array_equal(host, [3.0, -4.0])

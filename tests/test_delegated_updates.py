@@ -231,3 +231,59 @@ def test_the_worker_takes_about_half_of_the_work():
     assert delegated_updates.choose(layers[1:2] * 2, [((0, "weights"), layers[1].weights),
                                                       ((1, "weights"), layers[1].weights)], dtype) == [0]
     assert delegated_updates.choose(layers[2:3], [((0, "weights"), layers[2].weights)], dtype) == []
+
+
+class ScaledL2(L2_Regularizer):
+    """An L2 of one's own: its gradient is not alpha * w, so the worker's fused decay is wrong."""
+
+    def calculate_gradient(self, weights):
+        return 3.0 * super().calculate_gradient(weights)
+
+
+class AdamOfOnesOwn(Adam):
+    """Adam with a step of one's own (here: as usual), which the worker does not know."""
+
+
+@pytest.mark.parametrize("change", ["adam subclass", "l2 subclass"])
+def test_subclasses_of_adam_or_l2_are_not_delegated(change):
+    layer = FullyConnected(128, 64)
+    layer.optimizer = AdamOfOnesOwn(1e-3, 0.9, 0.999) if change == "adam subclass" else Adam(1e-3, 0.9, 0.999)
+    if change == "l2 subclass":
+        layer.optimizer.add_regularizer(ScaledL2(1e-3))
+    layer.initialize(He(), Constant(0.1))
+    assert delegated_updates.choose([layer], [((0, "weights"), layer.weights)], layer.weights.dtype) == []
+
+
+def test_a_layer_is_delegated_only_with_all_of_its_parameters():
+    # A convolution's bias is a parameter of its own: handed over without it, the layer stays here.
+    conv = Conv((1, 1), (16, 5, 5), 64)
+    conv.optimizer = Adam(1e-3, 0.9, 0.999)
+    conv.initialize(He(), Constant(0.1))
+    dtype = conv.weights.dtype
+    assert delegated_updates.choose([conv], [((0, "weights"), conv.weights)], dtype) == []
+    assert delegated_updates.choose([conv], [((0, "weights"), conv.weights), ((0, "bias"), conv.bias)],
+                                    dtype) == [0]
+
+
+def test_a_regularizer_changed_after_the_worker_started_is_applied_here(cpu64, monkeypatch):
+    def train(net):
+        net.train(2)
+        for optimizer in (net.layers[5].optimizer, net.layers[5]._bias_optimizer):
+            optimizer.add_regularizer(L1_Regularizer(1e-2))   # not the worker's fused L2
+        net.train(2)
+        return _state(net)
+
+    delegating = train(_net())
+    _without_delegation(monkeypatch)
+    _assert_same_bits(delegating, train(_net()))
+
+
+def test_a_layer_frozen_after_the_worker_started_is_not_stepped(cpu64):
+    net = _net()
+    net.train(2)
+    big = net.layers[5]
+    big.trainable = False
+    weights, step_count = np.array(big.weights, copy=True), big.optimizer.step_count
+    net.train(2)
+    np.testing.assert_array_equal(big.weights, weights)
+    assert big.optimizer.step_count == step_count

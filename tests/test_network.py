@@ -429,6 +429,7 @@ def test_train_without_a_data_layer_says_how_to_set_one():
         net.train(1)
     message = str(info.value)
     assert "no data_layer" in message and "net.data_layer = " in message and "next()" in message
+    assert "or pass batches yourself with net.train_batch(input_tensor, labels)" in message
     assert net.loss == []
 
 
@@ -635,3 +636,87 @@ def test_save_below_a_file_names_the_path_and_the_directory(tmp_path):
         save(str(target), build(Sgd(1e-2)))
     assert f"a part of its directory {blocker} is not a directory" in str(info.value)
     assert info.value.filename == str(target)
+
+
+def test_each_layer_gets_a_deep_copy_of_the_optimizer_state_and_regularizer(backend):
+    # A deep copy (DESIGN.md): an optimizer that already holds state (here a velocity of the
+    # layers' weight shape) and its regularizer are copied per layer, not shared; a shared
+    # velocity would be stepped in place by both layers.
+    optimizer = SgdWithMomentum(5e-3, 0.9)
+    optimizer.add_regularizer(L2_Regularizer(1e-3))
+    optimizer.calculate_update(backend.asarray(np.zeros((5, 5))), backend.asarray(np.ones((5, 5))))
+    net = NeuralNetwork(optimizer, He(), Constant(0.1))
+    first, second = FullyConnected(4, 5), FullyConnected(4, 5)
+    net.append_layer(first)
+    net.append_layer(second)
+    velocities = [net.optimizer.velocity, first.optimizer.velocity, second.optimizer.velocity]
+    assert len({id(velocity) for velocity in velocities}) == 3
+    regularizers = [net.optimizer.regularizer, first.optimizer.regularizer, second.optimizer.regularizer]
+    assert len({id(regularizer) for regularizer in regularizers}) == 3
+    assert_close(first.optimizer.velocity, np.full((5, 5), -5e-3), rtol=1e-15)
+
+
+def test_a_course_style_layer_of_ones_own_sees_whole_batches_where_the_backend_cuts_them(monkeypatch):
+    # A layer without runs_in_pieces may keep state across the batch: the network runs it on the
+    # whole batch, in training and in testing, even where the backend runs xpnn's own layers in
+    # pieces (the NumPy backend with two threads cuts a batch of 2 x 128).
+    class Recording:
+        trainable = False
+
+        def __init__(self):
+            self.sizes = []
+
+        def forward(self, input_tensor):
+            self.sizes.append(input_tensor.shape[0])
+            return input_tensor
+
+        def backward(self, error_tensor):
+            return error_tensor
+
+    from xpnn.ops.numpy_ops import MIN_SAMPLES_PER_THREAD
+
+    batch = 2 * MIN_SAMPLES_PER_THREAD
+    with xpnn.use_backend("cpu", "float64") as cpu64:
+        monkeypatch.setattr(cpu64.ops, "threads", 2)
+        monkeypatch.setattr(cpu64.ops, "processes", 1)
+        assert len(cpu64.ops.training_pieces((batch, 4))) == 2   # (the premise)
+        rng = np.random.default_rng(0)
+        inputs, labels = rng.standard_normal((batch, 4)), np.eye(3)[rng.integers(0, 3, batch)]
+        recording = Recording()
+        net = NeuralNetwork(Sgd(1e-2), He(), Constant(0.1))
+        net.data_layer, net.loss_layer = FixedData(inputs, labels), CrossEntropyLoss()
+        for layer in (FullyConnected(4, 5), recording, ReLU(), FullyConnected(5, 3), SoftMax()):
+            net.append_layer(layer)
+        net.train(1)
+        net.test(inputs)
+    assert recording.sizes == [batch, batch]
+
+
+def test_a_layer_error_is_noted_once_however_often_it_is_noted():
+    from xpnn.network_rules import note_layer
+
+    layers = [ReLU(), FullyConnected(4, 3)]
+    error = ValueError("FullyConnected: expected input of shape (batch, 4), received (2, 5)")
+    error.xpnn_layer_position = 1
+    for _ in range(2):
+        note_layer(error, layers, layers, np.ones((2, 5)))
+    assert str(error) == ("FullyConnected: expected input of shape (batch, 4), received (2, 5); "
+                          "raised in net.layers[1] (FullyConnected) of a network of 2 layers given "
+                          "input of shape (2, 5)")
+
+
+def test_save_keeps_the_dtype_and_leaves_the_last_labels_out(backend32, tmp_path):
+    # A float32 network loads as float32 (not widened to the default float64), and the last
+    # batch's labels (a device array on a GPU data layer) are not model state.
+    net = _trained(2)
+    assert net.label_tensor is not None   # (the premise)
+    path = tmp_path / "model.pkl"
+    save(str(path), net)
+    restored = load(str(path), IrisData())
+    assert restored.label_tensor is None
+    for layer in restored.layers:
+        assert layer.backend.dtype_name == "float32"
+        if layer.trainable:
+            assert backend32.owns(layer.weights) and layer.weights.dtype == backend32.dtype
+            assert layer.optimizer.first_moment.dtype == backend32.dtype
+    restored.train(1)

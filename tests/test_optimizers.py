@@ -360,3 +360,56 @@ def test_a_gradient_with_more_axes_than_the_weights_is_refused():
     with pytest.raises(ValueError) as info:
         Sgd(1.0).calculate_update(np.ones(3), np.ones((1, 3)))  # (would make the weights 2-D)
     assert str(info.value).startswith("Sgd.calculate_update: ") and "(1, 3)" in str(info.value)
+
+
+def test_shape_error_says_how_to_call_calculate_update(backend):
+    # The message carries the fix (the usual cause: weights and gradient swapped, or the
+    # gradient of another parameter), not the shapes alone.
+    weights, gradient = backend.asarray(np.ones((3, 4))), backend.asarray(np.ones((4, 3)))
+    with pytest.raises(ValueError) as info:
+        Sgd(0.1).calculate_update(weights, gradient)
+    assert "pass calculate_update(weights, gradient) of one parameter, in that order" in str(info.value)
+
+
+def test_weights_and_gradient_as_lists_take_the_current_backend_and_its_dtype(backend32):
+    # Lists are made arrays of the current backend in its dtype (here float32), as Python
+    # numbers are: w - 0.5 g with w = W0, g = 1.
+    updated = Sgd(0.5).calculate_update(list(W0), [1.0, 1.0, 1.0])
+    assert backend32.owns(updated) and updated.dtype == backend32.dtype
+    assert_close(updated, np.array(W0) - 0.5, rtol=1e-7)
+
+
+def test_momentum_restarts_its_velocity_for_weights_of_another_shape(backend):
+    # One optimizer stepped on a parameter of another shape (course code reuses one object in
+    # its unit tests): the old velocity cannot apply, the step is that of a fresh optimizer.
+    # SgdWithMomentum(0.1, 0.9): fresh, v = -0.1 g, so w = [1, 2] - 0.1 [1, -1] = [0.9, 2.1].
+    optimizer = SgdWithMomentum(0.1, 0.9)
+    optimizer.calculate_update(backend.asarray(np.array(W0)), backend.asarray(np.array(G1)))
+    updated = optimizer.calculate_update(backend.asarray(np.array([1.0, 2.0])),
+                                         backend.asarray(np.array([1.0, -1.0])))
+    assert_close(updated, [0.9, 2.1], rtol=1e-15)
+    assert tuple(optimizer.velocity.shape) == (2,)
+
+
+def test_adam_makes_new_moments_for_weights_of_another_shape(backend):
+    # As the momentum's velocity: moments of the old shape cannot apply to the new weights.
+    optimizer = Adam(0.1, 0.9, 0.999)
+    optimizer.calculate_update(backend.asarray(np.array(W0)), backend.asarray(np.array(G1)))
+    updated = optimizer.calculate_update(backend.asarray(np.array([1.0, 2.0])),
+                                         backend.asarray(np.array([1.0, -1.0])))
+    assert tuple(updated.shape) == (2,) and np.all(np.isfinite(xpnn.to_numpy(updated)))
+    assert tuple(optimizer.first_moment.shape) == (2,) and tuple(optimizer.second_moment.shape) == (2,)
+    # The moments hold only the new gradient: m = (1 - mu) g, r = (1 - rho) g^2.
+    assert_close(optimizer.first_moment, [0.1, -0.1], rtol=1e-15)
+    assert_close(optimizer.second_moment, [0.001, 0.001], rtol=1e-13)
+
+
+def test_regularizer_norms_of_weights_of_another_backend_than_the_current(backend):
+    # A network moved with net.to() while another backend is current asks for the norms of
+    # weights that are not the current backend's (the generic path, not the current one's).
+    weights = backend.asarray(np.array(W0))
+    other = "array-api-strict" if backend.name == "cpu" else "cpu"
+    with xpnn.use_backend(other, dtype="float64"):
+        # L2: 0.5 * (1 + 4 + 0.25) = 2.625; L1: 0.5 * 3.5 = 1.75 (as in the test above)
+        assert_close(L2_Regularizer(0.5).norm(weights), 2.625, rtol=1e-15)
+        assert_close(L1_Regularizer(0.5).norm(weights), 1.75, rtol=1e-15)

@@ -126,3 +126,14 @@ def test_a_pickled_network_keeps_the_setting_and_older_pickles_get_the_default(t
     older = NeuralNetwork.__new__(NeuralNetwork)
     older.__setstate__(state)
     assert older.pool_before_relu is True
+
+
+class MyPooling(Pooling):
+    """A user's pooling: it may do anything (average, say), so a ReLU before it keeps its place."""
+
+
+def test_run_order_keeps_a_relu_before_a_pooling_of_ones_own():
+    relu, mine, pool = ReLU(), MyPooling(2, 2), Pooling(2, 2)
+    order = run_order([relu, mine, ReLU(), pool])
+    assert _names(order) == ["ReLU", "MyPooling", "Pooling", "ReLU"]
+    assert order[0] is relu and order[1] is mine and order[2] is pool

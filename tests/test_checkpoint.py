@@ -81,3 +81,24 @@ def test_a_float32_checkpoint_loads_as_float32_on_a_float64_backend(tmp_path):
                                                  ("array-api-strict", "device1", "device1")])
 def test_device_label_is_a_short_name_without_spaces(name, device, label):
     assert ckpt.device_label(xpnn.backend.make_backend(name, "float64", device)) == label
+
+
+def test_a_save_that_fails_before_its_renames_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # model.npz is the checkpoint: written to a temporary file and renamed, never in place, so a
+    # crash while saving leaves the previous checkpoint whole.
+    import os
+
+    _saved(tmp_path)
+    before = (tmp_path / ckpt.MODEL_FILE).read_bytes()
+
+    def replace(source, destination):
+        raise OSError("simulated crash before the rename")
+
+    with xpnn.use_backend("cpu", dtype="float64"):
+        net = lenet.build(learning_rate=1e-3)   # other optimizer settings: other bytes
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save_checkpoint(str(tmp_path), net, "lenet", {"learning_rate": 1e-3})
+    monkeypatch.undo()
+    assert (tmp_path / ckpt.MODEL_FILE).read_bytes() == before
+    ckpt.load_model(str(tmp_path))

@@ -60,3 +60,12 @@ def test_the_written_file_gets_the_usual_umask_mode_not_the_private_temporary_on
     target = tmp_path / "metrics.json"
     _files.atomic_write_bytes(str(target), b"[]")
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~_umask()
+
+
+def test_a_missing_directory_is_named_with_how_to_create_it(tmp_path):
+    target = tmp_path / "missing" / "out.bin"
+    with pytest.raises(FileNotFoundError) as info:
+        _files.atomic_write_bytes(str(target), b"x")
+    message = str(info.value)
+    assert f"its directory {tmp_path / 'missing'} does not exist" in message
+    assert f"os.makedirs({str(tmp_path / 'missing')!r})" in message and info.value.filename == str(target)

@@ -587,3 +587,161 @@ def test_images_and_labels_of_another_backend_give_the_batches_of_numpy_copies(b
     np.testing.assert_allclose(xpnn.to_numpy(images_batch)[:, 0], host_images, rtol=1e-12)
     classes = labels[:3] if labels.ndim == 1 else np.argmax(labels[:3], axis=1)
     np.testing.assert_array_equal(xpnn.to_numpy(one_hot), np.eye(10)[classes])
+
+
+# -- more IDX and loader checks (each the one thing a test above leaves open) ----------------
+
+def test_bad_magic_in_the_first_byte(tmp_path):
+    # 01 00 <type 08> <ndim 1>: the second byte is zero, the first is not; still no IDX file.
+    path = write_bytes(tmp_path / "first", bytes([0x01, 0x00, 0x08, 0x01]) + struct.pack(">I", 3)
+                       + b"\x01\x02\x03")
+    expect_idx_error(path, "not an IDX file", "0x01 0x00")
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_data_one_byte_short_is_reported_as_truncated(tmp_path, gz):
+    # 2 x 3 int16 values = 12 data bytes; the file holds 11.
+    payload = idx_bytes(0x0B, (2, 3), bytes(11))
+    expect_idx_error(write_bytes(tmp_path / "short", payload, gz), "truncated", "12 data bytes", "only 11")
+
+
+def test_gzip_with_a_wrong_crc_is_an_idx_error(tmp_path):
+    # Complete gzip data whose CRC-32 (the trailer's first 4 bytes, RFC 1952) does not match:
+    # corrupt, not truncated.
+    compressed = gzip.compress(idx_bytes(0x08, (3,), b"\x01\x02\x03"))
+    broken = compressed[:-8] + bytes([compressed[-8] ^ 0xFF]) + compressed[-7:]
+    path = tmp_path / "crc.gz"
+    path.write_bytes(broken)
+    expect_idx_error(path, "gzip data is truncated or corrupt")
+
+
+def test_read_idx_returns_a_writable_array_of_its_own(tmp_path):
+    # Callers may normalize in place: the array must not be a read-only view of the file's bytes.
+    path = write_bytes(tmp_path / "labels", idx_bytes(0x08, (3,), b"\x07\x00\x09"))
+    labels = read_idx(path)
+    labels[0] = 1
+    labels *= 2
+    np.testing.assert_array_equal(labels, [2, 0, 18])
+    np.testing.assert_array_equal(read_idx(path), [7, 0, 9])
+
+
+def test_write_rejects_a_0d_array(tmp_path):
+    with pytest.raises(ValueError, match="1 to 255 dimensions"):
+        write_idx(tmp_path / "scalar", np.uint8(3))
+    assert not (tmp_path / "scalar").exists()
+
+
+def test_gzipped_idx_files_are_byte_for_byte_reproducible(tmp_path):
+    # The gzip header's MTIME (bytes 4-7, RFC 1952) is 0: the same array gives the same bytes,
+    # so a published file's SHA-256 does not depend on when it was written.
+    write_idx(tmp_path / "a.gz", np.arange(5, dtype=np.uint8))
+    raw = (tmp_path / "a.gz").read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and raw[4:8] == b"\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_load_mnist_format_finds_names_spelled_with_a_dot(tmp_path, gz):
+    # Some copies name the files train-images.idx3-ubyte (a dot before "idx").
+    (tmp_path / "dashed").mkdir()
+    arrays = make_mnist_dir(tmp_path / "dashed", gz=gz)
+    (tmp_path / "dotted").mkdir()
+    suffix = ".gz" if gz else ""
+    for stem in datasets.MNIST_FILES.values():
+        os.rename(tmp_path / "dashed" / (stem + suffix),
+                  tmp_path / "dotted" / (stem.replace("-idx", ".idx") + suffix))
+    assert os.path.exists(tmp_path / "dotted" / ("train-images.idx3-ubyte" + suffix))
+    data = load_mnist_format(tmp_path / "dotted")
+    for role, expected in arrays.items():
+        np.testing.assert_array_equal(getattr(data, role), expected)
+
+
+def test_images_without_rows_and_columns_are_rejected(tmp_path):
+    make_mnist_dir(tmp_path, n_train=4, n_test=2)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((4, 784), dtype=np.uint8))
+    with pytest.raises(IdxError, match=r"train-images-idx3-ubyte.gz: expected uint8 images of shape "
+                                       r"\(n, rows, columns\), got uint8 of shape \(4, 784\)"):
+        load_mnist_format(tmp_path)
+
+
+def test_labels_of_another_type_are_rejected(tmp_path):
+    make_mnist_dir(tmp_path, n_train=4, n_test=2)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 2], dtype=np.int16))
+    with pytest.raises(IdxError, match=r"t10k-labels-idx1-ubyte.gz: expected uint8 labels of shape "
+                                       r"\(n,\), got int16"):
+        load_mnist_format(tmp_path)
+
+
+def test_label_10_is_out_of_range_and_9_is_not(tmp_path):
+    make_mnist_dir(tmp_path, n_test=6)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 3, 9, 9], dtype=np.uint8))
+    np.testing.assert_array_equal(load_mnist_format(tmp_path).test_labels, [0, 1, 2, 3, 9, 9])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 3, 9, 10], dtype=np.uint8))
+    with pytest.raises(IdxError, match=r"label 10 is out of range"):
+        load_mnist_format(tmp_path)
+
+
+def test_a_corrupt_cached_file_is_downloaded_again(file_server, tmp_path):
+    root, url, requests = file_server
+    sums, arrays = publish(root / "m1")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    good = (root / "m1" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (cache / "t10k-images-idx3-ubyte.gz").write_bytes(good[:len(good) // 2])  # a torn earlier copy
+    data = datasets.mnist(cache_dir=str(cache), mirrors=[url + "/m1/"], checksums=sums)
+    np.testing.assert_array_equal(data.test_images, arrays["test_images"])
+    assert (cache / "t10k-images-idx3-ubyte.gz").read_bytes() == good
+    assert "/m1/t10k-images-idx3-ubyte.gz" in requests
+
+
+def test_download_falls_back_when_a_mirror_serves_other_bytes(file_server, tmp_path):
+    root, url, requests = file_server
+    sums, arrays = publish(root / "good")
+    publish(root / "stale", seed=1)  # the same names, other bytes: every checksum fails there
+    cache = tmp_path / "cache"
+    data = datasets.mnist(cache_dir=str(cache), mirrors=[url + "/stale/", url + "/good/"], checksums=sums)
+    np.testing.assert_array_equal(data.train_labels, arrays["train_labels"])
+    assert "/stale/train-images-idx3-ubyte.gz" in requests and "/good/train-images-idx3-ubyte.gz" in requests
+    for name, digest in sums.items():
+        assert hashlib.sha256((cache / name).read_bytes()).hexdigest() == digest
+    assert leftovers(cache) == []
+
+
+def test_default_cache_dir_follows_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("XPNN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert datasets.default_cache_dir() == os.path.join(str(tmp_path / "xdg"), "xpnn")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert datasets.default_cache_dir() == os.path.join(str(tmp_path / "home"), ".cache", "xpnn")
+
+
+def test_a_saved_position_outside_the_epoch_is_refused(backend):
+    layer = DataLayer(indexed_images(20), np.zeros(20, dtype=int), 6, seed=1)
+    for position in (20, -1):
+        state = layer.state_dict()
+        state["position"] = position
+        with pytest.raises(ValueError, match=rf"saved position {position} is outside \[0, 20\)"):
+            layer.load_state_dict(state)
+    assert (layer.epoch, layer.position) == (0, 0)
+
+
+def test_default_seed_differs_with_numpy_global_seed():
+    orders = []
+    for global_seed in (5, 6):
+        np.random.seed(global_seed)
+        layer = DataLayer(indexed_images(20), np.zeros(20, dtype=int), 20)
+        orders.append(batch_indices(layer.next()[0]).tolist())
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(20))
+    assert orders[0] != orders[1], "the default seed must come from NumPy's global generator"
+
+
+def test_one_hot_labels_give_the_same_batches_as_class_indices(backend):
+    labels = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    as_indices = DataLayer(indexed_images(12), labels, 5, seed=2)
+    as_one_hot = DataLayer(indexed_images(12), np.eye(10)[labels].astype(np.uint8), 5, seed=2)
+    for _ in range(3):
+        (images, one_hot), (other_images, other_one_hot) = as_indices.next(), as_one_hot.next()
+        indices = batch_indices(images)
+        np.testing.assert_array_equal(batch_indices(other_images), indices)
+        np.testing.assert_array_equal(xpnn.to_numpy(one_hot), np.eye(10)[labels[indices]])
+        np.testing.assert_array_equal(xpnn.to_numpy(other_one_hot), np.eye(10)[labels[indices]])

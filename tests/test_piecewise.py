@@ -456,3 +456,17 @@ def test_a_shape_error_in_test_pieces_names_the_pieces_size(monkeypatch):
             net.test(np.random.default_rng(0).random((16, 1, 32, 32)))
     assert re.search(r"\(while running \d+ rows of a batch of 16 in parallel pieces\)",
                      str(raised.value)), str(raised.value)
+
+
+@pytest.mark.parametrize("step", ["train_batch", "test"])
+def test_a_shape_error_in_a_batch_not_cut_says_nothing_of_pieces(step):
+    # A batch of 4 is run whole (too small to cut): its shape error's shapes are the batch's
+    # own, and the message must not claim pieces that did not run.
+    with xpnn.use_backend("cpu", dtype="float64"):
+        net = lenet.build()
+        images = np.random.default_rng(0).random((4, 1, 32, 32))
+        run = {"train_batch": lambda: net.train_batch(images, np.eye(10)[[0, 1, 2, 3]]),
+               "test": lambda: net.test(images)}[step]
+        with pytest.raises(ValueError) as raised:
+            run()
+    assert "parallel pieces" not in str(raised.value), str(raised.value)

@@ -354,3 +354,139 @@ def test_a_carried_loss_sum_continues_in_the_backends_dtype():
     assert not isinstance(window.loss, float)
     assert backend.to_numpy(window.loss).dtype == np.float32
     assert float(backend.to_numpy(window.loss)) == float(np.float32(0.1))
+
+
+# -- h. what the training loop itself must get right ------------------------------------------
+
+def test_an_infinite_loss_stops_training_like_nan(tmp_path, monkeypatch, capsys):
+    # The loss check is for NaN *and* infinity (exit status 3); the step's parameters stay finite
+    # here, so only the loss check can stop the run.
+    from xpnn import training
+
+    data = write_mnist_dir(tmp_path / "data")
+    real_step, steps = training.train_step, []
+
+    def infinite_second_loss(*args):
+        loss, correct = real_step(*args)
+        steps.append(1)
+        return (loss + float("inf") if len(steps) == 2 else loss), correct
+
+    monkeypatch.setattr(training, "train_step", infinite_second_loss)
+    out = tmp_path / "run"
+    assert train(data, out, *TINY, "--log-every", "1") == 3
+    err = capsys.readouterr().err
+    assert "the training loss became inf in epoch 1 within steps 2-2" in err, err
+    assert "no checkpoint was written" in err, err
+    assert not (out / ckpt.MODEL_FILE).exists() and not (out / "metrics.json").exists()
+
+
+def test_each_epoch_trains_on_every_training_image_once_in_full_and_short_batches(tmp_path, monkeypatch):
+    # 40 images in batches of 16: every epoch is 16 + 16 + 8 images, each image exactly once,
+    # and the second epoch starts with a batch of its own (nothing taken ahead into it).
+    from xpnn import training
+    from xpnn.datasets import load_mnist_format
+
+    data = write_mnist_dir(tmp_path / "data", n_train=64)
+    train_images = load_mnist_format(data).train_images[:40]
+    index_of = {image.tobytes(): index for index, image in enumerate(train_images)}
+    assert len(index_of) == 40
+    real_step, batches = training.train_step, []
+
+    def recorded(net, images, *rest):
+        host = np.rint(net.backend.to_numpy(images)[:, 0] * 255).astype(np.uint8)
+        batches.append([index_of[image.tobytes()] for image in host])
+        return real_step(net, images, *rest)
+
+    monkeypatch.setattr(training, "train_step", recorded)
+    assert train(data, tmp_path / "run", "--epochs", "2", "--limit-train", "40", "--limit-test", "32",
+                 "--batch-size", "16", "--log-every", "1", "--no-progress") == 0
+    assert [len(batch) for batch in batches] == [16, 16, 8, 16, 16, 8]
+    for epoch in (batches[:3], batches[3:]):
+        assert sorted(index for batch in epoch for index in batch) == list(range(40))
+    assert batches[:3] != batches[3:], "every epoch is reshuffled"
+
+
+def test_the_epochs_train_loss_and_accuracy_are_per_image_over_the_whole_epoch(tmp_path):
+    # With a learning rate of 1e-30 the weights do not move, and without batch norm and dropout a
+    # training step predicts what the saved model predicts: the epoch's train loss must be the
+    # mean cross-entropy -log(p[label]) per image and its accuracy the fraction of arg-max hits,
+    # both over all 64 images of the 4 steps, computed here from the saved model.
+    import json
+
+    import xpnn
+
+    data = write_mnist_dir(tmp_path / "data", n_train=64)
+    out = tmp_path / "run"
+    assert train(data, out, "--limit-train", "64", "--limit-test", "32", "--batch-size", "16",
+                 "--no-batch-norm", "--no-dropout", "--lr", "1e-30", "--dtype", "float64",
+                 "--log-every", "1", "--no-progress") == 0
+    entry = json.loads((out / "metrics.json").read_text())["epochs"][0]
+    from xpnn.datasets import load_mnist_format
+    mnist = load_mnist_format(data)
+    with xpnn.use_backend("cpu", dtype="float64"):
+        net = ckpt.load_model(str(out))
+        prediction = xpnn.to_numpy(net.test(mnist.train_images[:, None, :, :] / 255.0))
+    labels = mnist.train_labels.astype(int)
+    np.testing.assert_allclose(prediction.sum(axis=1), 1.0, rtol=1e-12)
+    expected_loss = np.mean(-np.log(prediction[np.arange(64), labels] + np.finfo(np.float64).eps))
+    expected_accuracy = np.mean(np.argmax(prediction, axis=1) == labels)
+    assert 0 < expected_accuracy < 1   # (else the count could be right by accident)
+    assert entry["train_loss"] == pytest.approx(expected_loss, rel=1e-9)
+    assert entry["train_accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
+    assert entry["images_per_second"] == pytest.approx(64 / entry["seconds"], rel=1e-9)
+
+
+def test_the_documented_defaults_are_the_ones_a_run_uses(data_dir, tmp_path):
+    # --help: 1 epoch, batch 64, lr 5e-4, batch norm and dropout on, keep probability 0.8,
+    # float32, seed 0. A run without those options records them and trains as --seed 0 does.
+    import json
+
+    few = ("--limit-train", "64", "--limit-test", "32", "--no-progress")
+    assert train(data_dir, tmp_path / "defaults", *few) == 0
+    settings = json.loads((tmp_path / "defaults" / "metrics.json").read_text())["settings"]
+    expected = {"epochs": 1, "batch_size": 64, "lr": 5e-4, "batch_norm": True, "dropout": True,
+                "keep_probability": 0.8, "dtype": "float32", "seed": 0}
+    assert {key: settings[key] for key in expected} == expected
+    assert train(data_dir, tmp_path / "seed0", *few, "--seed", "0") == 0
+    assert train(data_dir, tmp_path / "seed1", *few, "--seed", "1") == 0
+    default, seed0, seed1 = (ckpt.read_checkpoint(str(tmp_path / name))[1]
+                             for name in ("defaults", "seed0", "seed1"))
+    for name in default:
+        np.testing.assert_array_equal(default[name], seed0[name], err_msg=name)
+    assert any(not np.array_equal(default[name], seed1[name]) for name in default)
+
+
+@pytest.mark.parametrize("changed, saved", [
+    (("--seed", "1"), "--seed 0"),
+    (("--dtype", "float64"), "--dtype float32"),
+    (("--batch-size", "16"), "--batch-size 32"),
+    (("--no-batch-norm",), "--batch-norm"),
+    (("--limit-train", "32"), "--limit-train 64"),
+    (("--limit-test", "16"), "--limit-test 32"),
+    (("--dataset", "fashion-mnist"), "--dataset mnist"),
+], ids=["seed", "dtype", "batch-size", "batch-norm", "limit-train", "limit-test", "dataset"])
+def test_every_locked_setting_is_refused_on_resume(changed, saved, data_dir, finished_run, tmp_path,
+                                                   capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = file_bytes(out)
+    capsys.readouterr()
+    assert train(data_dir, out, "--resume", "--epochs", "2", "--no-progress", *changed) == 2
+    err = capsys.readouterr().err
+    assert f"{' '.join(changed)} differs from the checkpoint's {saved}" in err, err
+    assert file_bytes(out) == before
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--lr", "inf", "positive finite number"), ("--lr", "nan", "positive finite number"),
+    ("--lr", "0", "positive finite number"), ("--lr", "-0.001", "positive finite number"),
+    ("--epochs", "0", "positive integer"), ("--batch-size", "0", "positive integer"),
+    ("--limit-train", "0", "positive integer"), ("--log-every", "0", "positive integer"),
+    ("--eval-batch-size", "-2", "positive integer"),
+])
+def test_out_of_range_numbers_are_usage_errors(option, value, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([option, value, "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and says in err, err
+    assert not (tmp_path / "run").exists()

@@ -287,3 +287,17 @@ def test_a_layer_frozen_after_the_worker_started_is_not_stepped(cpu64):
     net.train(2)
     np.testing.assert_array_equal(big.weights, weights)
     assert big.optimizer.step_count == step_count
+
+
+def test_weights_a_user_holds_keep_their_values_while_training_goes_on(cpu64):
+    # The course API hands out new weight arrays at each step: an array read from a delegated
+    # layer between steps is the user's, not a view of the shared memory the worker steps in place.
+    net = _net()
+    net.train(2)
+    big = net.layers[5]
+    held_weights, held_bias = big.weights, big.bias
+    weights, bias = np.array(held_weights, copy=True), np.array(held_bias, copy=True)
+    net.train(2)
+    assert not np.array_equal(big.weights, weights)   # (the premise: the layer went on training)
+    np.testing.assert_array_equal(held_weights, weights)
+    np.testing.assert_array_equal(held_bias, bias)

@@ -402,6 +402,9 @@ def test_adam_makes_new_moments_for_weights_of_another_shape(backend):
     # The moments hold only the new gradient: m = (1 - mu) g, r = (1 - rho) g^2.
     assert_close(optimizer.first_moment, [0.1, -0.1], rtol=1e-15)
     assert_close(optimizer.second_moment, [0.001, 0.001], rtol=1e-13)
+    # And the step is a fresh optimizer's (k = 1): m_hat = g, r_hat = g^2, w - 0.1 g / (|g| + eps).
+    assert optimizer.step_count == 1
+    assert_close(updated, [1.0 - 0.1 / (1.0 + 1e-8), 2.0 + 0.1 / (1.0 + 1e-8)], rtol=1e-15)
 
 
 def test_regularizer_norms_of_weights_of_another_backend_than_the_current(backend):

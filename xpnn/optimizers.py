@@ -207,6 +207,9 @@ class Adam(Optimizer):
         # (Integer weights step in floats, as Sgd's do: the moments may not be integers.)
         dtype = None if xp.isdtype(weights.dtype, "real floating") else xp.float64
         if self.first_moment is None or self.first_moment.shape != weights.shape:
+            # Moments of another shape cannot apply: start afresh, step count
+            # included (the bias corrections assume moments that began at zero at k = 1).
+            self.step_count = 0
             self.first_moment = xp.zeros_like(weights, dtype=dtype)
             self.second_moment = xp.zeros_like(weights, dtype=dtype)
             self._scratch = xp.empty_like(weights, dtype=dtype)

@@ -670,3 +670,113 @@ def test_small_weight_gradients_are_one_product_and_large_ones_split():
     # With an input gradient to compute, that runs beside the weight gradient either way.
     assert ops._conv_backward_jobs(first, first.columns_size(64), True, 6) == [None, (0, 28)]
     assert ops._conv_backward_jobs(second, second.columns_size(64), True, 16) == [None, (0, 14)]
+
+
+# -- mutation-audit additions ------------------------------------------------------------
+
+def test_batch_norm_with_given_statistics_ignores_all_sum_like_generic(numpy_pair):
+    """Given statistics win over ``all_sum`` (the generic contract): the output uses them,
+    and the caller's statistics arrays are left as they were."""
+    fast, generic, dtype = numpy_pair
+    x = _random((3, 4, 5, 6), dtype) * 3.0 + 1.5
+    gamma, beta = _random((4,), dtype, 1), _random((4,), dtype, 2)
+    given = (_random((4,), dtype, 4), np.abs(_random((4,), dtype, 5)) + 0.5)
+    copies = [array.copy() for array in given]
+
+    def one_piece(*values):  # all_sum of a batch in a single piece
+        return values
+
+    expected, expected_statistics, _ = generic.batch_norm_forward(
+        x, gamma, beta, 1e-5, (0, 2, 3), given, one_piece)
+    # Independent of both paths: the formula with the given statistics.
+    mean, variance = (array.reshape((1, -1, 1, 1)).astype(np.float64) for array in copies)
+    formula = ((x - mean) / np.sqrt(variance + 1e-5) * gamma.reshape((1, -1, 1, 1)).astype(np.float64)
+               + beta.reshape((1, -1, 1, 1)))
+    np.testing.assert_allclose(expected, formula, rtol=RTOL[dtype], atol=RTOL[dtype])
+    output, statistics, _ = fast.batch_norm_forward(x, gamma, beta, 1e-5, (0, 2, 3), given, one_piece)
+    _close(output, expected, dtype)
+    for actual, reference, array, copy in zip(statistics, expected_statistics, given, copies):
+        _close(actual, reference, dtype)
+        np.testing.assert_array_equal(array, copy)
+
+
+def test_blas_limit_is_set_by_the_first_scope_and_restored_by_the_last(monkeypatch):
+    """Overlapping scopes (as two threads' would be) set BLAS's limit once and restore it
+    once, after the last one ends; then a new scope sets it again."""
+    from xpnn.ops import numpy_settings
+
+    events = []
+
+    class Limiter:
+        def restore_original_limits(self):
+            events.append("restore")
+
+    class Controller:
+        def limit(self, limits):
+            events.append(("limit", limits))
+            return Limiter()
+
+    monkeypatch.setattr(numpy_settings, "blas_controller", lambda: Controller())
+    for _ in range(2):
+        first, second = numpy_settings.blas_on_one_thread(), numpy_settings.blas_on_one_thread()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)     # not nested: the first one ends first
+        assert events[-1] == ("limit", 1)    # the other scope still holds the limit
+        second.__exit__(None, None, None)
+        assert events[-1] == "restore"
+        with numpy_settings.blas_on_one_thread():
+            with numpy_settings.blas_on_one_thread():
+                pass
+            assert events[-1] == ("limit", 1)
+        assert events[-1] == "restore"
+    assert events == [("limit", 1), "restore"] * 4
+
+
+def test_default_threads_follow_the_environment_else_the_cores_at_most_four(monkeypatch):
+    from xpnn.ops import numpy_settings
+
+    monkeypatch.delenv("XPNN_NUM_THREADS", raising=False)
+    monkeypatch.setattr(numpy_settings, "blas_controller", lambda: object())
+    for cores, expected in ((1, 1), (2, 2), (3, 3), (4, 4), (16, 4)):
+        monkeypatch.setattr(numpy_settings.os, "sched_getaffinity",
+                            lambda pid, count=cores: set(range(count)), raising=False)
+        assert numpy_settings.default_threads() == expected, cores
+    monkeypatch.setattr(numpy_settings, "blas_controller", lambda: None)
+    assert numpy_settings.default_threads() == 1  # without threadpoolctl
+    for value, expected in (("3", 3), ("1", 1), ("0", 1), ("-2", 1)):
+        monkeypatch.setenv("XPNN_NUM_THREADS", value)
+        assert numpy_settings.default_threads() == expected, value
+
+
+def test_testing_phase_conv_parts_build_their_columns_in_buffers_of_their_own(monkeypatch):
+    """Each part of the output rows has its own column buffer: with both parts held at their
+    first matrix product until each has built its first block (a fixed interleaving of
+    the two threads), both still give the generic values."""
+    import threading
+    import types
+
+    import xpnn.ops.numpy_conv as numpy_conv
+
+    for dtype in DTYPES:
+        barrier, waited = threading.Barrier(2, timeout=10), threading.local()
+
+        def matmul(*args, **kwargs):
+            if not getattr(waited, "done", False):  # each thread's first product
+                waited.done = True
+                barrier.wait()
+            return np.matmul(*args, **kwargs)
+
+        shim = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np)
+                                        if not name.startswith("__")})
+        shim.matmul = matmul
+        backend = make_backend("cpu", dtype)
+        fast, generic = _SplitAlways(NumpyOps(backend, threads=2)), Ops(backend)
+        x, weights, bias = (_random((2, 3, 6, 5), dtype), _random((4, 3, 3, 3), dtype, 1),
+                            _random((4,), dtype, 2))
+        expected, _ = generic.conv_forward(x, weights, bias, (1, 1))
+        with monkeypatch.context() as patch:
+            patch.setattr(numpy_conv, "BLOCK_BYTES", 1)  # one output row per block
+            patch.setattr(numpy_conv, "np", shim)
+            output, _ = fast.conv_forward(x, weights, bias, (1, 1), need_backward=False)
+        _close(output, expected, dtype)

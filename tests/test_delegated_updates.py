@@ -95,6 +95,23 @@ def _assert_same_bits(mine, theirs):
         np.testing.assert_array_equal(a, b, err_msg=f"entry {index}")
 
 
+def _changed_midway_same_bits_as_without_delegation(monkeypatch, change, check=None):
+    """Train two steps, ``change(net)``, two more, then ``check(net)``; the same again
+    without delegation must give the same bits."""
+    def train():
+        net = _net()
+        net.train(2)
+        change(net)
+        net.train(2)
+        if check is not None:
+            check(net)
+        return net
+
+    delegating = _state(train())
+    _without_delegation(monkeypatch)
+    _assert_same_bits(delegating, _state(train()))
+
+
 def test_the_worker_steps_the_largest_layer_with_the_same_bits(cpu64, monkeypatch, steps_here):
     net = _net()
     net.train(4)
@@ -115,35 +132,31 @@ def test_the_worker_steps_the_largest_layer_with_the_same_bits(cpu64, monkeypatc
 
 
 def test_a_replaced_optimizer_is_stepped_here(cpu64, monkeypatch, steps_here):
-    def train(net):
-        net.train(2)
+    def replace(net):
         replacement = copy.deepcopy(net.layers[5].optimizer)  # same numbers, its own moments
         net.layers[5].optimizer = replacement
         net.layers[5]._bias_optimizer = copy.deepcopy(replacement)
         steps_here.clear()
-        net.train(2)
-        return _state(net)
 
-    delegating = train(_net())
-    assert BIG in steps_here  # no longer the worker's
-    _without_delegation(monkeypatch)
-    _assert_same_bits(delegating, train(_net()))
+    def no_longer_the_workers(net):
+        assert BIG in steps_here
+
+    _changed_midway_same_bits_as_without_delegation(monkeypatch, replace, no_longer_the_workers)
 
 
 def test_a_new_worker_takes_the_moments_over(cpu64, monkeypatch):
     # Another batch shape starts another worker: it moves the moments (then in the old
     # worker's shared memory) into its own, values unchanged.
-    def train(net):
-        net.train(2)
-        first_worker = net._worker
-        net.data_layer = CyclingBatches(net.data_layer.images, net.data_layer.labels, BATCH + 32)
-        net.train(2)
-        assert net._worker is not first_worker
-        return _state(net)
+    first_workers = []
 
-    delegating = train(_net())
-    _without_delegation(monkeypatch)
-    _assert_same_bits(delegating, train(_net()))
+    def another_batch_size(net):
+        first_workers.append(net._worker)
+        net.data_layer = CyclingBatches(net.data_layer.images, net.data_layer.labels, BATCH + 32)
+
+    def another_worker(net):
+        assert net._worker is not first_workers[-1]
+
+    _changed_midway_same_bits_as_without_delegation(monkeypatch, another_batch_size, another_worker)
 
 
 def test_a_delegating_network_pickles_and_copies_with_its_moments(cpu64):
@@ -266,16 +279,11 @@ def test_a_layer_is_delegated_only_with_all_of_its_parameters():
 
 
 def test_a_regularizer_changed_after_the_worker_started_is_applied_here(cpu64, monkeypatch):
-    def train(net):
-        net.train(2)
+    def add_l1(net):
         for optimizer in (net.layers[5].optimizer, net.layers[5]._bias_optimizer):
             optimizer.add_regularizer(L1_Regularizer(1e-2))   # not the worker's fused L2
-        net.train(2)
-        return _state(net)
 
-    delegating = train(_net())
-    _without_delegation(monkeypatch)
-    _assert_same_bits(delegating, train(_net()))
+    _changed_midway_same_bits_as_without_delegation(monkeypatch, add_l1)
 
 
 def test_a_layer_frozen_after_the_worker_started_is_not_stepped(cpu64):

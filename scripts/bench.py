@@ -82,14 +82,11 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument("--settle", type=non_negative_float, default=0.1,
                         help="seconds of quiet before each timed run (not timed): the other framework's "
-                             "idle threads or worker may still spin for a few ms")
+                             "idle threads may still spin for a few ms")
     parser.add_argument("--iterations", type=positive_int, default=30, help="training iterations per round")
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                         help="threads for both: PyTorch's intra-op threads; xpnn's CPU ops (NumpyOps.threads) "
                              "with NumPy's BLAS held to as many")
-    parser.add_argument("--processes", type=int, choices=(1, 2), default=None,
-                        help="xpnn's CPU backend: 2 runs half of each training batch in a worker "
-                             "process (NumpyOps.processes; default: XPNN_PROCESSES, else 2 with 2 threads)")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-child", nargs=3, metavar=("FRAMEWORK", "VARIANT", "BATCH"),
@@ -170,18 +167,13 @@ class CyclingDataLayer:
 class XpnnRunner:
     """The same LeNet built by xpnn.models.lenet.build on the chosen backend."""
 
-    def __init__(self, backend_name, variant, batch_size, images, labels, threads=None, processes=None):
+    def __init__(self, backend_name, variant, batch_size, images, labels, threads=None):
         import xpnn
         from xpnn.models import lenet
 
         self.backend = xpnn.set_backend(backend_name, dtype="float32")
         if threads is not None and hasattr(self.backend.ops, "threads"):
             self.backend.ops.threads = threads  # the CPU backend's own threads, like PyTorch's
-        if hasattr(self.backend.ops, "processes"):  # (its default follows the thread count)
-            from xpnn.ops.numpy_settings import default_processes
-
-            self.backend.ops.processes = default_processes(self.backend.ops.threads) \
-                if processes is None else processes
         options = dict(VARIANTS[variant])
         if options["batch_norm"]:
             options["batch_norm_eps"] = 1e-5
@@ -191,17 +183,14 @@ class XpnnRunner:
         self.test_images = self.backend.asarray(images[:INFERENCE_IMAGES])
 
     def train(self, iterations):
-        """``iterations`` steps as ``xpnn-train`` takes them: ``train_batch``, each given the
-        next batch. The same work as the PyTorch loop: data loss, backward, updates.
+        """``iterations`` steps as ``xpnn-train`` takes them: ``train_batch`` on each batch.
+        The same work as the PyTorch loop: data loss, backward, updates.
         (``NeuralNetwork.train`` also adds every layer's regularization norm to the loss it
         records, each step: on the GPU ~20-36 more kernel launches a step.)"""
         layer = self.net.data_layer
-        batch = layer.next()
         with self.backend.ops.compute_scope():
-            for step in range(iterations):
-                following = layer.next() if step + 1 < iterations else None
-                self.net.train_batch(*batch, following=following)
-                batch = following
+            for _ in range(iterations):
+                self.net.train_batch(*layer.next())
         self.backend.synchronize()
 
     def infer(self):
@@ -241,8 +230,8 @@ def compare(xpnn_runner, torch_runner, rounds, iterations, settle=0.0):
 
     Each timed run starts after ``settle`` seconds: the framework that ran before
     may still keep a core busy for a few milliseconds (PyTorch's OpenMP threads
-    spin after their last parallel region, ~10 ms here; xpnn's worker process
-    polls 5 ms for its next command), and that time belongs to neither.
+    spin after their last parallel region, ~10 ms here), and that time belongs
+    to neither.
     """
     for runner in (xpnn_runner, torch_runner):  # warm-up: allocations, caches, lazy init
         runner.train(3)
@@ -280,7 +269,7 @@ def summarize(rows, batch_size):
 
 # -- memory (one child process per framework) ------------------------------------
 
-def memory_child(framework, variant, batch_size, backend_name, threads, processes=None):
+def memory_child(framework, variant, batch_size, backend_name, threads):
     """Run 20 training steps and print the peak memory in MiB.
 
     On the CPU the process's peak resident memory; on the GPU the peak of the
@@ -298,11 +287,10 @@ def memory_child(framework, variant, batch_size, backend_name, threads, processe
         print(torch.cuda.max_memory_allocated() / 2**20 if gpu else _peak_resident_mib())
         return
     if not gpu:
-        runner = XpnnRunner(backend_name, variant, batch_size, images, labels, threads, processes)
+        runner = XpnnRunner(backend_name, variant, batch_size, images, labels, threads)
         with blas_threads(threads):
             runner.train(20)
-        worker = runner.net._worker  # a worker process's memory counts too (sum of the two peaks)
-        print(_peak_resident_mib() + (_peak_resident_mib(worker.pid) if worker is not None else 0.0))
+        print(_peak_resident_mib())
         return
     import cupy
 
@@ -329,8 +317,8 @@ def _cupy_peak_hook(cupy):
     return PeakHook()
 
 
-def _peak_resident_mib(pid="self"):
-    """This process's (or process ``pid``'s) peak resident memory in MiB.
+def _peak_resident_mib():
+    """This process's peak resident memory in MiB.
 
     Linux: VmHWM of /proc/self/status, the high-water mark of this program's
     own memory. (getrusage's ru_maxrss survives execve, so in a child of the
@@ -338,7 +326,7 @@ def _peak_resident_mib(pid="self"):
     both frameworks: every figure came out the same.)
     """
     try:
-        with open(f"/proc/{pid}/status") as status:
+        with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024.0
@@ -350,8 +338,6 @@ def _peak_resident_mib(pid="self"):
 def peak_memory_mib(framework, variant, batch_size, args):
     command = [sys.executable, os.path.abspath(__file__), "--backend", args.backend,
                "--threads", str(args.threads), "--memory-child", framework, variant, str(batch_size)]
-    if args.processes is not None:
-        command += ["--processes", str(args.processes)]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return float(output.strip().splitlines()[-1])
 
@@ -390,8 +376,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
         framework, variant, batch_size = args.memory_child
-        return memory_child(framework, variant, int(batch_size), args.backend, args.threads,
-                            args.processes)
+        return memory_child(framework, variant, int(batch_size), args.backend, args.threads)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -427,8 +412,7 @@ def measure(args, torch):
         for batch_size in args.batch_sizes:
             torch.manual_seed(0)
             np.random.seed(0)
-            xpnn_runner = XpnnRunner(args.backend, variant, batch_size, images, labels, args.threads,
-                                     args.processes)
+            xpnn_runner = XpnnRunner(args.backend, variant, batch_size, images, labels, args.threads)
             torch_runner = TorchRunner(torch, _torch_device(args.backend), variant, batch_size, images, labels)
             summary = summarize(compare(xpnn_runner, torch_runner, args.rounds, args.iterations,
                                         args.settle), batch_size)
@@ -442,7 +426,6 @@ def measure(args, torch):
 
     results["machine"]["xpnn_threads"] = getattr(xpnn.get_backend().ops, "threads", None)
     results["machine"]["numpy_blas_threads"] = _numpy_blas_threads()
-    results["machine"]["xpnn_processes"] = getattr(xpnn.get_backend().ops, "processes", None)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as stream:

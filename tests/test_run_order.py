@@ -1,7 +1,7 @@
 """A ReLU right before max pooling runs after it (xpnn.network.run_order).
 
 The swap may change the time only: the same bits as the layers in the order
-they were appended, training (in pieces too) and testing, on every backend, for
+they were appended, training and testing, on every backend, for
 inputs without NaN; what a NaN in a pooling window then gives is documented and
 checked here too.
 """
@@ -22,7 +22,7 @@ from xpnn.optimizers import Adam
 from xpnn.regularizers import L2_Regularizer
 from conftest import CyclingBatches
 
-BATCH = 64  # the NumPy backend cuts it in pieces (threads or a worker process)
+BATCH = 64
 
 
 class MyReLU(ReLU):
@@ -98,7 +98,7 @@ def test_pooling_first_trains_and_tests_to_the_same_bits(backend):
 
 def test_the_network_runs_relu_after_pooling_unless_told_not_to(backend):
     net = _net(_images())
-    net.data_layer.batch_size = 4  # one piece: the layers themselves keep their caches
+    net.data_layer.batch_size = 4
     net.train(1)
     assert tuple(net.layers[1]._saved.shape) == (4, 3, 4, 4)  # the pooled values, not (4, 3, 8, 8)
     net.pool_before_relu = False

@@ -7,9 +7,8 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
 from xpnn.network_files import load, save
-from xpnn.network_rules import (NO_DATA_LAYER, NO_LOSS_LAYER, check_layer, note_layer, run_order,
-                                runs_in_pieces)
-from xpnn.piecewise import PiecewisePass, backward_chain, forward_chain, note_piece
+from xpnn.network_rules import (NO_DATA_LAYER, NO_LOSS_LAYER, backward_chain, check_layer,
+                                forward_chain, note_layer, note_piece, run_order, runs_in_pieces)
 
 __all__ = ["NeuralNetwork", "load", "run_order", "save"]
 
@@ -58,21 +57,11 @@ class NeuralNetwork:
         self.pool_before_relu = True
         self._testing_phase = False
         self._order = None  # the layers in the order the last forward ran them
-        self._piecewise = None  # the last training forward's PiecewisePass, if it ran in pieces
-        self._worker = None  # the backend's worker process for passes in processes, once started
-        self._in_train = False  # inside train(): a backward pass follows every forward pass
-        self._ahead = False  # inside train(), and another step follows this one
-        self._next_batch = None  # the next batch, when train() took it early (see backward)
-        self._given_next = None  # the next batch, as train_batch was given it
-        self._started_for_caller = False  # the worker runs ahead on a batch train_batch was given
 
     def __getstate__(self):
-        # A pass in pieces holds replicas and their caches, a worker is a process: not the model.
-        # Nor is the data layer (the course's rule: its data sets hold generators, which do not
+        # Not the data layer (the course's rule: its data sets hold generators, which do not
         # pickle); load(filename, data_layer) sets one. A deep copy keeps it (__deepcopy__).
-        return {**self.__dict__, "_piecewise": None, "_worker": None, "_order": None,
-                "_next_batch": None, "_given_next": None, "_in_train": False, "_ahead": False,
-                "_started_for_caller": False, "data_layer": None}
+        return {**self.__dict__, "_order": None, "data_layer": None}
 
     def __copy__(self):
         twin = object.__new__(type(self))
@@ -86,15 +75,12 @@ class NeuralNetwork:
         return twin
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.__dict__.setdefault("_piecewise", None)  # pickled before passes in pieces existed
-        self.__dict__.setdefault("_worker", None)
+        # (Networks pickled by older versions carry the state of a parallel engine since removed.)
+        obsolete = ("_piecewise", "_worker", "_in_train", "_ahead", "_next_batch", "_given_next",
+                    "_started_for_caller")
+        self.__dict__.update({name: value for name, value in state.items() if name not in obsolete})
         self.__dict__.setdefault("_order", None)
         self.__dict__.setdefault("pool_before_relu", True)
-        self.__dict__.setdefault("_next_batch", None)
-        self.__dict__.setdefault("_given_next", None)
-        for name in ("_in_train", "_ahead", "_started_for_caller"):
-            self.__dict__.setdefault(name, False)
 
     @property
     def phase(self):
@@ -122,52 +108,19 @@ class NeuralNetwork:
         layer.testing_phase = self._testing_phase
         self.layers.append(layer)
 
-    def _run_layers(self, input_tensor, labels=None):
-        """Every layer's forward in turn (in :func:`run_order`); in training, on pieces of the
-        batch where the backend cuts it (``labels``: see :meth:`_labels_ahead`). A layer's
-        ValueError (a shape error) says which layer of the network raised it."""
+    def _run_layers(self, input_tensor):
+        """Every layer's forward in turn (in :func:`run_order`); a layer's ValueError (a shape
+        error) says which layer of the network raised it."""
         try:
-            return self._run_layers_unnoted(input_tensor, labels)
+            return self._run_layers_unnoted(input_tensor)
         except ValueError as error:
             note_layer(error, self.layers, self._order, input_tensor)
             raise
 
-    def _run_layers_unnoted(self, input_tensor, labels=None):
+    def _run_layers_unnoted(self, input_tensor):
         """:meth:`_run_layers` without the note of the layer on an error (see :meth:`test`)."""
         layers = self._order = run_order(self.layers) if self.pool_before_relu else list(self.layers)
-        if not self._testing_phase:  # (testing runs its own pieces, on helper threads: see test)
-            pass_in_pieces = self._piecewise_pass(input_tensor, layers)
-            if pass_in_pieces is not None:
-                # The last pass (its replicas' caches) goes only once this one has run: freed
-                # first, its memory went back to the system and the new arrays paid page faults.
-                tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
-                output = pass_in_pieces.forward(tensor, labels)
-                self._piecewise = pass_in_pieces
-                return output
-            self._piecewise = None
         return forward_chain(layers, input_tensor)
-
-    def _piecewise_pass(self, input_tensor, layers):
-        """A pass over pieces of the batch through ``layers`` (in run order) when the backend
-        cuts this batch (in processes, else on threads: :class:`~xpnn.piecewise.PiecewisePass`),
-        else None."""
-        shape = getattr(input_tensor, "shape", None)
-        if not shape or not layers or not all(runs_in_pieces(layer) for layer in layers):
-            return None
-        ahead_input = None if self._worker is None else self._worker.ahead_input
-        if ahead_input is not None and (ahead_input is not input_tensor or (
-                self._started_for_caller and not self._worker.ahead_matches(
-                    input_tensor, self._labels_ahead(), layers))):
-            # It runs ahead on a batch this pass is not for, or (started by train_batch, whose
-            # caller may have changed the network since) with settings or parameters gone stale.
-            self._worker.close()
-            self._worker = None
-        ops = self.backend.ops
-        pass_in_processes, self._worker = ops.process_pass(layers, tuple(shape), self._worker)
-        if pass_in_processes is not None:
-            return pass_in_processes
-        pieces = ops.training_pieces(tuple(shape))
-        return PiecewisePass(layers, pieces) if len(pieces) > 1 else None
 
     def regularization_loss(self):
         """Sum of ``regularizer.norm(weights)`` over trainable layers (0 without one)."""
@@ -180,40 +133,13 @@ class NeuralNetwork:
 
     def forward(self):
         """Pull the next batch, run every layer and the loss; return data + regularization loss."""
-        if self.loss_layer is None:  # (before the batch taken early is used up)
+        if self.loss_layer is None:
             raise RuntimeError(NO_LOSS_LAYER.format("forward"))
-        batch, self._next_batch = self._next_batch, None
-        if isinstance(batch, _FailedBatch):
-            raise batch.error  # where it would have been raised had it not been taken early
-        if batch is None and self.data_layer is None:
+        if self.data_layer is None:
             raise RuntimeError(NO_DATA_LAYER)
-        input_tensor, self.label_tensor = batch if batch is not None else self.data_layer.next()
-        prediction = self._run_layers(input_tensor, self._labels_ahead())
+        input_tensor, self.label_tensor = self.data_layer.next()
+        prediction = self._run_layers(input_tensor)
         return self.loss_layer.forward(prediction, self.label_tensor) + self.regularization_loss()
-
-    def _labels_ahead(self):
-        """The labels, for a pass in pieces to start each piece's backward pass by itself:
-        inside :meth:`train` with a plain SoftMax last and a plain CrossEntropyLoss (the
-        fused gradient of a row is that row's alone); else None."""
-        if (self._in_train and self.layers and type(self.layers[-1]) is SoftMax
-                and type(self.loss_layer) is CrossEntropyLoss):
-            return self.label_tensor
-        return None
-
-    def _following(self):
-        """Inside :meth:`train`, when another step follows and the pass can start on it
-        while this one updates the parameters: the next batch, taken now (the next
-        :meth:`forward` uses it); else None."""
-        if not (self._ahead and self._piecewise.runs_ahead):
-            return None
-        if self._given_next is not None:  # (train_batch's)
-            return self._given_next
-        try:
-            self._next_batch = self.data_layer.next()
-        except Exception as error:  # raised by the next forward, as without taking it early
-            self._next_batch = _FailedBatch(error)
-            return None
-        return self._next_batch
 
     def backward(self):
         """Propagate the loss gradient down through every layer (updating parameters)."""
@@ -231,74 +157,43 @@ class NeuralNetwork:
             layers = layers[:-1]
         else:
             error_tensor = self.loss_layer.backward(self.label_tensor)
-        if self._piecewise is not None:
-            self._piecewise.backward(error_tensor, len(layers), self._following())
-        else:
-            backward_chain(layers, error_tensor)
+        backward_chain(layers, error_tensor)
 
     def _softmax_feeds_cross_entropy(self):
         """True when the last forward ran a plain SoftMax straight into a plain CrossEntropyLoss."""
         last = self.layers[-1] if self.layers else None
         if last is None or getattr(type(last), "backward", None) is not SoftMax.backward:
             return False
-        prediction = last._saved if self._piecewise is None else self._piecewise.output
+        prediction = last._saved
         return (type(self.loss_layer).backward is CrossEntropyLoss.backward
                 and prediction is not None and prediction is self.loss_layer.prediction_tensor)
 
     def train(self, iterations):
-        """Run ``iterations`` forward/backward passes in training phase, recording the loss.
-
-        The data layer's ``next()`` is called once per iteration; a pass in a
-        worker process (the NumPy backend on 2 cores) takes the next batch
-        already during the backward pass, before the parameters are updated,
-        and starts on it meanwhile.
-        """
+        """Run ``iterations`` forward/backward passes in training phase, recording the loss
+        (data loss plus regularization loss, one entry per iteration)."""
         self.phase = False
-        self._started_for_caller = False  # (its next batch comes from the data layer)
-        count = int(iterations)
         with self.backend.ops.compute_scope():
-            try:
-                for step in range(count):
-                    self._in_train, self._ahead = True, step + 1 < count
-                    self.loss.append(self.forward())
-                    self.backward()
-            finally:
-                self._in_train = self._ahead = False
+            for _ in range(int(iterations)):
+                self.loss.append(self.forward())
+                self.backward()
 
-    def train_batch(self, input_tensor, label_tensor, following=None):
+    def train_batch(self, input_tensor, label_tensor):
         """One training step on a batch of your own; returns ``(data loss, prediction)``.
 
         What an iteration of :meth:`train` does, for a loop that takes its
         batches itself (``xpnn-train``'s): the forward pass in training phase,
         the loss, the backward pass and the updates. The regularization loss
         is left out (it does not change the update: the optimizers apply its
-        gradient). ``following``: the next batch ``(input, labels)`` when another
-        step follows, to be passed to the next call as its batch (the same
-        objects): a pass in a worker process starts on it while this one
-        updates the parameters, as inside :meth:`train`. Changed in between
-        (other labels, a layer's setting, a parameter array replaced), the
-        next call drops that start and runs its batch afresh; a parameter
-        changed in place (``layer.weights[...] = ...``) is not seen, so do
-        that without ``following``.
+        gradient).
         """
         if self.loss_layer is None:  # (before any state of the step is set)
             raise RuntimeError(NO_LOSS_LAYER.format("train_batch"))
         if self._testing_phase:  # (e.g. after test(): train() sets the training phase too)
             self.phase = False
-        self._in_train, self._ahead, self._given_next = True, following is not None, following
-        try:
-            self.label_tensor = label_tensor
-            prediction = self._run_layers(input_tensor, self._labels_ahead())
-            self._started_for_caller = False
-            loss = self.loss_layer.forward(prediction, label_tensor)
-            self.backward()
-            if following is not None and self._worker is not None and self._worker.ahead_input is not None:
-                # Checked against the next call's network (see _piecewise_pass).
-                self._worker.note_parameters(self._order or self.layers)
-                self._started_for_caller = True
-        finally:
-            self._in_train = self._ahead = False
-            self._given_next = None
+        self.label_tensor = label_tensor
+        prediction = self._run_layers(input_tensor)
+        loss = self.loss_layer.forward(prediction, label_tensor)
+        self.backward()
         return loss, prediction
 
     def test(self, input_tensor):
@@ -325,7 +220,7 @@ class NeuralNetwork:
         try:
             return self._run_layers_unnoted(piece)
         except ValueError as error:
-            note_piece(error, (None, piece.shape[0]), batch_size)
+            note_piece(error, piece.shape[0], batch_size)
             raise
 
     def to(self, backend, dtype=None):
@@ -337,9 +232,6 @@ class NeuralNetwork:
         if not isinstance(backend, Backend) and dtype is None:
             dtype = self.backend.dtype_name
         target = make_backend(backend, dtype)
-        if self._worker is not None:  # its copies hold the old backend's arrays
-            self._worker.close()
-            self._worker = None
         for layer in self.layers:
             if hasattr(layer, "to"):  # (a layer of your own without one keeps its arrays)
                 layer.to(target)
@@ -360,9 +252,3 @@ class NeuralNetwork:
                 return backend
         return get_backend()
 
-
-class _FailedBatch:
-    """The data layer's failure to give the batch that :meth:`NeuralNetwork.train` took early."""
-
-    def __init__(self, error):
-        self.error = error

@@ -61,7 +61,7 @@ def run_order(layers):
 
 def note_layer(error, layers, order, input_tensor):
     """Append to a ValueError's message which of ``layers`` raised it (recorded by
-    :func:`~xpnn.piecewise.note_layer_position` in ``order``, the last pass's run order) and the
+    :func:`note_layer_position` in ``order``, the last pass's run order) and the
     shape of the network's input ``input_tensor``; once; only on the error path."""
     position = getattr(error, "xpnn_layer_position", None)
     if (position is None or getattr(error, "xpnn_layer_noted", False) or not error.args
@@ -85,6 +85,64 @@ def note_layer(error, layers, order, input_tensor):
 
 
 def runs_in_pieces(layer):
-    """Whether ``layer`` may run on pieces of a batch (:mod:`xpnn.piecewise`): xpnn's layers say
-    so themselves; a course-style layer of your own, without the attribute, runs whole."""
+    """Whether ``layer`` may run on pieces of a batch at once in testing phase
+    (:meth:`xpnn.NeuralNetwork.test`): xpnn's layers say so themselves; a course-style layer of
+    your own, without the attribute, runs whole."""
     return getattr(layer, "runs_in_pieces", False)
+
+
+def forward_chain(layers, tensor):
+    """Every layer's ``forward`` in turn on ``tensor``; a ValueError records which position
+    raised it (:func:`note_layer_position`)."""
+    position = None
+    try:
+        for position, layer in enumerate(layers):
+            tensor = layer.forward(tensor)
+    except ValueError as error:
+        note_layer_position(error, position)
+        raise
+    return tensor
+
+
+def backward_chain(layers, error_tensor):
+    """Send ``error_tensor`` back down through ``layers`` (last first).
+
+    Nothing below the first layer needs its input gradient, so it runs with
+    ``skip_input_gradient`` set and may skip that work.
+    """
+    for layer in reversed(layers[1:]):
+        error_tensor = layer.backward(error_tensor)
+    if layers:
+        first = layers[0]
+        first.skip_input_gradient = True
+        try:
+            first.backward(error_tensor)
+        finally:
+            first.skip_input_gradient = False
+
+
+def note_layer_position(error, position):
+    """Record on a ValueError the ``position`` (in the list the pass ran: the run order) of the
+    layer whose forward raised it, for :func:`note_layer` to name the layer. Called only on the
+    error path; the first record stays. Returns ``error``."""
+    if isinstance(error, ValueError) and getattr(error, "xpnn_layer_position", None) is None:
+        error.xpnn_layer_position = position
+    return error
+
+
+def note_piece(error, rows, batch_size):
+    """Say in a ValueError's message that it came from a piece of ``rows`` of a batch of ``batch_size``.
+
+    :meth:`xpnn.NeuralNetwork.test` may run pieces of a large batch at once; a
+    layer's shape error names the shape it received, whose first entry is then
+    its piece's rows, not the batch's (a batch of 512 wrong-size images read
+    "received (256, 576)"). The note is appended to the same exception
+    object's message once; other exceptions, and a piece that is the whole
+    batch, are left as they are. Returns ``error``.
+    """
+    if (isinstance(error, ValueError) and rows != batch_size and error.args
+            and isinstance(error.args[0], str) and not getattr(error, "xpnn_piece_noted", False)):
+        error.args = (f"{error.args[0]} (while running {rows} rows of a batch of {batch_size} "
+                      f"in parallel pieces)", *error.args[1:])
+        error.xpnn_piece_noted = True
+    return error

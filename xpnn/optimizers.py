@@ -199,9 +199,7 @@ class Adam(Optimizer):
         All of a step but the array work: the moments made (zeros) if missing,
         the step count advanced, the bias corrections computed. ``moments`` is
         ``(first_moment, second_moment, scratch)``; ``hyper`` the arguments
-        after them, ``decay`` an L2 regularizer's alpha (0: none). The NumPy
-        backend's worker process runs the array work of some layers' steps on
-        these very moments (see :mod:`xpnn.ops.delegated_updates`).
+        after them, ``decay`` an L2 regularizer's alpha (0: none).
         """
         xp = namespace(weights)
         # (Integer weights step in floats, as Sgd's do: the moments may not be integers.)

@@ -33,15 +33,14 @@ def count_correct(prediction, one_hot):
     return xp.sum(xp.astype(hits, xp.int64))
 
 
-def train_step(net, images, one_hot, following=None):
+def train_step(net, images, one_hot):
     """One forward/backward/update step; returns (summed data loss, correct count), both on the device.
 
     :meth:`xpnn.NeuralNetwork.train_batch`: unlike ``NeuralNetwork.forward``
     it keeps the prediction at hand for the running accuracy and skips the
-    regularization loss. ``following``: the next step's ``(images, one_hot)``
-    (see ``train_batch``).
+    regularization loss.
     """
-    loss, prediction = net.train_batch(images, one_hot, following)
+    loss, prediction = net.train_batch(images, one_hot)
     return loss, count_correct(prediction, one_hot)
 
 
@@ -255,14 +254,9 @@ class Run:
             # One compute scope for the epoch, as NeuralNetwork.train has: on the CPU, BLAS
             # then stays on one thread beside xpnn's own (15-19 % faster per step here).
             with self.backend.ops.compute_scope():
-                batch = self.train_layer.next() if progress.steps < total else None
                 while progress.steps < total:
-                    images, one_hot = batch
-                    # The next batch is taken before this step (the step may start on it, see
-                    # train_batch); where the data layer stood is kept for a stop after it.
-                    before_next = self.train_layer.state_dict()
-                    batch = self.train_layer.next() if progress.steps + 1 < total else None
-                    loss, correct = train_step(self.net, images, one_hot, batch)
+                    images, one_hot = self.train_layer.next()
+                    loss, correct = train_step(self.net, images, one_hot)
                     window.add(loss, correct, int(images.shape[0]))
                     progress.steps += 1
                     bar.update(1)
@@ -270,8 +264,7 @@ class Run:
                         self._pull(window, progress, epoch)
                         self._postfix(bar, progress, started)
                     if self.stop.requested and progress.steps < total:
-                        self.train_layer.load_state_dict(before_next)  # (resumes with that batch)
-                        raise StopRequested
+                        raise StopRequested  # (the data layer stands at the next batch: resumes there)
             self.backend.synchronize()
         finally:
             progress.seconds += time.perf_counter() - started

@@ -1,7 +1,5 @@
 """The layer protocol shared by every layer (course-compatible)."""
 import copy
-import functools
-import operator
 
 from array_api_compat import is_array_api_obj
 
@@ -17,10 +15,8 @@ class BaseLayer:
         True for layers with parameters that an optimizer updates. Setting it
         to False on such a layer freezes it: ``backward`` still returns the
         error for the layer below, but no optimizer step changes its
-        parameters, even with an optimizer set, whether the batch runs in one
-        piece or in pieces (threads, a worker process); the network leaves it
-        out of the regularization loss. (Its ``gradient_*`` attributes are set
-        by a pass in one piece, not by a pass in pieces.)
+        parameters, even with an optimizer set; the network leaves it out of
+        the regularization loss.
     testing_phase : bool
         False while training; True switches layers such as Dropout and
         BatchNormalization to their inference behaviour.
@@ -35,15 +31,12 @@ class BaseLayer:
     #: duration of that layer's ``backward`` (nothing below it needs the
     #: gradient); a layer used on its own always computes it.
     skip_input_gradient = False
-    #: True for a layer that may run on pieces of a training batch at the same time,
-    #: each piece through its own :meth:`replica` (see :mod:`xpnn.piecewise`): it treats
-    #: every sample on its own, or (batch norm, dropout) acts for the whole batch
-    #: through its replica's ``piece``. False (the safe default, e.g. for a user's own
-    #: layer) keeps the whole network on one piece.
+    #: True for a layer whose testing-phase ``forward`` treats every sample on its own
+    #: and may run on two pieces of a batch at the same time (two threads): then
+    #: :meth:`xpnn.NeuralNetwork.test` lets the backend cut a large batch
+    #: (``ops.map_samples``). False (the safe default, e.g. for a user's own layer)
+    #: keeps the whole network on the whole batch.
     runs_in_pieces = False
-    #: A replica's :class:`xpnn.piecewise.PieceSlot` while it runs one piece of a
-    #: batch cut into pieces (layers that couple samples use it); None otherwise.
-    piece = None
 
     def __init__(self):
         self.trainable = False
@@ -86,18 +79,6 @@ class BaseLayer:
             if optimizer is not None:
                 optimizer.to(target)
         return self
-
-    def replica(self):
-        """A shallow copy that runs one piece of a batch: it shares this layer's
-        parameters and settings but keeps its own forward cache."""
-        # The instance dict copied directly: copy.copy costs 5x more, on every training step.
-        twin = object.__new__(type(self))
-        twin.__dict__.update(self.__dict__)
-        return twin
-
-    def take_forward_state(self, replicas):
-        """After a training forward pass in pieces: keep what the replicas' forward
-        passes changed that outlives the pass (nothing here)."""
 
     def forward(self, input_tensor):
         raise NotImplementedError
@@ -142,8 +123,6 @@ class TrainableLayer(BaseLayer):
     """
 
     state_names = ("weights", "bias", "gradient_weights", "gradient_bias")
-    #: The gradients ``backward`` sets, summed over replicas by :meth:`take_gradients`.
-    gradient_names = ("gradient_weights", "gradient_bias")
     # Class-level defaults rather than assignments in __init__, so that a
     # subclass may expose a gradient as a read-only property
     # (FullyConnected's gradient_bias is a row of gradient_weights).
@@ -206,29 +185,9 @@ class TrainableLayer(BaseLayer):
         self._optimizer = value
         self._bias_optimizer = None if value is None else copy.deepcopy(value)
 
-    def replica(self):
-        """Like :meth:`BaseLayer.replica`, without optimizers: its backward only sets gradients."""
-        twin = super().replica()
-        twin._optimizer = twin._bias_optimizer = None
-        return twin
-
-    def take_gradients(self, replicas):
-        """Set this layer's gradients to the sum of its replicas' and apply the optimizer once.
-
-        The loss is a sum over samples, so the gradient of a whole batch is
-        the sum of its pieces' gradients.
-        """
-        self.sum_gradients(replicas)
-        self._update_parameters()
-
-    def sum_gradients(self, replicas):
-        """Set this layer's gradients to the sum of its replicas' (in their order); no update."""
-        for name in self.gradient_names:
-            setattr(self, name, functools.reduce(operator.add, (getattr(twin, name) for twin in replicas)))
-
     def _update_parameters(self):
         """Apply the optimizer (if set) to weights and bias after a backward pass; a frozen
-        layer (``trainable`` False) keeps its parameters, as in a pass in pieces."""
+        layer (``trainable`` False) keeps its parameters."""
         if self._optimizer is None or not self.trainable:
             return
         self._weights = self._optimizer.calculate_update(self._weights, self.gradient_weights)

@@ -41,7 +41,7 @@ class BatchNormalization(TrainableLayer):
 
     #: Weight of the old running statistics in the moving average.
     decay = 0.8
-    #: A replica sums its statistics over the pieces of the batch (see ``piece``).
+    #: Testing phase uses the running statistics: each sample on its own.
     runs_in_pieces = True
     state_names = TrainableLayer.state_names + ("running_mean", "running_variance")
 
@@ -121,8 +121,7 @@ class BatchNormalization(TrainableLayer):
         self._check_input(input_tensor, "input")
         axes = self._statistics_axes(input_tensor)
         given = self._inference_statistics() if self.testing_phase else None
-        # One piece of a batch (a replica): the statistics are summed over every piece.
-        all_sum = self.piece.all_sum if self.piece is not None and given is None else None
+        all_sum = None if self.testing_phase else self.statistics_sum()
         # The array work lives in backend.ops (NumPy has a faster one for images).
         output, (mean, variance), self._cache = self.backend.ops.batch_norm_forward(
             input_tensor, self._weights, self._bias, self.eps, axes, given, all_sum)
@@ -139,10 +138,15 @@ class BatchNormalization(TrainableLayer):
             self.running_mean, self.running_variance = self.backend.ops.batch_norm_running_statistics(
                 self.running_mean, self.running_variance, mean, variance, self.decay)
 
-    def take_forward_state(self, replicas):
-        """Keep the running statistics the replicas updated (the same in every one)."""
-        self.running_mean = replicas[0].running_mean
-        self.running_variance = replicas[0].running_variance
+    def statistics_sum(self):
+        """How training sums the statistics over the batch: None, this process holds the whole batch.
+
+        A subclass for a batch spread over several processes returns a function
+        ``all_sum(*values) -> tuple`` that sums each value over every process's
+        rows (see :func:`xpnn.ops.batch_norm.batch_norm_forward`); the forward
+        pass and its backward then use the whole batch's statistics.
+        """
+        return None
 
     def _inference_statistics(self):
         if self.running_mean is not None:

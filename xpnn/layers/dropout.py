@@ -28,7 +28,7 @@ class Dropout(BaseLayer):
     """
 
     state_names = ("mask", "_scale")
-    runs_in_pieces = True  # a replica draws its rows of the whole batch's mask (see ``piece``)
+    runs_in_pieces = True  # (the identity in testing phase)
 
     def __init__(self, probability):
         super().__init__()
@@ -46,15 +46,18 @@ class Dropout(BaseLayer):
         self._testing_forward = self.testing_phase
         if self.testing_phase:
             return input_tensor
-        if self.piece is None:
-            draws = self.backend.random_uniform(input_tensor.shape)
-        else:  # one piece of a batch: its rows of one draw for the whole batch
-            shape = (self.piece.batch_size,) + tuple(input_tensor.shape[1:])
-            first, last = self.piece.bounds
-            draws = self.piece.shared("draws", lambda: self.backend.random_uniform(shape))[first:last, ...]
+        draws = self.draw_uniform(tuple(input_tensor.shape))
         output, self.mask, self._scale = self.backend.ops.dropout_forward(
             input_tensor, draws, self.probability)
         return output
+
+    def draw_uniform(self, shape):
+        """Uniform draws on [0, 1) of ``shape`` for the mask, from the backend's generator.
+
+        A subclass for a batch spread over several processes draws the whole
+        batch's mask (the same on every process) and returns its own rows.
+        """
+        return self.backend.random_uniform(shape)
 
     def backward(self, error_tensor):
         """Route the error through the units kept in the last forward pass, with the same scaling."""

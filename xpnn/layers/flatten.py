@@ -11,7 +11,7 @@ class Flatten(BaseLayer):
     ----------
     input_shape : tuple or None
         Shape of the last forward input, used by ``backward`` (read-only: a
-        cache, not a setting, for a worker process's copies of the layer).
+        cache, not a setting).
     """
 
     runs_in_pieces = True

@@ -35,7 +35,6 @@ class FullyConnected(TrainableLayer):
     """
 
     runs_in_pieces = True
-    gradient_names = ("gradient_weights",)  # gradient_bias is a row of it
 
     # bias and gradient_bias are views of rows of these; moving them is enough.
     state_names = ("weights", "gradient_weights")

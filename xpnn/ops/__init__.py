@@ -30,8 +30,10 @@ class Ops:
     def compute_scope(self):
         """Context manager around a whole training or inference pass of a network.
 
-        A backend may set up its threading there once instead of per operation;
-        the generic one does nothing.
+        A backend sets up there, once for the pass, what its operations rely on
+        (the CPU backend keeps BLAS to one thread beside its own threads; the
+        GPU backend makes its device CuPy's current one); the generic one does
+        nothing.
         """
         return contextlib.nullcontext()
 
@@ -45,35 +47,6 @@ class Ops:
         call from two threads at once.
         """
         return function(x)
-
-    def training_pieces(self, shape):
-        """``(start, stop)`` pieces along axis 0 that a training input of ``shape`` is cut into.
-
-        See :mod:`xpnn.piecewise`; one piece means: run it whole. The generic
-        one never cuts.
-        """
-        return [(0, shape[0])]
-
-    def process_pass(self, layers, shape, worker):
-        """A training pass of ``layers`` over a batch of ``shape`` with pieces in worker processes.
-
-        Returns ``(pass, worker)``: the pass (``forward``, ``backward``, ``output``
-        as :class:`xpnn.piecewise.PiecewisePass`) or None, and the worker to keep
-        for the next call (``worker`` is the last one; it has ``close()``). The
-        generic one: ``(None, worker)``, never a process.
-        """
-        return None, worker
-
-    def run_pieces(self, task, count):
-        """``[task(index) for index in range(count)]``; a backend may run them at the same time.
-
-        ``task`` must be safe to call from two threads at once.
-        """
-        return [task(index) for index in range(count)]
-
-    def join_samples(self, pieces):
-        """The arrays ``pieces`` joined along axis 0 (the samples)."""
-        return self.xp.concat(list(pieces), axis=0)
 
     # -- sliding windows (shared by convolution and pooling) -------------------
     def extract_windows(self, x, window_shape, strides, padding):

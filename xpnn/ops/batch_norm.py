@@ -27,10 +27,12 @@ def batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None, all_sum=N
         Use these (testing phase); by default the batch's own (biased)
         statistics are computed (training).
     all_sum : callable, optional
-        For ``x`` one piece of a batch whose other pieces are normalized at
-        the same time (:mod:`xpnn.piecewise`): ``all_sum(*values)`` returns each
-        value summed over every piece, so that the statistics (and, in
-        backward, the gradient's means) are those of the whole batch.
+        For ``x`` the rows one process holds of a batch spread over several
+        (:meth:`xpnn.layers.BatchNormalization.statistics_sum`):
+        ``all_sum(*values)`` returns a tuple of each value summed over every
+        process (the values are arrays, and the count of values a channel's
+        statistics run over as a Python int, first), so that the statistics
+        (and, in backward, the gradient's means) are those of the whole batch.
 
     Returns
     -------

@@ -20,7 +20,7 @@ Every result equals the generic method's (:class:`xpnn.ops.Ops`) bit for bit
 where the same operations run in the same order (windows, pooling, ReLU,
 dropout) and to rounding elsewhere (the compiler may fuse a multiply and an add);
 ``tests/test_cupy_ops.py`` compares each with the generic path. Other shapes
-(one or three spatial axes) and the piecewise batch-norm sums fall back to the
+(one or three spatial axes) and batch-norm sums over several processes fall back to the
 generic methods.
 """
 import math
@@ -127,7 +127,7 @@ class CupyOps(Ops):
 
     # -- batch normalization ---------------------------------------------------
     def batch_norm_forward(self, x, gamma, beta, eps, axes, statistics=None, all_sum=None):
-        if all_sum is not None:  # one piece of a batch: the generic sums over pieces
+        if all_sum is not None:  # a batch spread over processes: the generic sums over them
             return super().batch_norm_forward(x, gamma, beta, eps, axes, statistics, all_sum)
         axes = tuple(axes)
         channels = x.shape[1]

@@ -15,7 +15,7 @@ from xpnn.ops.numpy_columns import (
     batch_outermost,
     channel_index,
     normalize_channels,
-    normalize_piece,
+    normalize_with_all_sum,
     pool_quarters,
     row_dots,
     same_width_integer)
@@ -97,7 +97,7 @@ class ChannelPaths:
         rows = inputs.reshape((inputs.shape[0], -1))
         state = NormState(rows, statistics)
         if all_sum is not None and statistics is None:
-            normalize_piece(state, rows, gamma, beta, eps, all_sum)
+            normalize_with_all_sum(state, rows, gamma, beta, eps, all_sum)
         else:
             def channels(part):
                 normalize_channels(state, rows, gamma, beta, eps, slice(*part))
@@ -118,11 +118,11 @@ class ChannelPaths:
         gradient = np.empty_like(rows)
         gradient_gamma = np.empty(rows.shape[0], dtype=rows.dtype)
         gradient_beta = np.empty(rows.shape[0], dtype=rows.dtype)
-        totals = None  # the whole batch's (count, Σ e x̂, Σ e) when this is one piece of it
+        totals = None  # the whole batch's (count, Σ e x̂, Σ e) when this process holds part of it
 
         def channels(part):
             c = slice(*part)
-            if totals is None:  # (else computed below, before the sums over the pieces)
+            if totals is None:  # (else computed below, before the sums over the processes)
                 gradient_beta[c] = rows[c].sum(axis=1)
                 gradient_gamma[c] = row_dots(rows[c], normalized[c])
             scale = (gamma[c] * inverse_std[c])[:, None]
@@ -138,7 +138,7 @@ class ChannelPaths:
 
         if all_sum is None:
             self._parallel(channels, self._parts(rows.shape[0], rows.size))
-        else:  # the sums of every piece first (this runs on one of the pieces' threads)
+        else:  # the sums over every process first (all_sum), then this process's rows
             gradient_beta[...] = rows.sum(axis=1)
             gradient_gamma[...] = row_dots(rows, normalized)
             totals = all_sum(rows.shape[1], gradient_gamma, gradient_beta)

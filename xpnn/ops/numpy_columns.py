@@ -46,7 +46,7 @@ class ConvInputCache(tuple):
 
 class NormCache(tuple):
     """(x̂ as a (c, y*x*b) matrix, 1/sqrt(variance + eps) (c,), batch statistics used,
-    the all_sum of a batch normalized in pieces or None)."""
+    the all_sum of a batch spread over several processes or None)."""
 
 
 class PoolCache(tuple):
@@ -184,10 +184,11 @@ class NormState:
             self.mean, self.variance = statistics
 
 
-def normalize_piece(state, rows, gamma, beta, eps, all_sum):
-    """Batch norm of every channel of one piece of a batch, with the whole batch's statistics.
+def normalize_with_all_sum(state, rows, gamma, beta, eps, all_sum):
+    """Batch norm of every channel of one process's rows of a batch, with the whole batch's statistics.
 
-    ``all_sum(*values)`` sums values over the pieces (see :mod:`xpnn.piecewise`).
+    ``all_sum(*values)`` sums values over the processes (see
+    :func:`xpnn.ops.batch_norm.batch_norm_forward`).
     """
     count, total = all_sum(rows.shape[1], rows.sum(axis=1))
     state.mean[...] = total / count

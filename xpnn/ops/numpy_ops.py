@@ -23,25 +23,27 @@ convolutions for free, and turning such a view back into ``(c, y, x, b)`` is
 free too. An input in the ordinary C order is transposed once (one copy).
 Values never depend on the layout; only strides do.
 
-Threads and a worker process
-----------------------------
+Threads
+-------
 Each operation splits into independent parts (output rows of a convolution,
-channels elsewhere) that a :class:`xpnn.ops.threads.Team` runs at the same
-time, one per core, with BLAS limited to one thread meanwhile (two BLAS calls
-each asking for every core would fight over them; this needs threadpoolctl).
-Small operations run in one part. ``NumpyOps.threads`` (default: the
-``XPNN_NUM_THREADS`` environment variable, else the usable cores, at most 4)
-sets the number of parts; results do not depend on it beyond the order of
-floating-point sums. During a network's pass (:meth:`NumpyOps.compute_scope`)
-BLAS stays at one thread throughout: BLAS threads spin while they wait, which
-on a busy machine made training 2-3x slower (measured with one competing
-process: OpenBLAS on 2 threads 2.2-2.7x slower than one thread, these parts
-0.9-1.0x). ``XPNN_NUM_THREADS=1`` leaves BLAS its own threads instead.
+channels elsewhere) that a :class:`xpnn.ops.threads.PartPool` (a standard
+``ThreadPoolExecutor``) runs at the same time, one per core, with BLAS limited
+to one thread meanwhile (two BLAS calls each asking for every core would fight
+over them; this needs threadpoolctl). Small operations run in one part.
+``NumpyOps.threads`` (default: the ``XPNN_NUM_THREADS`` environment variable,
+else the usable cores, at most 4) sets the number of parts; results do not
+depend on it beyond the order of floating-point sums. During a network's pass
+(:meth:`NumpyOps.compute_scope`) BLAS stays at one thread throughout: BLAS
+threads spin while they wait, which on a busy machine made training 2-3x
+slower (measured with one competing process: OpenBLAS on 2 threads 2.2-2.7x
+slower than one thread, these parts 0.9-1.0x). ``XPNN_NUM_THREADS=1`` leaves
+BLAS its own threads instead (e.g. one process per core under MPI).
 
-On two cores a training batch of 64 or more runs half in a forked worker
-process instead (:attr:`NumpyOps.processes`, :mod:`xpnn.ops.numpy_processes`): two
-processes share no GIL and hand over through shared memory in microseconds, which
-the threads could not match at that size.
+Measured on a 2-core Xeon (LeNet, float32, training steps and 10,000-image
+inference interleaved, 7 rounds, medians): 2 threads against 1 took 0.57-0.64
+of the inference time (pieces of the batch on the threads, :meth:`map_samples`),
+and 0.89-1.01 of the training step's (with batch norm and dropout at batch 256:
+0.89).
 """
 import contextlib
 import threading
@@ -50,23 +52,17 @@ import numpy as np
 
 from xpnn.ops import Ops
 from xpnn.ops.numpy_channels import ChannelPaths
-from xpnn.ops.numpy_columns import batch_innermost, batch_outermost
 from xpnn.ops.numpy_conv import ConvolutionPaths
-from xpnn.ops.numpy_settings import (blas_controller, blas_on_one_thread, can_fork,
-                                     default_processes, default_threads)
-from xpnn.ops.threads import Team, split_range
+from xpnn.ops.numpy_settings import blas_on_one_thread, default_threads
+from xpnn.ops.threads import PartPool, split_range
 
 #: Element-wise operations (ReLU, pooling, batch norm) on fewer elements than this run
 #: in one part: at ~1 ns per element they gain less than the hand-off costs.
 MIN_PARALLEL_ELEMENTS = 1 << 21
-#: A batch runs through :meth:`NumpyOps.map_samples` (and a training batch through
-#: :meth:`NumpyOps.training_pieces`) in pieces from this many samples per thread: a
-#: piece must be large enough that NumPy spends far more time in its loops (GIL
+#: A batch runs through :meth:`NumpyOps.map_samples` in pieces from this many samples per
+#: thread: a piece must be large enough that NumPy spends far more time in its loops (GIL
 #: released) than in the layers' Python code (GIL held).
 MIN_SAMPLES_PER_THREAD = 128
-#: A training batch runs its second half in a worker process (``NumpyOps.processes = 2``)
-#: from this many samples per piece.
-MIN_SAMPLES_PER_PROCESS = 32
 
 
 class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
@@ -80,28 +76,23 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
     ----------
     threads : int
         How many parts (threads) an operation is split into.
-    processes : int
-        2: a training batch of at least 2 x :data:`MIN_SAMPLES_PER_PROCESS`
-        runs its second half in a worker process (:mod:`xpnn.ops.numpy_processes`);
-        1: never. Default: ``XPNN_PROCESSES``, else 2 with 2 threads.
     """
 
-    def __init__(self, backend, threads=None, processes=None):
+    def __init__(self, backend, threads=None):
         super().__init__(backend)
-        self._team = Team(1)
+        self._pool = PartPool(1)
         self._scoped = _Depth()
         self.threads = default_threads() if threads is None else threads
-        self.processes = default_processes(self.threads) if processes is None else processes
 
     @property
     def threads(self):
-        return self._team.size
+        return self._pool.size
 
     @threads.setter
     def threads(self, count):
-        if int(count) != self._team.size:
-            old, self._team = self._team, Team(int(count))
-            old.close()  # its helpers end (a pass cut for it gets a team of its own: run_pieces)
+        if int(count) != self._pool.size:
+            old, self._pool = self._pool, PartPool(int(count))
+            old.close()  # its threads end once their parts are done
 
     def _parts(self, length, elements, minimum=MIN_PARALLEL_ELEMENTS):
         """``(start, stop)`` pieces of ``range(length)``: one per thread for a job this large."""
@@ -125,13 +116,13 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
 
     def _parallel(self, task, parts):
         """``[task(part) for part in parts]``, computed at the same time."""
-        if len(parts) == 1 or self.threads == 1 or self._team.inside_part():
-            # (Inside a part, e.g. a piece of a batch, the team runs them in turn anyway.)
+        if len(parts) == 1 or self.threads == 1 or self._pool.inside_part():
+            # (Inside a part, e.g. a piece of a batch, the pool runs them in turn anyway.)
             return [task(part) for part in parts]
         if self._scoped.depth:
-            return self._team.run(task, parts)
+            return self._pool.run(task, parts)
         with blas_on_one_thread():
-            return self._team.run(task, parts)
+            return self._pool.run(task, parts)
 
     def map_samples(self, function, x):
         """Same contract as :meth:`xpnn.ops.Ops.map_samples`: pieces of the batch on the threads.
@@ -144,68 +135,6 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
         if len(pieces) == 1:
             return function(x)
         return np.concatenate(self._parallel(lambda piece: function(x[piece[0]:piece[1]]), pieces))
-
-    def training_pieces(self, shape):
-        """One piece per thread from :data:`MIN_SAMPLES_PER_THREAD` samples each, else one piece.
-
-        Each thread then runs the whole training pass on its piece (one hand-off
-        per pass instead of one per operation): LeNet at batch 256 on 2 threads
-        0.84-0.90x the time of splitting each operation, with batch norm and
-        dropout 0.88x. Pieces of 32 at batch 64 gained nothing (1.02x).
-        """
-        if self._team.inside_part():  # the pieces could not run at the same time
-            return [(0, shape[0])]
-        return split_range(shape[0], min(self.threads, shape[0] // MIN_SAMPLES_PER_THREAD))
-
-    def process_pass(self, layers, shape, worker):
-        """Same contract as :meth:`xpnn.ops.Ops.process_pass`: the batch's halves in this
-        process and a forked worker (:mod:`xpnn.ops.numpy_processes`) where
-        :meth:`process_pieces` cuts it."""
-        pieces = self.process_pieces(shape)
-        if pieces is None:
-            return None, worker
-        from xpnn.ops import numpy_processes  # (multiprocessing is imported only when used)
-
-        return numpy_processes.process_pass(layers, pieces, shape, self.backend.dtype_name, worker)
-
-    def process_pieces(self, shape):
-        """Halves of a training batch of at least 2 x :data:`MIN_SAMPLES_PER_PROCESS` when
-        :attr:`processes` is 2 (and fork and threadpoolctl are available), else None."""
-        if (self.processes < 2 or shape[0] < 2 * MIN_SAMPLES_PER_PROCESS or self._team.inside_part()
-                or blas_controller() is None or not can_fork()):
-            return None
-        return split_range(shape[0], 2)
-
-    @contextlib.contextmanager
-    def one_part(self):
-        """Context manager: this thread's operations run in one part, BLAS on one thread (a
-        piece of a batch runs beside it, in a worker process)."""
-        with self._team.alone(), blas_on_one_thread():
-            yield
-
-    def run_pieces(self, task, count):
-        """Same contract as :meth:`xpnn.ops.Ops.run_pieces`: the pieces shared out over the threads.
-
-        All at once: their batch-norm sums wait for each other. A pass cut for more threads
-        than there are now (``threads`` changed between its forward and backward) runs on a
-        team of its own for the call.
-        """
-        if count > self.threads and not self._team.inside_part():
-            team = Team(count)
-            try:
-                return team.run(task, list(range(count)))
-            finally:
-                team.close()
-        groups = self._parallel(lambda group: [task(index) for index in range(*group)],
-                                split_range(count, self.threads))
-        return [result for group in groups for result in group]
-
-    def join_samples(self, pieces):
-        """Same contract as :meth:`xpnn.ops.Ops.join_samples`; images stay batch-innermost."""
-        pieces = list(pieces)
-        if all(piece.ndim == 4 for piece in pieces):
-            return batch_outermost(np.concatenate([batch_innermost(piece) for piece in pieces], axis=-1))
-        return np.concatenate(pieces, axis=0)
 
     # -- optimizers and regularizers ----------------------------------------------
     def sum_of_squares(self, x):

@@ -1,5 +1,8 @@
 """BatchNormalization: statistics, running averages, reformat, gradients, PyTorch parity."""
+import functools
+import operator
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -412,3 +415,100 @@ def test_checkpoint_arrays_keep_the_running_statistics(backend):
     assert restored.running_mean is not None and backend.owns(restored.running_mean)
     assert_close(restored.running_mean, batch.mean(axis=(0, 2, 3)), rtol=1e-12, atol=1e-14)
     assert_close(restored.running_variance, batch.var(axis=(0, 2, 3)), rtol=1e-12)
+
+
+# -- statistics over a batch spread over several processes (statistics_sum) -----------------
+
+class ThreadSum:
+    """``all_sum`` functions for ``count`` layers that run at the same time on threads, as the
+    processes of a data-parallel run would: each value summed over every layer (in order)."""
+
+    def __init__(self, count):
+        self._barrier = threading.Barrier(count, timeout=30)
+        self._slots = [None] * count
+
+    def for_member(self, index):
+        def all_sum(*values):
+            self._slots[index] = values
+            self._barrier.wait()
+            totals = tuple(functools.reduce(operator.add, terms) for terms in zip(*self._slots))
+            self._barrier.wait()  # every member has its totals before any slot is reused
+            return totals
+        return all_sum
+
+
+class SpreadBatchNormalization(BatchNormalization):
+    """Batch norm of one member's rows of a batch, statistics summed by ``all_sum``."""
+
+    def __init__(self, channels, all_sum, eps=EPS):
+        super().__init__(channels, eps=eps)
+        self._all_sum = all_sum
+
+    def statistics_sum(self):
+        return self._all_sum
+
+
+def _on_threads(tasks):
+    """Run the callables at the same time on threads; return their results in order."""
+    results, errors = [None] * len(tasks), []
+
+    def run(index):
+        try:
+            results[index] = tasks[index]()
+        except BaseException as error:  # re-raised in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(tasks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_a_plain_layer_sums_its_statistics_over_nothing_else(backend):
+    assert BatchNormalization(3).statistics_sum() is None
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (5, 4, 5, 6)], ids=["vector", "image"])
+def test_statistics_sum_gives_every_member_the_whole_batchs_numbers(backend, shape):
+    """Two members with 3 and the rest of the rows, statistics summed through
+    ``statistics_sum``: each member's output and input gradient are its rows of those of one
+    layer on the whole batch, its gradients its rows' share (they add up to the whole
+    batch's), and every member's running statistics are the whole batch's."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape) * 2.0 + 0.5
+    error = rng.standard_normal(shape)
+    gamma, beta = _random_parameters(shape[1])
+    whole = _layer(backend, shape[1], gamma, beta)
+    expected_output = xpnn.to_numpy(whole.forward(x))
+    assert_close(expected_output, _reference_training(x, gamma, beta), rtol=1e-12, atol=1e-12)
+    expected_input_gradient = xpnn.to_numpy(whole.backward(error))
+    summer = ThreadSum(2)
+    members = [SpreadBatchNormalization(shape[1], summer.for_member(index)) for index in range(2)]
+    rows = [slice(0, 3), slice(3, shape[0])]
+    for member in members:
+        member.weights, member.bias = gamma, beta
+    outputs = _on_threads([lambda m=m, r=r: m.forward(x[r]) for m, r in zip(members, rows)])
+    gradients = _on_threads([lambda m=m, r=r: m.backward(error[r]) for m, r in zip(members, rows)])
+    for member, r, output, gradient in zip(members, rows, outputs, gradients):
+        assert_close(output, expected_output[r], rtol=1e-11, atol=1e-12)
+        assert_close(gradient, expected_input_gradient[r], rtol=1e-10, atol=1e-12)
+        assert_close(member.running_mean, xpnn.to_numpy(whole.running_mean), rtol=1e-12, atol=1e-14)
+        assert_close(member.running_variance, xpnn.to_numpy(whole.running_variance), rtol=1e-12)
+    for name in ("gradient_weights", "gradient_bias"):
+        total = sum(xpnn.to_numpy(getattr(member, name)) for member in members)
+        assert_close(total, xpnn.to_numpy(getattr(whole, name)), rtol=1e-11, atol=1e-12, err_msg=name)
+
+
+def test_testing_phase_asks_for_no_sums(backend):
+    """Testing phase uses the running statistics: no member waits for the others' sums."""
+    def refuse(*values):
+        raise AssertionError("all_sum called in testing phase")
+
+    layer = SpreadBatchNormalization(4, refuse)
+    layer.testing_phase = True
+    x = np.random.default_rng(4).standard_normal((3, 4))
+    assert_close(layer.forward(x), x / np.sqrt(1.0 + EPS), rtol=1e-12)

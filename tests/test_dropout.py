@@ -159,3 +159,36 @@ def test_a_draw_equal_to_the_probability_drops_its_unit(backend):
     assert_close(mask, [[1.0, 1.0, 1.0, 0.0, 0.0]], rtol=0)
     assert_close(scale, [[2.0, 2.0, 2.0, 0.0, 0.0]], rtol=0)
     assert_close(output, [[6.0, 6.0, 6.0, 0.0, 0.0]], rtol=0)
+
+
+class GivenDraws(Dropout):
+    """Dropout whose draws come from the test (as a subclass for a batch spread over several
+    processes returns its rows of the whole batch's draws)."""
+
+    def __init__(self, probability, draws):
+        super().__init__(probability)
+        self.draws = draws
+        self.shapes = []
+
+    def draw_uniform(self, shape):
+        self.shapes.append(shape)
+        return self.backend.asarray(self.draws, dtype=self.backend.dtype)
+
+
+def test_forward_draws_its_mask_through_draw_uniform(backend):
+    draws = np.array([[0.1, 0.7, 0.4], [0.9, 0.2, 0.6]])
+    layer = GivenDraws(0.5, draws)
+    x = np.arange(1.0, 7.0).reshape((2, 3))
+    output = layer.forward(x)
+    assert layer.shapes == [(2, 3)]
+    assert_close(output, np.where(draws < 0.5, x / 0.5, 0.0), rtol=1e-15)
+    assert_close(layer.backward(np.ones((2, 3))), np.where(draws < 0.5, 2.0, 0.0), rtol=1e-15)
+
+
+def test_draw_uniform_draws_from_the_backends_generator(backend):
+    layer = Dropout(0.5)
+    xpnn.seed(11)
+    draws = xpnn.to_numpy(layer.draw_uniform((3, 4)))
+    xpnn.seed(11)
+    assert_close(backend.random_uniform((3, 4)), draws, rtol=0.0)
+    assert draws.shape == (3, 4) and np.all((draws >= 0.0) & (draws < 1.0))

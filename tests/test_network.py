@@ -239,6 +239,27 @@ def test_pickling_leaves_the_data_layer_out_and_a_deep_copy_keeps_it():
     assert shallow.data_layer is plain.data_layer and shallow.layers is plain.layers
 
 
+def test_a_network_pickled_with_the_removed_parallel_engines_state_loads_and_trains():
+    # Networks pickled before the worker process and the passes in pieces were removed carry
+    # their (empty) state; it is dropped on load.
+    net = build(Sgd(1e-2))
+    net.train(1)
+    state = net.__getstate__()
+    state.update(_piecewise=None, _worker=None, _in_train=False, _ahead=False, _next_batch=None,
+                 _given_next=None, _started_for_caller=False)
+    del state["pool_before_relu"]  # (older still: pickled before it existed)
+    old = object.__new__(NeuralNetwork)
+    old.__setstate__(state)
+    revived = pickle.loads(pickle.dumps(old))
+    assert not {"_piecewise", "_worker", "_next_batch"} & set(vars(revived))
+    assert revived.pool_before_relu is True and revived._order is None
+    inputs, _, _, _ = iris()
+    np.testing.assert_array_equal(xpnn.to_numpy(revived.test(inputs)), xpnn.to_numpy(net.test(inputs)))
+    revived.data_layer = IrisData()
+    revived.train(1)
+    assert len(revived.loss) == 2
+
+
 def test_fully_connected_initialized_on_append(backend):
     np.random.seed(5)
     net = NeuralNetwork(Sgd(1.0), Constant(0.3), Constant(-0.2))

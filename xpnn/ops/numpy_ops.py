@@ -39,11 +39,12 @@ slower (measured with one competing process: OpenBLAS on 2 threads 2.2-2.7x
 slower than one thread, these parts 0.9-1.0x). ``XPNN_NUM_THREADS=1`` leaves
 BLAS its own threads instead (e.g. one process per core under MPI).
 
-Measured on a 2-core Xeon (LeNet, float32, training steps and 10,000-image
-inference interleaved, 7 rounds, medians): 2 threads against 1 took 0.57-0.64
-of the inference time (pieces of the batch on the threads, :meth:`map_samples`),
-and 0.89-1.01 of the training step's (with batch norm and dropout at batch 256:
-0.89).
+Measured on a 2-core Xeon shared with other work (LeNet with and without batch
+norm and dropout, batch 64 and 256, float32; training steps and 10,000-image
+inference, the two settings interleaved, 7 rounds, medians of the per-round
+ratios): 2 threads against 1 (BLAS then on its own threads) took 0.57-0.64 of
+the inference time (pieces of the batch on the threads, :meth:`map_samples`;
+0.26 in a round disturbed by other load) and 0.89-1.01 of a training step's.
 """
 import contextlib
 import threading

@@ -54,6 +54,28 @@ def _fingerprint(images, labels):
     return digest.hexdigest()[:16]
 
 
+def batch_part(count, rank, size):
+    """The rows ``(start, stop)`` that rank ``rank`` of ``size`` takes of a batch of ``count``.
+
+    Contiguous blocks in rank order whose sizes differ by at most one (7 rows on 2 ranks:
+    3 and 4; a rank may get none when ``count < size``). Data-parallel training relies on
+    both: the global batch, its order and its dropout mask are one process's, each rank
+    holding a block of it (:mod:`xpnn.parallel`).
+    """
+    return rank * count // size, (rank + 1) * count // size
+
+
+def _checked_part(part):
+    """``part`` as ``(rank, size)`` ints, or a clear error."""
+    try:
+        rank, size = (int(value) for value in part)
+    except (TypeError, ValueError):
+        raise ValueError(f"DataLayer: part must be (rank, size), got {part!r}") from None
+    if not 0 <= rank < size:
+        raise ValueError(f"DataLayer: part (rank, size) needs 0 <= rank < size, got {part!r}")
+    return rank, size
+
+
 class _DeviceSet:
     """One split (images and labels) resident on a backend's device.
 
@@ -121,6 +143,10 @@ class DataLayer:
         The split :meth:`get_test_set` returns.
     num_classes : int
         Width of the one-hot labels (10 for MNIST).
+    part : (rank, size), optional
+        Data-parallel training: ``next()`` returns rank ``rank``'s rows of each batch of
+        ``batch_size`` (:func:`batch_part`), of ``size`` ranks; ``batch_size``, the order,
+        ``size`` and :meth:`state_dict` stay the global batch's. Default ``(0, 1)``: all.
 
     Attributes
     ----------
@@ -139,8 +165,9 @@ class DataLayer:
     """
 
     def __init__(self, images, labels, batch_size, backend=None, shuffle=True, seed=None,
-                 test_images=None, test_labels=None, num_classes=NUM_CLASSES):
+                 test_images=None, test_labels=None, num_classes=NUM_CLASSES, part=(0, 1)):
         self.batch_size = positive_int("DataLayer", "batch_size", batch_size)
+        self.part = _checked_part(part)
         self.backend = get_backend() if backend is None else make_backend(backend)
         self.shuffle = bool(shuffle)
         self.num_classes = int(num_classes)
@@ -174,11 +201,13 @@ class DataLayer:
         return self._order
 
     def next(self):
-        """Return the next batch ``(images, one_hot_labels)``; a new epoch starts after the last sample."""
+        """Return the next batch ``(images, one_hot_labels)`` (this rank's rows of it, see
+        ``part``); a new epoch starts after the last sample."""
         start = self.position
         stop = min(start + self.batch_size, self.size)
         order = self._epoch_order() if self.shuffle else None
-        batch = self._train.rows(start, stop, order)
+        first, last = batch_part(stop - start, *self.part)
+        batch = self._train.rows(start + first, start + last, order)
         self.position = stop
         if stop == self.size:
             self.epoch += 1

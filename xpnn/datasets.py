@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xpnn._files import atomic_writer
-from xpnn.data_layer import NUM_CLASSES, DataLayer  # noqa: F401 (public here)
+from xpnn.data_layer import NUM_CLASSES, DataLayer, batch_part  # noqa: F401 (public here)
 from xpnn.idx import IDX_DTYPES, IdxError, read_idx, write_idx  # noqa: F401 (public here)
 from xpnn.idx import _FIX
 

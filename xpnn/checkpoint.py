@@ -145,7 +145,9 @@ def describe_layers(net):
     for layer in net.layers:
         shapes = {name: list(getattr(layer, name).shape) for name in _persistent_attributes(layer)
                   if getattr(layer, name, None) is not None}
-        described.append({"type": type(layer).__name__, "arrays": shapes})
+        # (A layer standing in for a plain one, as xpnn.parallel's do, is saved as that one.)
+        kind = getattr(layer, "plain_class", None) or type(layer)
+        described.append({"type": kind.__name__, "arrays": shapes})
     return described
 
 

@@ -4,8 +4,9 @@
 # environment in .venv with xpnn installed in editable mode.
 #   ci/setup.sh          runtime only (training)
 #   ci/setup.sh --test   plus the test extras: pytest, array-api-strict, scikit-learn,
-#                        PyTorch 2.13.0 (CPU build; the reference) and CuPy (to test the
-#                        clear error on machines without a usable CUDA device)
+#                        PyTorch 2.13.0 (CPU build; the reference), CuPy (to test the
+#                        clear error on machines without a usable CUDA device), and mpi4py
+#                        with MPICH (data-parallel training; the tests run mpiexec -n 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,8 +51,8 @@ pip_install() {
 install_fashion_mnist
 make_venv
 if [ "$with_tests" = 1 ]; then
-  say "installing xpnn with test extras (PyTorch CPU 2.13.0, CuPy)"
-  pip_install -e ".[test,torch,gpu]"
+  say "installing xpnn with test extras (PyTorch CPU 2.13.0, CuPy, mpi4py + MPICH)"
+  pip_install -e ".[test,torch,gpu,mpi]"
 else
   say "installing xpnn"
   pip_install -e .

@@ -2,6 +2,7 @@
 fails the test rather than blocking CI). The launcher is the one installed beside this
 Python (``pip install "xpnn[mpi]"`` puts MPICH's ``mpiexec`` in the environment's bin/)."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from xpnn import parallel
 from xpnn.parallel.launcher import LAUNCHER_VARIABLES
 import mpi_training
+import test_train_cli
 from test_parity_training import TRAINING_TOLERANCE, _assert_runs_agree
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -29,6 +31,7 @@ def _missing_mpi():
 
 
 pytestmark = pytest.mark.skipif(_missing_mpi() is not None, reason=str(_missing_mpi()))
+data_dir = test_train_cli.data_dir  # (the synthetic MNIST-format set, a module fixture)
 
 
 def mpiexec(ranks, *arguments, cwd=None):
@@ -56,3 +59,52 @@ def test_a_failing_rank_stops_every_rank_with_its_message_once(tmp_path):
     assert done.returncode != 0, output
     assert output.count(mpi_training.FAILURE.format(rank=1)) == 1, output
     assert not (tmp_path / "x.npz").exists()
+
+
+# -- xpnn-train -----------------------------------------------------------------------------------
+
+def _train(ranks, data_dir, out, *extra):
+    """``xpnn-train`` on ``ranks`` ranks (1: a plain process) on the synthetic MNIST set."""
+    arguments = test_train_cli.command(data_dir, out, "--dtype", "float64", "--batch-size", "37",
+                                       "--eval-batch-size", "50", *extra)[1:]
+    environment = {key: value for key, value in test_train_cli.environment(out).items()
+                   if key not in LAUNCHER_VARIABLES}
+    launcher = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
+    done = subprocess.run(launcher + [sys.executable, *arguments], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=environment, cwd=test_train_cli.REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_xpnn_train_on_two_ranks_writes_once_and_resumes_with_any_number_of_ranks(data_dir, tmp_path):
+    # 256 training images in batches of 37 (18 + 19 rows a rank; the last batch 34) and 128
+    # test images in batches of 50: every epoch has uneven parts.
+    mixed, single = tmp_path / "mixed", tmp_path / "single"
+    done = _train(2, data_dir, mixed, "--epochs", "1")
+    assert sorted(os.listdir(mixed)) == ["metrics.json", "model.json", "model.npz", "plot.png",
+                                         "resume.json"]
+    assert done.stdout.count("epoch 1/1 |") == 1 and " x 2 ranks | " in done.stdout
+    _train(1, data_dir, mixed, "--epochs", "2", "--resume")
+    _train(2, data_dir, mixed, "--epochs", "3", "--resume")
+    _train(1, data_dir, single, "--epochs", "3")
+    with open(mixed / "metrics.json") as mixed_file, open(single / "metrics.json") as single_file:
+        got, expected = json.load(mixed_file), json.load(single_file)
+    assert [entry["epoch"] for entry in got["epochs"]] == [1, 2, 3]
+    assert got["settings"]["ranks"] == 2 and expected["settings"]["ranks"] == 1
+    for entry, reference in zip(got["epochs"], expected["epochs"]):
+        for key in ("train_loss", "train_accuracy", "test_accuracy"):
+            assert entry[key] == pytest.approx(reference[key], rel=1e-9), key
+    reference = test_train_cli.load_arrays(single)
+    for key, value in test_train_cli.load_arrays(mixed).items():
+        # (The parity suite's float64 bounds: batch norm's free directions drift by rounding.)
+        scale = float(np.max(np.abs(reference[key]))) if reference[key].size else 0.0
+        np.testing.assert_allclose(value, reference[key], rtol=0, atol=1e-9 * scale + 1e-6, err_msg=key)
+
+
+def test_xpnn_train_on_two_ranks_says_a_setup_error_once(data_dir, tmp_path):
+    arguments = test_train_cli.command(str(tmp_path / "missing"), tmp_path / "out")[1:]
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, *arguments], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=test_train_cli.environment(tmp_path))
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert output.count("xpnn-train: error:") == 1 and "missing" in output, output

@@ -34,7 +34,9 @@ import xpnn
 from xpnn import checkpoint as ckpt
 from xpnn.backend import BackendUnavailableError, canonical_name, make_backend
 from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, load_dataset
+from xpnn.parallel import MPIUnavailableError, distribute, world
 from xpnn.reports import describe_model, summary_line
+from xpnn.train_ranks import FailedElsewhere, agreed, rank_device, root_voice, stop_all_on_error
 from xpnn.training import Diverged, OtherData, Run, StopRequested, set_learning_rate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -163,8 +165,9 @@ def load_data(settings):
     return train, test
 
 
-def prepare_run(args, given):
-    """Settings, backend, data, network and data layers for a fresh or resumed run."""
+def prepare_run(args, given, communicator):
+    """Settings, backend, data, network and data layers for a fresh or resumed run (this
+    rank's rows of every batch, the network distributed over the ranks)."""
     out = args.out
     has_checkpoint = os.path.isfile(os.path.join(out, ckpt.MODEL_FILE))
     meta = arrays = None
@@ -175,7 +178,8 @@ def prepare_run(args, given):
     settings = resolve_settings(given, meta["resume"]["settings"] if meta else None)
     try:
         canonical_name(args.backend)
-        backend = make_backend(args.backend, settings["dtype"], args.device)
+        backend = make_backend(args.backend, settings["dtype"],
+                               rank_device(args.backend, args.device, communicator))
     except ValueError as error:  # an unknown name, or a device the backend does not have
         raise UsageError(str(error)) from None
     # (After the backend: a run that cannot start there should say so first.)
@@ -185,11 +189,13 @@ def prepare_run(args, given):
     (train_images, train_labels), (test_images, test_labels) = load_data(settings)
     check_writable(out)  # before an epoch of training, not at its end
     options = model_options(settings)
-    net = build_network(settings, options, backend, meta, arrays)
+    net = distribute(build_network(settings, options, backend, meta, arrays), communicator)
+    part = (communicator.rank, communicator.size)  # (this rank's rows of every batch)
     train_layer = DataLayer(train_images, train_labels, settings["batch_size"], backend=backend,
-                            shuffle=True, seed=settings["seed"])
-    test_layer = DataLayer(test_images, test_labels, args.eval_batch_size, backend=backend, shuffle=False)
-    run = Run(settings, options, net, train_layer, test_layer)
+                            shuffle=True, seed=settings["seed"], part=part)
+    test_layer = DataLayer(test_images, test_labels, args.eval_batch_size, backend=backend,
+                           shuffle=False, part=part)
+    run = Run(settings, options, net, train_layer, test_layer, communicator)
     if meta is not None:
         try:
             run.restore(meta["resume"])
@@ -227,8 +233,14 @@ def start_line(run, out):
         if (done or run.partial) else "starting"
     return (f"xpnn-train: {describe_model(settings)} ({run.train_layer.size} training / "
             f"{run.test_layer.size} test images) | backend {backend.name} | device "
-            f"{ckpt.device_label(backend)} | {backend.dtype_name} | batch {settings['batch_size']} | "
+            f"{ckpt.device_label(backend)}{_ranks_note(run.communicator)} | {backend.dtype_name} | "
+            f"batch {settings['batch_size']} | "
             f"lr {settings['lr']:g} | {where}, {settings['epochs']} epoch(s) in all -> {out}")
+
+
+def _ranks_note(communicator):
+    """`` x 2 ranks`` on several ranks (the batch is the global one), else nothing."""
+    return f" x {communicator.size} ranks" if communicator.size > 1 else ""
 
 
 def report_divergence(error, run, out, resumed):
@@ -242,34 +254,42 @@ def report_divergence(error, run, out, resumed):
           f"Try a smaller --lr.", file=sys.stderr, flush=True)
 
 
-def execute(args, given):
+def execute(args, given, communicator):
     """Run training; returns the exit status."""
-    run = prepare_run(args, given)
+    run = agreed(communicator, lambda: prepare_run(args, given, communicator))
     out = args.out
+    root = communicator.rank == 0  # (the one that prints)
     if len(run.metrics) >= run.settings["epochs"]:  # (a saved partial epoch beyond them too)
-        print(f"xpnn-train: {out} holds {len(run.metrics)} trained epoch(s) and --epochs is "
-              f"{run.settings['epochs']}: nothing to train (raise --epochs to train on)",
-              file=sys.stderr, flush=True)
-        print(summary_line(run.metrics, run.backend, run.backend.dtype_name), flush=True)
+        if root:
+            print(f"xpnn-train: {out} holds {len(run.metrics)} trained epoch(s) and --epochs is "
+                  f"{run.settings['epochs']}: nothing to train (raise --epochs to train on)",
+                  file=sys.stderr, flush=True)
+            print(summary_line(run.metrics, run.backend, run.backend.dtype_name), flush=True)
         return EXIT_OK
-    show_bar = sys.stderr.isatty() if args.progress is None else args.progress
-    with run.stop, np.errstate(all="ignore"):
+    show_bar = root and (sys.stderr.isatty() if args.progress is None else args.progress)
+    with run.stop, np.errstate(all="ignore"), \
+            stop_all_on_error(communicator, lambda error: describe_error(error, args),
+                              (Diverged, StopRequested)):
         # Overflow warnings would flood the terminal; non-finite losses and
         # parameters are detected and reported below instead.
-        print(start_line(run, out), flush=True)
+        if root:
+            print(start_line(run, out), flush=True)
         try:
             try:
                 run.train(out, show_bar, args.log_every)
-            except StopRequested:
+            except StopRequested:  # (every rank, at the same step)
                 run.save(out)
-                print(f"xpnn-train: interrupted; checkpoint saved in {out} (epoch "
-                      f"{len(run.metrics) + 1}, step {run.partial.steps if run.partial else 0}); "
-                      f"continue with: xpnn-train --resume --out {out}", file=sys.stderr, flush=True)
+                if root:
+                    print(f"xpnn-train: interrupted; checkpoint saved in {out} (epoch "
+                          f"{len(run.metrics) + 1}, step {run.partial.steps if run.partial else 0}"
+                          f"); continue with: xpnn-train --resume --out {out}",
+                          file=sys.stderr, flush=True)
                 return EXIT_INTERRUPTED
         except Diverged as error:
-            report_divergence(error, run, out, args.resume)
+            if root:
+                report_divergence(error, run, out, args.resume)
             return EXIT_DIVERGED
-    if run.metrics:
+    if run.metrics and root:
         print(summary_line(run.metrics, run.backend, run.backend.dtype_name), flush=True)
     return EXIT_OK
 
@@ -286,25 +306,46 @@ def _path_hint(error, args):
     return "; check the path and its permissions"
 
 
+def describe_error(error, args):
+    """``(exit status, message)`` for the errors the command reports, None for others."""
+    if isinstance(error, UsageError):
+        return EXIT_USAGE, f"xpnn-train: error: {error}"
+    if isinstance(error, (BackendUnavailableError, DatasetNotFoundError, IdxError,
+                          ckpt.CheckpointError)):
+        return EXIT_ERROR, f"xpnn-train: error: {error}"
+    if isinstance(error, OSError):  # e.g. a file or directory that cannot be read or written
+        return EXIT_ERROR, f"xpnn-train: error: {error}{_path_hint(error, args)}"
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, (f"\nxpnn-train: aborted; nothing was saved now (an earlier "
+                                  f"checkpoint in {args.out}, if any, is unchanged)")
+    return None
+
+
 def main(argv=None):
-    """Entry point of ``xpnn-train``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``xpnn-train``; returns the exit status.
+
+    Under ``mpiexec -n N`` every rank runs it (data-parallel training, see
+    :mod:`xpnn.train_ranks`); rank 0 prints and writes.
+    """
+    try:
+        communicator = world()
+    except MPIUnavailableError as error:
+        print(f"xpnn-train: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    with root_voice(communicator):
+        args = build_parser().parse_args(argv)
     given = {key: value for key, value in vars(args).items() if key in DEFAULTS}
     try:
-        return execute(args, given)
-    except UsageError as error:
-        print(f"xpnn-train: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (BackendUnavailableError, DatasetNotFoundError, IdxError, ckpt.CheckpointError) as error:
-        print(f"xpnn-train: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as error:  # e.g. a file or directory that cannot be read or written
-        print(f"xpnn-train: error: {error}{_path_hint(error, args)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"\nxpnn-train: aborted; nothing was saved now (an earlier checkpoint in {args.out}, "
-              f"if any, is unchanged)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return execute(args, given, communicator)
+    except FailedElsewhere as error:  # (another rank printed why)
+        described = None if error.cause is None else describe_error(error.cause, args)
+        return EXIT_ERROR if described is None else described[0]
+    except (Exception, KeyboardInterrupt) as error:
+        described = describe_error(error, args)
+        if described is None:
+            raise
+        print(described[1], file=sys.stderr)
+        return described[0]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import numpy as np
 import xpnn
 from xpnn import checkpoint as ckpt
 from xpnn.backend import namespace
+from xpnn.parallel.communicator import SingleProcessCommunicator
 from xpnn.reports import describe_model, write_metrics, write_plot
 
 
@@ -44,18 +45,33 @@ def train_step(net, images, one_hot):
     return loss, count_correct(prediction, one_hot)
 
 
-def evaluate(net, test_layer, stop):
-    """Test accuracy over the whole test split, in batches, in testing phase."""
+def evaluate(net, test_layer, stop, communicator=None):
+    """Test accuracy over the whole test split, in batches, in testing phase.
+
+    On several ranks each tests its rows of every batch (``test_layer``'s part) and the
+    counts are summed over the ranks.
+    """
+    communicator = communicator or SingleProcessCommunicator()
     correct = 0
     # (The backend's device current for the batches and the counting too, not only inside test.)
     with test_layer.backend.ops.compute_scope():
         for images, one_hot in test_layer.epoch_batches():
-            correct = correct + count_correct(net.test(images), one_hot)
-            if stop.requested:
+            if images.shape[0]:  # (a rank's part of a small last batch may be empty)
+                correct = correct + count_correct(net.test(images), one_hot)
+            if agreed_stop(stop, communicator):
                 net.phase = False
                 raise StopRequested
     net.phase = False
+    (correct,) = communicator.all_sum(correct)
     return int(test_layer.backend.to_numpy(correct)) / test_layer.size
+
+
+def agreed_stop(stop, communicator):
+    """Whether Ctrl-C asked to stop, on any rank: every rank then stops at the same step
+    (``mpiexec`` passes Ctrl-C to every rank, but each sees it at its own step)."""
+    if communicator.size == 1:
+        return stop.requested
+    return communicator.allreduce(int(stop.requested)) > 0
 
 
 class EpochProgress:
@@ -152,7 +168,7 @@ class OtherData(ValueError):
 class Run:
     """One training run: network, data layers, metrics so far, and the epoch in progress."""
 
-    def __init__(self, settings, options, net, train_layer, test_layer):
+    def __init__(self, settings, options, net, train_layer, test_layer, communicator=None):
         self.settings = settings
         self.options = options
         self.net = net
@@ -162,6 +178,9 @@ class Run:
         self.metrics = []
         self.partial = None
         self.stop = StopFlag()
+        # The ranks training together (xpnn.parallel); rank 0 alone writes.
+        self.communicator = communicator or SingleProcessCommunicator()
+        self.root = self.communicator.rank == 0
 
     # -- state --------------------------------------------------------------------------
     def resume_state(self):
@@ -204,7 +223,8 @@ class Run:
         """The settings plus what this run ran on, for metrics.json."""
         return {**self.settings, "backend": self.backend.name,
                 "device": ckpt.device_label(self.backend), "train_images": self.train_layer.size,
-                "test_images": self.test_layer.size, "xpnn_version": xpnn.__version__}
+                "test_images": self.test_layer.size, "ranks": self.communicator.size,
+                "xpnn_version": xpnn.__version__}
 
     def save(self, out):
         """Checkpoint unless a parameter went non-finite (then the previous checkpoint stays)."""
@@ -213,21 +233,24 @@ class Run:
         if broken:
             raise Diverged(f"after epoch {len(self.metrics)} the parameters hold NaN or infinite "
                            f"values ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
-        ckpt.save_checkpoint(out, self.net, "lenet", self.options, resume=self.resume_state(),
-                             arrays=arrays)
+        if self.root:  # (the parameters are the same on every rank, and so is this check)
+            ckpt.save_checkpoint(out, self.net, "lenet", self.options, resume=self.resume_state(),
+                                 arrays=arrays)
 
     # -- training -----------------------------------------------------------------------
     def _pull(self, window, progress, epoch):
         """Move the window's sums to the host and stop on a non-finite loss."""
         if window.steps == 0:
             return
-        loss = float(self.backend.to_numpy(window.loss))
+        # The sums of every rank (of their rows): the global batches' (the same on every rank).
+        loss, correct, samples = self.communicator.all_sum(window.loss, window.correct, window.samples)
+        loss = float(self.backend.to_numpy(loss))
         if not math.isfinite(loss):
             raise Diverged(f"the training loss became {loss} in epoch {epoch + 1} within steps "
                            f"{progress.steps - window.steps + 1}-{progress.steps}")
         progress.loss_sum = loss
-        progress.correct += int(self.backend.to_numpy(window.correct))
-        progress.samples += window.samples
+        progress.correct += int(self.backend.to_numpy(correct))
+        progress.samples += samples
         window.pulled()
 
     def _postfix(self, bar, progress, started):
@@ -245,7 +268,8 @@ class Run:
             self._reseed_native(epoch, 0)
         progress = self.partial = self.partial or EpochProgress()
         total = self.train_layer.batches_per_epoch
-        window = Window(self.backend, progress.loss_sum)
+        # (The epoch's loss so far is everyone's: counted once, by rank 0.)
+        window = Window(self.backend, progress.loss_sum if self.root else 0.0)
         bar = tqdm(total=total, initial=progress.steps, desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
                    unit="batch", disable=not show_bar, file=sys.stderr, dynamic_ncols=True)
         started = time.perf_counter()
@@ -260,10 +284,11 @@ class Run:
                     window.add(loss, correct, int(images.shape[0]))
                     progress.steps += 1
                     bar.update(1)
-                    if progress.steps % log_every == 0 or progress.steps == total or self.stop.requested:
+                    stop = agreed_stop(self.stop, self.communicator)
+                    if progress.steps % log_every == 0 or progress.steps == total or stop:
                         self._pull(window, progress, epoch)
                         self._postfix(bar, progress, started)
-                    if self.stop.requested and progress.steps < total:
+                    if stop and progress.steps < total:
                         raise StopRequested  # (the data layer stands at the next batch: resumes there)
             self.backend.synchronize()
         finally:
@@ -273,7 +298,7 @@ class Run:
 
     def finish_epoch(self, epoch, progress, out):
         started = time.perf_counter()
-        accuracy = evaluate(self.net, self.test_layer, self.stop)
+        accuracy = evaluate(self.net, self.test_layer, self.stop, self.communicator)
         epochs_before = list(self.metrics)
         entry = {"epoch": epoch + 1, "train_loss": progress.loss_sum / progress.samples,
                  "train_accuracy": progress.correct / progress.samples, "test_accuracy": accuracy,
@@ -286,6 +311,8 @@ class Run:
         except Diverged:
             self.metrics = epochs_before
             raise
+        if not self.root:
+            return
         write_metrics(out, self.metrics, self.settings_record())
         write_plot(out, self.metrics, describe_model(self.settings))
         print(f"epoch {entry['epoch']}/{self.settings['epochs']} | train loss {entry['train_loss']:.4f} | "

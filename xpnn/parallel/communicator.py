@@ -23,6 +23,7 @@ class SingleProcessCommunicator:
 
     rank = 0
     size = 1
+    local_rank = 0
 
     def allreduce(self, value):
         """The sum of ``value`` over the ranks: ``value`` itself (it may be returned as is)."""
@@ -67,6 +68,8 @@ class MPICommunicator:
     ----------
     rank, size : int
         This process's rank and the number of ranks.
+    local_rank : int
+        This process's rank among the ranks on its machine (which GPU it takes).
     comm : mpi4py.MPI.Comm
 
     Notes
@@ -85,6 +88,9 @@ class MPICommunicator:
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        machine = self.comm.Split_type(MPI.COMM_TYPE_SHARED)  # (collective: made here, once)
+        self.local_rank = machine.Get_rank()
+        machine.Free()
 
     def allreduce(self, value):
         """The sum of ``value`` (an array of any backend, or a Python number) over the ranks.

@@ -257,6 +257,9 @@ def test_the_multi_node_optimizer_is_the_wrapped_one_for_everything_else():
     twin = copy.deepcopy(wrapped)  # (a layer's bias optimizer)
     assert isinstance(twin, parallel.MultiNodeOptimizer) and twin.communicator is wrapped.communicator
     assert twin.optimizer is not inner and twin.first_moment is not inner.first_moment
+    np.testing.assert_array_equal(twin.first_moment, inner.first_moment)
+    shallow = copy.copy(wrapped)
+    assert isinstance(shallow, parallel.MultiNodeOptimizer) and shallow.optimizer is not inner
     loaded = pickle.loads(pickle.dumps(wrapped))
     assert type(loaded) is Adam and loaded.step_count == 1 and loaded.learning_rate == 0.5
     np.testing.assert_array_equal(loaded.first_moment, inner.first_moment)
@@ -291,6 +294,9 @@ def test_distribute_takes_rank_0s_state_and_swaps_in_the_layers_over_ranks():
             assert isinstance(layer._bias_optimizer, parallel.MultiNodeOptimizer)
             assert layer._bias_optimizer.optimizer is not layer.optimizer.optimizer
     assert isinstance(net.optimizer, parallel.MultiNodeOptimizer)
+    for layer in net.layers[1], net.layers[12]:  # (batch norm, dropout)
+        for twin in copy.copy(layer), copy.deepcopy(layer):
+            assert type(twin) is type(layer) and twin.communicator is layer.communicator
 
 
 def test_a_distributed_network_saves_as_the_plain_one(tmp_path):

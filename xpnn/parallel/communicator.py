@@ -52,6 +52,9 @@ class SingleProcessCommunicator:
         """Stop every rank with exit status ``code``: here, this process."""
         raise SystemExit(code)
 
+    def __deepcopy__(self, memo):
+        return self
+
     def __repr__(self):
         return "SingleProcessCommunicator()"
 

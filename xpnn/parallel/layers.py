@@ -15,7 +15,8 @@ from xpnn.parallel.launcher import world
 
 
 class _OverRanks:
-    """What both layers share: the communicator, plain copies and deep copies."""
+    """What both layers share: the communicator, plain copies, copies that stay over ranks
+    (``copy.copy`` and ``copy.deepcopy`` would otherwise follow ``__reduce_ex__``)."""
 
     #: The plain class this one stands for; saved files name it (see ``xpnn.checkpoint``).
     plain_class = None
@@ -36,6 +37,11 @@ class _OverRanks:
         layer.__dict__.update(self.__dict__)
         del layer.__dict__["communicator"]
         return layer
+
+    def __copy__(self):
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     def __deepcopy__(self, memo):
         twin = object.__new__(type(self))

@@ -47,6 +47,9 @@ class MultiNodeOptimizer:
     def __setattr__(self, name, value):
         setattr(self.optimizer, name, value)
 
+    def __copy__(self):
+        return MultiNodeOptimizer(copy.copy(self.optimizer), self.communicator)
+
     def __deepcopy__(self, memo):
         return MultiNodeOptimizer(copy.deepcopy(self.optimizer, memo), self.communicator)
 

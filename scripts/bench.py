@@ -11,6 +11,7 @@ Examples
     python scripts/bench.py                       # CPU, batch 64 and 256, both variants
     python scripts/bench.py --backend gpu         # xpnn on CuPy vs PyTorch on CUDA
     python scripts/bench.py --json bench.json --rounds 7 --iterations 30
+    python scripts/bench.py --ranks 2             # xpnn on 2 ranks (mpiexec) vs PyTorch on 2 threads
 """
 import argparse
 import contextlib
@@ -87,11 +88,19 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                         help="threads for both: PyTorch's intra-op threads; xpnn's CPU ops (NumpyOps.threads) "
                              "with NumPy's BLAS held to as many")
+    parser.add_argument("--ranks", type=positive_int, default=None,
+                        help="xpnn data-parallel on this many ranks (mpiexec -n RANKS, one thread each, "
+                             "pip install \"xpnn[mpi]\") against PyTorch on as many threads (--threads "
+                             "is ignored); the same global batch; xpnn's peak memory summed over the ranks")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-child", nargs=3, metavar=("FRAMEWORK", "VARIANT", "BATCH"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--rank-child", nargs=3, metavar=("DIRECTORY", "VARIANT", "BATCH"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ranks is not None:
+        args.threads = args.ranks  # (PyTorch's threads: one core per rank)
     if args.json is not None:
         check_json_path(parser, args.json)
     return args
@@ -197,6 +206,9 @@ class XpnnRunner:
         for start in range(0, INFERENCE_IMAGES, INFERENCE_BATCH):
             self.net.test(self.test_images[start:start + INFERENCE_BATCH, ...])
         self.backend.synchronize()
+
+    def close(self):
+        """Nothing to release (bench_ranks.RanksRunner's job ends here)."""
 
 
 def _batches(images, labels, batch_size):
@@ -374,6 +386,11 @@ def machine_description(torch, backend_name):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.rank_child:  # (one rank of --ranks, under mpiexec)
+        import bench_ranks
+
+        directory, variant, batch_size = args.rank_child
+        return bench_ranks.rank_child(directory, variant, int(batch_size), args.backend)
     if args.memory_child:
         framework, variant, batch_size = args.memory_child
         return memory_child(framework, variant, int(batch_size), args.backend, args.threads)
@@ -399,27 +416,49 @@ def blas_threads(count):
     return threadpool_limits(limits=count, user_api="blas")
 
 
+def make_xpnn_runner(args, variant, batch_size, images, labels):
+    """xpnn's side: this process (XpnnRunner), or with --ranks an MPI job (bench_ranks.RanksRunner)."""
+    if args.ranks:
+        import bench_ranks
+
+        return bench_ranks.RanksRunner(args.ranks, args.backend, variant, batch_size)
+    return XpnnRunner(args.backend, variant, batch_size, images, labels, args.threads)
+
+
+def peak_memory(args, variant, batch_size):
+    """(xpnn's, PyTorch's) peak memory in MiB, each in processes of its own; with --ranks,
+    xpnn's is the sum over its ranks."""
+    if args.ranks:
+        import bench_ranks
+
+        xpnn_peak = bench_ranks.peak_memory_mib(args.ranks, args.backend, variant, batch_size)
+    else:
+        xpnn_peak = peak_memory_mib("xpnn", variant, batch_size, args)
+    return xpnn_peak, peak_memory_mib("torch", variant, batch_size, args)
+
+
 def measure(args, torch):
     """Time every variant and batch size (alternating rounds), print a row each, write the JSON."""
     images, labels = synthetic_data()
     results = {"machine": machine_description(torch, args.backend), "backend": args.backend,
                "memory": ("peak GPU memory in use (CuPy pool / torch.cuda.max_memory_allocated)"
                           if _torch_device(args.backend) == "cuda" else "peak resident memory"),
-               "rounds": args.rounds, "iterations": args.iterations, "settle_s": args.settle, "runs": []}
+               "rounds": args.rounds, "iterations": args.iterations, "settle_s": args.settle,
+               "ranks": args.ranks, "runs": []}
     print(f"{'variant':18} {'batch':>5} {'xpnn ms':>8} {'torch ms':>8} {'ratio':>6} {'spread':>11}"
           f" {'infer x/t s':>13} {'ratio':>6} {'peak MiB x/t':>13}")
     for variant in args.variants:
         for batch_size in args.batch_sizes:
             torch.manual_seed(0)
             np.random.seed(0)
-            xpnn_runner = XpnnRunner(args.backend, variant, batch_size, images, labels, args.threads)
+            xpnn_runner = make_xpnn_runner(args, variant, batch_size, images, labels)
             torch_runner = TorchRunner(torch, _torch_device(args.backend), variant, batch_size, images, labels)
             summary = summarize(compare(xpnn_runner, torch_runner, args.rounds, args.iterations,
                                         args.settle), batch_size)
+            xpnn_runner.close()
             summary.update(variant=variant, batch_size=batch_size)
             if not args.skip_memory:
-                summary["xpnn_peak_mib"] = peak_memory_mib("xpnn", variant, batch_size, args)
-                summary["torch_peak_mib"] = peak_memory_mib("torch", variant, batch_size, args)
+                summary["xpnn_peak_mib"], summary["torch_peak_mib"] = peak_memory(args, variant, batch_size)
             results["runs"].append(summary)
             _print_row(summary)
     import xpnn

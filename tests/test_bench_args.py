@@ -36,7 +36,8 @@ def usage_error(bench, argv, capsys):
     (["--batch-sizes", "10001"], "--batch-sizes: must be at most 10000"),
     (["--batch-sizes", "20000"], "--batch-sizes: must be at most 10000"),
     (["--settle", "-1"], "--settle: must be a number >= 0"),
-], ids=["rounds", "iterations", "threads", "batch-0", "batch-10001", "batch-20000", "settle"])
+    (["--ranks", "0"], "--ranks: must be a positive integer, got 0"),
+], ids=["rounds", "iterations", "threads", "batch-0", "batch-10001", "batch-20000", "settle", "ranks"])
 def test_impossible_values_are_usage_errors(bench, argv, expected, capsys):
     assert expected in usage_error(bench, argv, capsys)
 
@@ -55,3 +56,8 @@ def test_json_path_is_checked_at_start_up(bench, tmp_path, capsys):
     assert "is a directory" in usage_error(bench, ["--json", str(tmp_path)], capsys)
     assert bench.parse_args(["--json", str(tmp_path / "b.json")]).json == str(tmp_path / "b.json")
     assert not (tmp_path / "b.json").exists(), "checking the path writes nothing"
+
+
+def test_ranks_give_pytorch_as_many_threads(bench):
+    assert bench.parse_args(["--ranks", "3", "--threads", "1"]).threads == 3
+    assert bench.parse_args(["--threads", "1"]).ranks is None

@@ -108,3 +108,19 @@ def test_xpnn_train_on_two_ranks_says_a_setup_error_once(data_dir, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert output.count("xpnn-train: error:") == 1 and "missing" in output, output
+
+
+def test_the_benchmarks_ranks_follow_its_commands_and_end_with_it():
+    sys.path.insert(0, os.path.join(test_train_cli.REPO, "scripts"))
+    try:
+        import bench_ranks
+    finally:
+        sys.path.pop(0)
+    runner = bench_ranks.RanksRunner(2, "cpu", "lenet-bn-dropout", 8)
+    try:
+        runner.train(2)
+        runner.infer()
+        assert runner.peak_mib() > 0
+    finally:
+        runner.close()
+    assert runner.job.returncode == 0 and not os.path.exists(runner.directory)

@@ -20,8 +20,6 @@ class _OverRanks:
 
     #: The plain class this one stands for; saved files name it (see ``xpnn.checkpoint``).
     plain_class = None
-    #: Whole batches only (the rows of a rank are a piece of the batch already).
-    runs_in_pieces = False
 
     @classmethod
     def from_layer(cls, layer, communicator):

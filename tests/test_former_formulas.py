@@ -80,3 +80,32 @@ def test_adam_update_gives_the_former_steps(backend, decay):
 @pytest.mark.parametrize("decay", [0.0, 4e-1], ids=["no-l2", "l2"])
 def test_adam_update_gives_the_former_steps_in_float32(backend32, decay):
     _adam_against_the_former(backend32, backend32.ops, decay)
+
+
+# -- FullyConnected in testing phase ------------------------------------------------------------
+
+def test_fully_connected_testing_phase_adds_the_bias_row_as_the_ones_column_did(backend):
+    # Former: [x, 1] @ weights with a column of ones made each forward, in either phase. Now
+    # testing phase adds the bias row to x @ weights[:-1] (no copy of the input); a backward
+    # after it still gives the gradient of the augmented input.
+    from xpnn.layers import FullyConnected
+
+    layer = FullyConnected(6, 4)
+    layer.weights = np.random.default_rng(2).standard_normal((7, 4))
+    host = np.random.default_rng(3).standard_normal((5, 6))
+    x = backend.asarray(host, dtype=backend.dtype)
+    xp = backend.xp
+    ones = xp.ones((5, 1), dtype=backend.dtype, device=backend.device)
+    former = xp.matmul(xp.concat([x, ones], axis=1), layer.weights)
+    for testing_phase in (True, False, True):
+        layer.testing_phase = testing_phase
+        assert_close(layer.forward(x), xpnn.to_numpy(former), rtol=1e-12, atol=1e-15,
+                     err_msg=f"testing_phase={testing_phase}")
+    layer.testing_phase = False
+    layer.forward(backend.asarray(-host, dtype=backend.dtype))  # (not what backward must use)
+    layer.testing_phase = True
+    layer.forward(x)
+    error = np.random.default_rng(4).standard_normal((5, 4))
+    layer.backward(backend.asarray(error, dtype=backend.dtype))
+    augmented = np.hstack([host, np.ones((5, 1))])
+    assert_close(layer.gradient_weights, augmented.T @ error, rtol=1e-12, atol=1e-15)

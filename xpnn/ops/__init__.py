@@ -26,6 +26,24 @@ class Ops:
     def __init__(self, backend):
         self.backend = backend
         self.xp = backend.xp
+        self._ones_columns = {}  # rows -> (rows, 1) ones: see ones_column
+
+    def ones_column(self, rows):
+        """A ``(rows, 1)`` array of ones in the backend's dtype, made once per row count.
+
+        The bias column of :class:`~xpnn.layers.FullyConnected`'s augmented input:
+        shared, so never written to; made afresh each step it cost a fill (a kernel
+        launch on a GPU) per layer. A few row counts are kept (a batch size and
+        the last, shorter batch of an epoch).
+        """
+        column = self._ones_columns.get(rows)
+        if column is None:
+            if len(self._ones_columns) >= 4:
+                self._ones_columns.clear()
+            backend = self.backend
+            column = self.xp.ones((rows, 1), dtype=backend.dtype, device=backend.device)
+            self._ones_columns[rows] = column
+        return column
 
     def compute_scope(self):
         """Context manager around a whole training or inference pass of a network.

@@ -109,3 +109,16 @@ def test_fully_connected_testing_phase_adds_the_bias_row_as_the_ones_column_did(
     layer.backward(backend.asarray(error, dtype=backend.dtype))
     augmented = np.hstack([host, np.ones((5, 1))])
     assert_close(layer.gradient_weights, augmented.T @ error, rtol=1e-12, atol=1e-15)
+
+
+# -- the L2 regularizer's norm ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(785, 120), (16, 6, 5, 5), (7,), ()], ids=["fc", "conv", "1d", "0d"])
+def test_sum_of_squares_gives_the_former_sum_of_the_product(backend, shape):
+    # Former: xp.sum(x * x); now the inner product of the flattened x with itself.
+    x = _random(backend, shape, seed=5)
+    former = backend.xp.sum(x * x)
+    for ops in (backend.ops, Ops(backend)):
+        value = ops.sum_of_squares(x)
+        assert tuple(getattr(value, "shape", ())) == ()
+        assert_close(value, xpnn.to_numpy(former), rtol=1e-12)

@@ -198,8 +198,13 @@ class Ops:
 
     # -- optimizers and regularizers ----------------------------------------------
     def sum_of_squares(self, x):
-        """``sum(x * x)`` over every entry (an L2 regularizer's norm, each training step)."""
-        return self.xp.sum(x * x)
+        """``sum(x * x)`` over every entry (an L2 regularizer's norm, each training step).
+
+        One operation: the inner product of the flattened ``x`` with itself
+        (``matmul`` of two vectors), instead of a product array and its sum.
+        """
+        flat = self.xp.reshape(x, (-1,))
+        return self.xp.matmul(flat, flat)
 
     def adam_update(self, weights, gradient, moments, mu, rho, step_size,
                     inverse_root_correction, epsilon, learning_rate=0.0, decay=0.0):

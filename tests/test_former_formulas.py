@@ -1,9 +1,13 @@
 """Paths rewritten in fewer array operations give what the former ones gave, to rounding.
 
 Each former formula is kept here, as it read before the rewrite, as the
-reference: Adam's step (19 operations a parameter, now 12 to 14).
-Every backend runs both on the same inputs (float64, and float32 with
-strict's float32-only device).
+reference: Adam's step (16 operations a parameter, 19 with an L2 decay; now
+12 and 14), FullyConnected's testing-phase forward (a column of ones
+concatenated; now the bias row added), the L2 norm's sum of squares (a
+product and its sum; now one inner product) and batch normalization (its
+statistics in four calls, now two; its input gradient in eleven, now ten).
+Every backend runs both on the same inputs (float64; Adam in float32 too,
+strict's float32-only device included).
 """
 import math
 
@@ -122,3 +126,60 @@ def test_sum_of_squares_gives_the_former_sum_of_the_product(backend, shape):
         value = ops.sum_of_squares(x)
         assert tuple(getattr(value, "shape", ())) == ()
         assert_close(value, xpnn.to_numpy(former), rtol=1e-12)
+
+
+# -- batch normalization -------------------------------------------------------------------------
+
+def former_batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None):
+    """xpnn.ops.batch_norm.batch_norm_forward before its statistics took two calls (one piece)."""
+    vector_shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    if statistics is None:
+        mean = xp.mean(x, axis=axes, keepdims=True)
+        centered = x - mean
+        variance = xp.mean(centered * centered, axis=axes, keepdims=True)
+    else:
+        mean, variance = (xp.reshape(statistic, vector_shape) for statistic in statistics)
+        centered = x - mean
+    inverse_std = 1.0 / xp.sqrt(variance + eps)
+    normalized = centered * inverse_std
+    output = xp.reshape(gamma, vector_shape) * normalized + xp.reshape(beta, vector_shape)
+    return output, (mean, variance), (normalized, inverse_std)
+
+
+def former_batch_norm_backward(xp, error, gamma, normalized, inverse_std, axes, batch_statistics):
+    """xpnn.ops.batch_norm.batch_norm_backward before it took γ out of the means (one piece)."""
+    gradient_gamma = xp.sum(error * normalized, axis=axes)
+    gradient_beta = xp.sum(error, axis=axes)
+    gamma = xp.reshape(gamma, tuple(inverse_std.shape))
+    normalized_error = error * gamma
+    if not batch_statistics:
+        return normalized_error * inverse_std, gradient_gamma, gradient_beta
+    mean_error = xp.mean(normalized_error, axis=axes, keepdims=True)
+    mean_projection = xp.mean(normalized_error * normalized, axis=axes, keepdims=True)
+    gradient_input = (normalized_error - mean_error - normalized * mean_projection) * inverse_std
+    return gradient_input, gradient_gamma, gradient_beta
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (8, 3, 6, 4)], ids=["vectors", "images"])
+@pytest.mark.parametrize("given", [False, True], ids=["batch-statistics", "running-statistics"])
+def test_batch_norm_gives_the_former_output_and_gradients(backend, shape, given):
+    # The backend's own path (NumPy has one for images) and the generic one, against the
+    # former generic formulas; the input has a large mean, as real activations may.
+    xp = backend.xp
+    axes = (0,) if len(shape) == 2 else (0, 2, 3)
+    x = _random(backend, shape, seed=6, scale=3.0) + 5.0
+    gamma, beta = _random(backend, (shape[1],), seed=7), _random(backend, (shape[1],), seed=8)
+    error = _random(backend, shape, seed=9)
+    statistics = ((_random(backend, (shape[1],), seed=10),
+                   xp.abs(_random(backend, (shape[1],), seed=11)) + 0.5) if given else None)
+    output, used, (normalized, inverse_std) = former_batch_norm_forward(
+        xp, x, gamma, beta, 1e-5, axes, statistics)
+    expected = (output,) + tuple(xp.reshape(value, (shape[1],)) for value in used) + \
+        former_batch_norm_backward(xp, error, gamma, normalized, inverse_std, axes, not given)
+    names = ("output", "mean", "variance", "input gradient", "gamma gradient", "beta gradient")
+    for ops in (backend.ops, Ops(backend)):
+        output, used, cache = ops.batch_norm_forward(x, gamma, beta, 1e-5, axes, statistics)
+        actual = (output,) + tuple(used) + tuple(ops.batch_norm_backward(error, gamma, cache))
+        for name, value, reference in zip(names, actual, expected):
+            assert_close(value, xpnn.to_numpy(reference), rtol=1e-10, atol=1e-12,
+                         err_msg=f"{name} ({type(ops).__name__})")

@@ -183,3 +183,45 @@ def test_batch_norm_gives_the_former_output_and_gradients(backend, shape, given)
         for name, value, reference in zip(names, actual, expected):
             assert_close(value, xpnn.to_numpy(reference), rtol=1e-10, atol=1e-12,
                          err_msg=f"{name} ({type(ops).__name__})")
+
+
+# -- the regularization loss -------------------------------------------------------------------------
+
+class _FloatNorm:
+    """A course-style regularizer of one's own whose norm is a Python float."""
+
+    def calculate_gradient(self, weights):
+        return 0.0 * weights
+
+    def norm(self, weights):
+        return 0.25
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["l2-everywhere", "one-float-norm"])
+def test_regularization_loss_gives_the_former_sum_added_in_turn(backend, own):
+    # Former: total = 0.0; total = total + norm, layer by layer. Now the backend adds them
+    # (one stack and sum for four or more of its own 0-d arrays).
+    from xpnn.layers import FullyConnected, ReLU
+    from xpnn.network import NeuralNetwork
+    from xpnn.optimizers import Sgd
+    from xpnn.regularizers import L2_Regularizer
+    from xpnn.initializers import He, Constant
+
+    optimizer = Sgd(0.1)
+    optimizer.add_regularizer(L2_Regularizer(4e-2))
+    net = NeuralNetwork(optimizer, He(), Constant(0.1))
+    for size in (5, 4, 3, 6, 2):
+        net.append_layer(FullyConnected(size, size + 1))
+        net.append_layer(ReLU())
+    if own:
+        net.layers[2].optimizer.add_regularizer(_FloatNorm())
+    former = 0.0
+    for layer in net.layers:
+        if layer.trainable:
+            former = former + layer.optimizer.regularizer.norm(layer.weights)
+    total = net.regularization_loss()
+    assert_close(total, xpnn.to_numpy(former), rtol=1e-12)
+    assert backend.owns(total)
+    net.layers[4].trainable = False  # (a frozen layer's norm is left out, as before)
+    left_out = net.layers[4].optimizer.regularizer.norm(net.layers[4].weights)
+    assert_close(net.regularization_loss(), xpnn.to_numpy(former - left_out), rtol=1e-12)

@@ -115,6 +115,8 @@ class Backend:
     # -- moving data ---------------------------------------------------------
     def owns(self, x):
         """Return True when ``x`` is an array of this backend's library and device."""
+        if type(x) is self._array_class:  # (the common case first: no library lookup)
+            return self.library is np or x.device == self.device
         return _library_of(x) is self.library and _same_device(x, self.device)
 
     def asarray(self, x, dtype=None):

@@ -6,6 +6,8 @@ benchmark shows it pays, and always with a test that compares it against the
 generic method here (the reference).
 """
 import contextlib
+import functools
+import operator
 
 from xpnn.ops import adam as _adam
 from xpnn.ops import batch_norm as _batch_norm
@@ -197,6 +199,18 @@ class Ops:
         return _pooling.max_pool_backward(self.xp, self.backend.device, error, cache)
 
     # -- optimizers and regularizers ----------------------------------------------
+    def total(self, values):
+        """``values[0] + values[1] + ...`` (0.0 for none): a network's regularization loss.
+
+        Four or more 0-d arrays of this backend are summed in one reduction
+        (stack and sum: two operations, kernel launches on a GPU, instead of
+        one addition each); anything else (a regularizer's Python float, an
+        array of another backend) is added in turn, the first value first.
+        """
+        if len(values) > 3 and all(self.backend.owns(value) and value.ndim == 0 for value in values):
+            return self.xp.sum(self.xp.stack(values))
+        return functools.reduce(operator.add, values) if values else 0.0
+
     def sum_of_squares(self, x):
         """``sum(x * x)`` over every entry (an L2 regularizer's norm, each training step).
 

@@ -44,6 +44,8 @@ processes share no GIL and hand over through shared memory in microseconds, whic
 the threads could not match at that size.
 """
 import contextlib
+import functools
+import operator
 import threading
 
 import numpy as np
@@ -208,6 +210,11 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
         return np.concatenate(pieces, axis=0)
 
     # -- optimizers and regularizers ----------------------------------------------
+    def total(self, values):
+        """Same contract as :meth:`xpnn.ops.Ops.total`, added in turn: NumPy's norms are scalars,
+        whose additions cost less than a stack and its sum."""
+        return functools.reduce(operator.add, values) if values else 0.0
+
     def sum_of_squares(self, x):
         """Same contract as :meth:`xpnn.ops.Ops.sum_of_squares`, as one BLAS dot product.
 

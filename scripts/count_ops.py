@@ -279,11 +279,8 @@ def torch_counts(variant, adam, batch_size=BATCH):
             self.phase, self.counts = None, collections.Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            kind = ("view" if func.is_view or name in ("detach", "alias") else
-                    "alloc" if name.split("_like")[0] in ("empty", "empty_strided", "zeros", "ones", "full")
-                    else "compute")
-            self.counts[kind, self.phase] += 1
+            if func.namespace != "profiler":  # (record_function markers: no array work)
+                self.counts[torch_kind(func), self.phase] += 1
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
@@ -320,6 +317,19 @@ def torch_counts(variant, adam, batch_size=BATCH):
         torch.softmax(model(images), dim=1)
     counts["inference"] = collections.Counter(counter.counts)
     return counts
+
+
+def torch_kind(func):
+    """``"compute"``, ``"view"``, ``"alloc"`` or ``"host"`` (a scalar read to the host, e.g.
+    Adam's step count on the CPU: no kernel) for an ATen operation."""
+    name = func.overloadpacket.__name__
+    if name == "_local_scalar_dense":
+        return "host"
+    if func.is_view or name in ("detach", "alias", "lift_fresh"):
+        return "view"
+    if name.split("_like")[0] in ("empty", "empty_strided", "zeros", "ones", "full"):
+        return "alloc"
+    return "compute"
 
 
 def _bench():
@@ -376,17 +386,34 @@ def summary_rows(variant):
     calls = {name: python_calls(variant, name) for name in ("array-api-strict", "cpu")}
     torch = {adam: torch_counts(variant, adam) for adam in ("foreach", "fused")}
     rows = []
+    phases = phase_rows(variant, generic, torch)
     for name in ("train_batch", "inference"):
         totals = kind_totals(generic[name])
         norm = kind_totals(generic["norm"])["compute"] if name == "train_batch" else None
         torch_compute = [sum(n for (kind, _), n in torch[adam][name].items() if kind == "compute")
                          for adam in ("foreach", "fused")]
-        torch_views = sum(n for (kind, _), n in torch["foreach"][name].items() if kind != "compute")
+        torch_views = sum(n for (kind, _), n in torch["foreach"][name].items()
+                          if kind in ("view", "alloc"))
         rows.append([variant, name, totals["compute"], totals["view"], totals["alloc"],
                      "-" if norm is None else norm, *calls["array-api-strict"][name],
                      calls["cpu"][name][0], torch_compute[0],
                      torch_compute[1] if name == "train_batch" else "-", torch_views])
-    return rows, generic
+    return rows, generic, phases
+
+
+def phase_rows(variant, generic, torch):
+    """Computing calls of one training step by phase: xpnn's generic path against PyTorch's."""
+    rows = []
+    for phase in ("forward", "backward", "update"):
+        mine = sum(1 for kind, _, owner, step in generic["train_batch"]
+                   if kind == "compute" and step == phase)
+        theirs = [torch[adam]["train_batch"]["compute", phase] for adam in ("foreach", "fused")]
+        rows.append([variant, phase, mine] + theirs)
+    return rows
+
+
+PHASE_HEADER = ["variant", "train_batch phase", "xpnn generic", "torch (foreach Adam)",
+                "torch (fused Adam)"]
 
 
 SUMMARY_HEADER = ["variant", "pass", "generic compute", "views", "allocs", "+ train() norms",
@@ -434,11 +461,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"LeNet, batch {BATCH}, float32, after {WARM_UP_STEPS} warm-up steps; xpnn "
           f"{xpnn.__file__}\n")
-    summary, layers = [], {}
+    summary, layers, phases = [], {}, []
     for variant in args.variants:
-        rows, layers[variant] = summary_rows(variant)
+        rows, layers[variant], variant_phases = summary_rows(variant)
         summary += rows
+        phases += variant_phases
     print(markdown(SUMMARY_HEADER, summary))
+    print("\nComputing calls of one training step by phase (the loss's in forward and backward)\n")
+    print(markdown(PHASE_HEADER, phases))
     for variant in args.variants:
         print(f"\nGeneric path per layer, {variant}: computing calls (+ views and allocations)\n")
         print(markdown(LAYER_HEADER, layer_rows(layers[variant])))

@@ -28,7 +28,7 @@ BOUNDS = {
 }
 #: Most Python frames entered in xpnn's files for one train_batch of the BN + dropout LeNet
 #: on the generic path (array-api-strict), and in array-api-compat's.
-PYTHON_CALLS_BOUND = (609, 42)
+PYTHON_CALLS_BOUND = (544, 42)
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,30 @@ def test_asarray_of_numpy_arrays_on_the_cpu_backend():
         np.testing.assert_array_equal(converted, plain)
 
 
+def test_asarray_returns_the_backends_own_arrays_at_once_and_converts_the_others(backend):
+    # Every layer's input goes through asarray(x, dtype=backend.dtype): its own array of
+    # that dtype on its device comes back as it is, without the general ownership lookup;
+    # the same library's array in another dtype is cast, on another device moved.
+    from xpnn.backend import namespace
+
+    own = backend.asarray(np.array([1.0, -2.0]), dtype=backend.dtype)
+    assert backend.asarray(own, dtype=backend.dtype) is own and backend.asarray(own) is own
+    narrow = backend.asarray(own, dtype="float32")
+    assert narrow is not own and backend.owns(narrow) and narrow.dtype == backend.xp.float32
+    assert backend.asarray(narrow, dtype=backend.dtype).dtype == backend.dtype
+    if backend.name == "array-api-strict":
+        elsewhere = make_backend("array-api-strict", "float64",
+                                 "device1" if backend.device_spec is None else None)
+        moved = backend.asarray(elsewhere.asarray(np.array([3.0])), dtype=backend.dtype)
+        assert backend.owns(moved) and not elsewhere.owns(moved)
+        assert_close(moved, [3.0])
+    # namespace() answers a class it has seen from memory: the same namespace as the lookup.
+    import array_api_compat
+
+    assert namespace(own) is array_api_compat.array_namespace(own)
+    assert namespace(own) is namespace(backend.asarray(np.zeros(2)))
+
+
 def test_asarray_moves_between_backends(backend):
     strict = make_backend("array-api-strict", device="device1")
     other = strict.asarray(np.array([1.0, 2.0]))

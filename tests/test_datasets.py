@@ -441,6 +441,19 @@ def test_batches_shapes_one_hot_and_scaling(backend32):
     np.testing.assert_array_equal(xpnn.to_numpy(one_hot), np.eye(10)[labels[:4]])
 
 
+def test_float_images_reach_the_batch_without_a_copy(backend):
+    # Float images are stored in the backend's dtype: preparing a batch of them casts
+    # nothing, so it makes no copy (astype to the dtype they have changes nothing).
+    images = np.random.default_rng(0).random((6, 1, 3, 3))
+    layer = DataLayer(images, np.arange(6) % 3, 4, shuffle=False)
+    stored = layer._train
+    rows = stored.images[0:4, ...]
+    prepared, one_hot = stored.prepare(rows, stored.labels[0:4])
+    assert prepared is rows and one_hot.dtype == backend.dtype
+    batch, _ = layer.next()
+    np.testing.assert_array_equal(xpnn.to_numpy(batch), images[:4])
+
+
 def test_each_epoch_covers_every_sample_once(backend):
     count, labels = 23, np.arange(23) % 10
     layer = DataLayer(indexed_images(count), labels, 5, seed=7)

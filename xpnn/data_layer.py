@@ -104,7 +104,8 @@ class _DeviceSet:
         """Turn stored images/labels into (float images in the backend dtype, one-hot labels)."""
         xp = self.backend.xp
         dtype = self.backend.dtype
-        images = xp.astype(images, dtype)
+        # (copy=False: float images are stored in the dtype already, and a copy changes nothing.)
+        images = xp.astype(images, dtype, copy=False)
         if self.scale:
             images = images / 255.0
         one_hot = xp.astype(xp.expand_dims(labels, axis=1) == self.classes, dtype)

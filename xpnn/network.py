@@ -123,13 +123,17 @@ class NeuralNetwork:
         return forward_chain(layers, input_tensor)
 
     def regularization_loss(self):
-        """Sum of ``regularizer.norm(weights)`` over trainable layers (0 without one)."""
-        total = 0.0
+        """Sum of ``regularizer.norm(weights)`` over trainable layers (0 without one).
+
+        The backend adds the norms (:meth:`xpnn.ops.Ops.total`: one reduction where
+        they are its arrays).
+        """
+        norms = []
         for layer in self.layers:
             regularizer = getattr(layer.optimizer, "regularizer", None) if layer.trainable else None
             if regularizer is not None:
-                total = total + regularizer.norm(layer.weights)
-        return total
+                norms.append(regularizer.norm(layer.weights))
+        return self.backend.ops.total(norms)
 
     def forward(self):
         """Pull the next batch, run every layer and the loss; return data + regularization loss."""

@@ -38,6 +38,9 @@ class FullyConnected(TrainableLayer):
 
     # bias and gradient_bias are views of rows of these; moving them is enough.
     state_names = ("weights", "gradient_weights")
+    # The input of the last testing-phase forward, for a backward after it (a class
+    # default: a layer pickled before it existed loads without it).
+    _input = None
 
     def __init__(self, input_size, output_size):
         super().__init__()
@@ -45,7 +48,7 @@ class FullyConnected(TrainableLayer):
         self.output_size = positive_int("FullyConnected", "output_size", output_size)
         self.weights = UniformRandom().initialize(
             (self.input_size + 1, self.output_size), self.input_size, self.output_size)
-        # The input with its column of ones, kept for the weight gradient.
+        # The training input with its column of ones, kept for the weight gradient.
         self._augmented_input = None
 
     # -- parameters ------------------------------------------------------------
@@ -91,29 +94,44 @@ class FullyConnected(TrainableLayer):
 
     # -- passes ------------------------------------------------------------------
     def forward(self, input_tensor):
-        """Return ``[input, 1] @ weights`` for an input of shape (batch, input_size)."""
+        """Return ``[input, 1] @ weights`` for an input of shape (batch, input_size).
+
+        In training the input gets its column of ones (shared, made once per
+        batch size), and the weight gradient is then one matrix product; in
+        testing phase the bias row is added to ``input @ weights[:-1]`` instead
+        (equal to rounding), without the copy of the input.
+        """
         xp = self.backend.xp
         input_tensor = self._as_input(input_tensor)
         if input_tensor.ndim != 2 or input_tensor.shape[1] != self.input_size:
             raise ValueError(f"FullyConnected: expected input of shape (batch, {self.input_size}), "
                              f"received {tuple(input_tensor.shape)}")
-        ones = xp.ones((input_tensor.shape[0], 1), dtype=input_tensor.dtype,
-                       device=self.backend.device)
-        augmented_input = xp.concat([input_tensor, ones], axis=1)
-        self._augmented_input = augmented_input
-        return xp.matmul(augmented_input, self._weights)
+        if self.testing_phase:
+            self._augmented_input, self._input = None, input_tensor
+            matrix, bias = self._weights[:self.input_size, :], self._weights[self.input_size, :]
+            return xp.matmul(input_tensor, matrix) + bias
+        self._augmented_input, self._input = self._augmented(input_tensor), None
+        return xp.matmul(self._augmented_input, self._weights)
+
+    def _augmented(self, input_tensor):
+        """``[input, 1]``: the input with a column of ones appended."""
+        ones = self.backend.ops.ones_column(input_tensor.shape[0])
+        return self.backend.xp.concat([input_tensor, ones], axis=1)
 
     def backward(self, error_tensor):
         """Set ``gradient_weights``, update through the optimizer, return the input error."""
         xp = self.backend.xp
         error_tensor = self._as_input(error_tensor)
-        if self._augmented_input is None:
+        augmented_input = self._augmented_input
+        if augmented_input is None and self._input is not None:  # after a testing-phase forward
+            augmented_input = self._augmented(self._input)
+        if augmented_input is None:
             raise RuntimeError("FullyConnected: backward called before forward")
-        expected = (self._augmented_input.shape[0], self.output_size)
+        expected = (augmented_input.shape[0], self.output_size)
         if tuple(error_tensor.shape) != expected:
             raise ValueError(f"FullyConnected: expected error of shape {expected}, "
                              f"received {tuple(error_tensor.shape)}")
-        self.gradient_weights = xp.matmul(xp.matrix_transpose(self._augmented_input), error_tensor)
+        self.gradient_weights = xp.matmul(xp.matrix_transpose(augmented_input), error_tensor)
         # The input error uses the weights of the forward pass, before the update.
         input_error = xp.matmul(error_tensor,
                                 xp.matrix_transpose(self._weights[:self.input_size, :]))

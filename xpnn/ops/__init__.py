@@ -6,6 +6,8 @@ benchmark shows it pays, and always with a test that compares it against the
 generic method here (the reference).
 """
 import contextlib
+import functools
+import operator
 
 from xpnn.ops import adam as _adam
 from xpnn.ops import batch_norm as _batch_norm
@@ -26,6 +28,24 @@ class Ops:
     def __init__(self, backend):
         self.backend = backend
         self.xp = backend.xp
+        self._ones_columns = {}  # rows -> (rows, 1) ones: see ones_column
+
+    def ones_column(self, rows):
+        """A ``(rows, 1)`` array of ones in the backend's dtype, made once per row count.
+
+        The bias column of :class:`~xpnn.layers.FullyConnected`'s augmented input:
+        shared, so never written to; made afresh each step it cost a fill (a kernel
+        launch on a GPU) per layer. A few row counts are kept (a batch size and
+        the last, shorter batch of an epoch).
+        """
+        column = self._ones_columns.get(rows)
+        if column is None:
+            if len(self._ones_columns) >= 4:
+                self._ones_columns.clear()
+            backend = self.backend
+            column = self.xp.ones((rows, 1), dtype=backend.dtype, device=backend.device)
+            self._ones_columns[rows] = column
+        return column
 
     def compute_scope(self):
         """Context manager around a whole training or inference pass of a network.
@@ -152,9 +172,26 @@ class Ops:
         return _pooling.max_pool_backward(self.xp, self.backend.device, error, cache)
 
     # -- optimizers and regularizers ----------------------------------------------
+    def total(self, values):
+        """``values[0] + values[1] + ...`` (0.0 for none): a network's regularization loss.
+
+        Four or more 0-d arrays of this backend are summed in one reduction
+        (stack and sum: two operations, kernel launches on a GPU, instead of
+        one addition each); anything else (a regularizer's Python float, an
+        array of another backend) is added in turn, the first value first.
+        """
+        if len(values) > 3 and all(self.backend.owns(value) and value.ndim == 0 for value in values):
+            return self.xp.sum(self.xp.stack(values))
+        return functools.reduce(operator.add, values) if values else 0.0
+
     def sum_of_squares(self, x):
-        """``sum(x * x)`` over every entry (an L2 regularizer's norm, each training step)."""
-        return self.xp.sum(x * x)
+        """``sum(x * x)`` over every entry (an L2 regularizer's norm, each training step).
+
+        One operation: the inner product of the flattened ``x`` with itself
+        (``matmul`` of two vectors), instead of a product array and its sum.
+        """
+        flat = self.xp.reshape(x, (-1,))
+        return self.xp.matmul(flat, flat)
 
     def adam_update(self, weights, gradient, moments, mu, rho, step_size,
                     inverse_root_correction, epsilon, learning_rate=0.0, decay=0.0):

@@ -50,13 +50,15 @@ def batch_norm_forward(xp, x, gamma, beta, eps, axes, statistics=None, all_sum=N
         centered = x - mean
         variance = all_sum(xp.sum(centered * centered, axis=axes, keepdims=True))[0] / count
     elif statistics is None:
+        # Two calls (the standard's var: biased, correction 0) instead of a product array
+        # and a second mean over the centered input.
         mean = xp.mean(x, axis=axes, keepdims=True)
+        variance = xp.var(x, axis=axes, keepdims=True)
         centered = x - mean
-        variance = xp.mean(centered * centered, axis=axes, keepdims=True)
     else:
         mean, variance = (xp.reshape(statistic, vector_shape) for statistic in statistics)
         centered = x - mean
-    inverse_std = 1.0 / xp.sqrt(variance + eps)
+    inverse_std = (variance + eps) ** -0.5
     normalized = centered * inverse_std
     output = xp.reshape(gamma, vector_shape) * normalized + xp.reshape(beta, vector_shape)
     used = (xp.reshape(mean, (channels,)), xp.reshape(variance, (channels,)))
@@ -80,18 +82,18 @@ def batch_norm_backward(xp, error, gamma, cache):
     normalized, inverse_std, axes, batch_statistics, all_sum = cache
     gradient_gamma = xp.sum(error * normalized, axis=axes)
     gradient_beta = xp.sum(error, axis=axes)
-    gamma = xp.reshape(gamma, tuple(inverse_std.shape))
-    normalized_error = error * gamma
+    vector_shape = tuple(inverse_std.shape)
+    scale = xp.reshape(gamma, vector_shape) * inverse_std  # γ / sqrt(var + eps), per channel
     if not batch_statistics:
-        return normalized_error * inverse_std, gradient_gamma, gradient_beta
-    # dx = (dx̂ - mean(dx̂) - x̂ · mean(dx̂ · x̂)) / sqrt(var + eps), means per channel
-    if all_sum is None:
-        mean_error = xp.mean(normalized_error, axis=axes, keepdims=True)
-        mean_projection = xp.mean(normalized_error * normalized, axis=axes, keepdims=True)
-    else:  # the whole batch's means: dx̂ = γ e, so they are γ/n times β's and γ's gradients
-        count, projection, error_sum = all_sum(_count(error, axes), gradient_gamma, gradient_beta)
-        mean_error = gamma * xp.reshape(error_sum, tuple(gamma.shape)) / count
-        mean_projection = gamma * xp.reshape(projection, tuple(gamma.shape)) / count
-    gradient_input = (normalized_error - mean_error - normalized * mean_projection) * inverse_std
+        return error * scale, gradient_gamma, gradient_beta
+    # dx = γ/σ · (e - mean(e) - x̂ · mean(e · x̂)), means per channel over the batch: β's and
+    # γ's gradients divided by the count (the standard derivation, dx̂ = γ e, with γ taken
+    # out of the means). Ten operations in all, instead of eleven through γ e.
+    count, projection, error_sum = _count(error, axes), gradient_gamma, gradient_beta
+    if all_sum is not None:  # the whole batch's sums
+        count, projection, error_sum = all_sum(count, projection, error_sum)
+    gradient_input = error - xp.reshape(error_sum, vector_shape) * (1.0 / count)
+    gradient_input -= normalized * (xp.reshape(projection, vector_shape) * (1.0 / count))
+    gradient_input *= scale
     return gradient_input, gradient_gamma, gradient_beta
 

@@ -47,6 +47,8 @@ the inference time (pieces of the batch on the threads, :meth:`map_samples`;
 0.26 in a round disturbed by other load) and 0.89-1.01 of a training step's.
 """
 import contextlib
+import functools
+import operator
 import threading
 
 import numpy as np
@@ -138,6 +140,11 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
         return np.concatenate(self._parallel(lambda piece: function(x[piece[0]:piece[1]]), pieces))
 
     # -- optimizers and regularizers ----------------------------------------------
+    def total(self, values):
+        """Same contract as :meth:`xpnn.ops.Ops.total`, added in turn: NumPy's norms are scalars,
+        whose additions cost less than a stack and its sum."""
+        return functools.reduce(operator.add, values) if values else 0.0
+
     def sum_of_squares(self, x):
         """Same contract as :meth:`xpnn.ops.Ops.sum_of_squares`, as one BLAS dot product.
 
@@ -154,15 +161,9 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
         """Same results as :meth:`xpnn.ops.Ops.adam_update`, bit for bit.
 
         The same operations in the same order, but each writes into an array
-        it is given (``out=``) instead of copying into the scratch array first
-        and allocating temporaries: 16 passes over the parameters and one new
-        array (the result) instead of 19 passes and four new arrays. Measured
-        on this 2-core machine: LeNet's first fully connected layer (94,200
-        float32 values) 280 instead of 650 µs an update on its own; all of
-        Adam's updates in a batch-64 LeNet training step 0.42 instead of
-        0.53 ms (about 1 % of the step, below what whole-step timings here
-        resolve). Two threads per update were slower: each part's 16 short
-        calls wait for the GIL.
+        it is given (``out=``) instead of allocating temporaries: one new array
+        a step (the result) instead of four. Two threads per update were
+        slower: each part's dozen short calls wait for the GIL.
         """
         # 0-d: NumPy returns scalars, not arrays; another gradient dtype: the generic
         # path casts it before any arithmetic, out= would compute in the wider type.
@@ -178,14 +179,12 @@ class NumpyOps(ConvolutionPaths, ChannelPaths, Ops):
         second *= rho
         second += scratch
         updated = np.sqrt(second)  # the denominator first, then the result in its place
-        updated *= inverse_root_correction
-        updated += epsilon
-        np.divide(first, updated, out=scratch)
-        scratch *= step_size
-        np.subtract(weights, scratch, out=updated)
+        updated += epsilon / inverse_root_correction
+        np.divide(first, updated, out=updated)
+        updated *= -(step_size / inverse_root_correction)
+        updated += weights
         if decay:
-            np.multiply(weights, decay, out=scratch)
-            scratch *= learning_rate
+            np.multiply(weights, learning_rate * decay, out=scratch)
             updated -= scratch
         return updated
 

@@ -34,15 +34,14 @@ def check_layer(layer):
 def run_order(layers):
     """``layers`` in the order a network runs them: a ReLU right before max pooling runs after it.
 
-    The two commute exactly. ReLU is monotone and sends every value that is not
-    positive to +0, so a window's largest ReLU output is the ReLU of its largest
-    input; and both orders send a window's error to the same input: its first
-    maximum when that is positive, none otherwise. After the pooling the ReLU
-    works on a quarter of the values (2x2 windows), forward and backward: LeNet's
-    training step ~10 % faster on a 2-core CPU (interleaved in one process: 0.88
-    of the time at batch 64, 0.90 at 256). Inputs without NaN give the same
-    bits either way; a window holding a NaN gives +0 in this order where the
-    written order gives the ReLU of the window's largest other value.
+    The two commute exactly. ReLU is monotone, sends every value that is not
+    positive to +0 and keeps NaN, so a window's largest ReLU output is the ReLU
+    of its largest input (NaN when the window holds one: max pooling takes a NaN
+    as the maximum); and both orders send a window's error to the same input:
+    its first maximum when that is positive or NaN, none otherwise. After the
+    pooling the ReLU works on a quarter of the values (2x2 windows), forward and
+    backward: LeNet's training step ~10 % faster on a 2-core CPU (interleaved in
+    one process: 0.88 of the time at batch 64, 0.90 at 256).
 
     Only the library's own :class:`~xpnn.layers.ReLU` and
     :class:`~xpnn.layers.Pooling` move (a subclass may change either); a ReLU

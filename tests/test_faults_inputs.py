@@ -1,6 +1,8 @@
 """Inputs a network cannot learn from show, on every backend: NaN and inf pixels reach the
 loss and the prediction (ReLU keeps NaN); an empty batch and a one-sample batch through batch
 normalization are clear errors raised before any layer's state changes."""
+import re
+
 import numpy as np
 import pytest
 
@@ -77,3 +79,65 @@ def test_relu_keeps_nan_and_sends_the_rest_below_or_at_zero_to_plus_zero(backend
     # Backward passes the error where the input was positive or NaN (as PyTorch's ReLU).
     error = xpnn.to_numpy(layer.backward(backend.asarray(np.arange(1.0, 8.0)[None, :])))
     np.testing.assert_array_equal(error, [[1.0, 0.0, 0.0, 0.0, 0.0, 6.0, 7.0]])
+
+
+# -- batches that cannot be trained on ----------------------------------------------------
+
+def _trained_lenet():
+    net = _lenet()
+    net.train_batch(*_batch())  # running statistics and optimizer moments exist
+    return net
+
+
+def test_an_empty_training_batch_is_refused_naming_the_input_shape(backend):
+    net = _trained_lenet()
+    before = _state(net)
+    images, labels = _batch()
+    with pytest.raises(ValueError) as info:
+        net.train_batch(images[:0], labels[:0])
+    message = str(info.value)
+    assert "NeuralNetwork.train_batch: the batch is empty (input of shape (0, 1, 28, 28))" in message
+    assert "(batch, 1, y, x) (Conv)" in message, message
+    _assert_same_state(before, _state(net))
+    # Through train() (the course loop) too: its data layer gave the empty batch.
+    net.data_layer = type("Empty", (), {"next": lambda self: (images[:0], labels[:0])})()
+    with pytest.raises(ValueError, match=r"NeuralNetwork\.train: the batch is empty"):
+        net.train(1)
+    _assert_same_state(before, _state(net))
+    assert net.loss == []
+
+
+def test_an_empty_test_batch_is_refused_naming_the_input_shape(backend):
+    net = _trained_lenet()
+    with pytest.raises(ValueError, match=r"NeuralNetwork\.test: the batch is empty \(input of "
+                                         r"shape \(0, 1, 28, 28\)\).*\(batch, 1, y, x\) \(Conv\)"):
+        net.test(_batch()[0][:0])
+
+
+def test_one_sample_through_batch_norm_in_training_is_refused_before_any_state_changes(backend):
+    net = _trained_lenet()
+    before = _state(net)
+    images, labels = _batch()
+    with pytest.raises(ValueError) as info:
+        net.train_batch(images[:1], labels[:1])
+    message = str(info.value)
+    # LeNet's first two batch norms see 28x28 and 14x14 values per channel and run; the third
+    # (after the first fully connected layer) sees one: refused, and the first two's running
+    # statistics are put back.
+    assert message.startswith("BatchNormalization: batch statistics need at least 2 values per "
+                              "channel in training, got input of shape (1, 120) (1 per channel)"), message
+    assert "raised in net.layers[10] (BatchNormalization)" in message, message
+    _assert_same_state(before, _state(net))
+    # One sample in testing phase is fine: the running statistics are used.
+    assert xpnn.to_numpy(net.test(images[:1])).shape == (1, 10)
+
+
+@pytest.mark.parametrize("shape, values", [((1, 3), 1), ((0, 3), 0), ((1, 3, 1, 1), 1)])
+def test_batch_norm_alone_refuses_fewer_than_two_values_per_channel(backend, shape, values):
+    layer = BatchNormalization(3)
+    with pytest.raises(ValueError, match=re.escape(f"got input of shape {shape} ({values} per channel)")):
+        layer.forward(backend.asarray(np.ones(shape)))
+    assert layer.running_mean is None
+    # Two values per channel are enough (one sample of a 1 x 2 image, or two samples).
+    layer.forward(backend.asarray(np.arange(6.0).reshape(1, 3, 1, 2)))
+    layer.forward(backend.asarray(np.arange(6.0).reshape(2, 3)))

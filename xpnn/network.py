@@ -7,8 +7,8 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
 from xpnn.network_files import load, save
-from xpnn.network_rules import (NO_DATA_LAYER, NO_LOSS_LAYER, check_layer, note_layer, run_order,
-                                runs_in_pieces)
+from xpnn.network_rules import (NO_DATA_LAYER, NO_LOSS_LAYER, check_batch, check_layer, note_layer,
+                                run_order, running_statistics_kept_on_error, runs_in_pieces)
 from xpnn.piecewise import PiecewisePass, backward_chain, forward_chain, note_piece
 
 __all__ = ["NeuralNetwork", "load", "run_order", "save"]
@@ -125,9 +125,11 @@ class NeuralNetwork:
     def _run_layers(self, input_tensor, labels=None):
         """Every layer's forward in turn (in :func:`run_order`); in training, on pieces of the
         batch where the backend cuts it (``labels``: see :meth:`_labels_ahead`). A layer's
-        ValueError (a shape error) says which layer of the network raised it."""
+        ValueError (a shape error) says which layer of the network raised it; a layer refusing
+        the batch leaves every running statistic as it was."""
         try:
-            return self._run_layers_unnoted(input_tensor, labels)
+            with running_statistics_kept_on_error(self.layers):
+                return self._run_layers_unnoted(input_tensor, labels)
         except ValueError as error:
             note_layer(error, self.layers, self._order, input_tensor)
             raise
@@ -188,6 +190,7 @@ class NeuralNetwork:
         if batch is None and self.data_layer is None:
             raise RuntimeError(NO_DATA_LAYER)
         input_tensor, self.label_tensor = batch if batch is not None else self.data_layer.next()
+        check_batch(input_tensor, self.layers, "train" if self._in_train else "forward")
         prediction = self._run_layers(input_tensor, self._labels_ahead())
         return self.loss_layer.forward(prediction, self.label_tensor) + self.regularization_loss()
 
@@ -283,6 +286,7 @@ class NeuralNetwork:
         """
         if self.loss_layer is None:  # (before any state of the step is set)
             raise RuntimeError(NO_LOSS_LAYER.format("train_batch"))
+        check_batch(input_tensor, self.layers, "train_batch")
         if self._testing_phase:  # (e.g. after test(): train() sets the training phase too)
             self.phase = False
         self._in_train, self._ahead, self._given_next = True, following is not None, following
@@ -310,6 +314,7 @@ class NeuralNetwork:
             # statistics), so a backend may run pieces of the batch at the same time.
             # The layers' backward caches then hold one piece's: test is not for training.
             input_tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
+            check_batch(input_tensor, self.layers, "test")
             if not all(runs_in_pieces(layer) for layer in self.layers):
                 return self._run_layers(input_tensor)  # a layer of your own: the whole batch
             try:

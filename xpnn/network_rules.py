@@ -1,4 +1,7 @@
-"""What a network asks of its parts, the order it runs them in, and how it names a failing one."""
+"""What a network asks of its parts and its batches, the order it runs them in, and how it names a
+failing one."""
+import contextlib
+
 from xpnn.layers.activations import ReLU
 from xpnn.layers.pooling import Pooling
 
@@ -87,3 +90,50 @@ def runs_in_pieces(layer):
     """Whether ``layer`` may run on pieces of a batch (:mod:`xpnn.piecewise`): xpnn's layers say
     so themselves; a course-style layer of your own, without the attribute, runs whole."""
     return getattr(layer, "runs_in_pieces", False)
+
+
+def check_batch(input_tensor, layers, caller):
+    """Raise ValueError for an empty batch (0 samples), naming the input the network takes.
+
+    Checked before any layer runs: an empty batch used to give a loss of -0, NaN
+    running statistics in every batch normalization and, in ``test``, a
+    ZeroDivisionError.
+    """
+    shape = getattr(input_tensor, "shape", None)
+    if shape is None or len(shape) == 0 or shape[0] != 0:
+        return
+    raise ValueError(f"NeuralNetwork.{caller}: the batch is empty (input of shape {tuple(shape)}); "
+                     f"pass at least one sample: the network takes {network_input(layers, shape)}")
+
+
+def network_input(layers, shape):
+    """The input shape the first layer takes, in words: ``(batch, 1, y, x) (Conv)``; else the
+    given sample shape."""
+    first = layers[0] if layers else None
+    convolution = getattr(first, "convolution_shape", None)
+    if convolution is not None:
+        spatial = ", ".join("yx"[:len(convolution) - 1])
+        return f"input of shape (batch, {convolution[0]}, {spatial}) ({type(first).__name__})"
+    size = getattr(first, "input_size", None) or getattr(first, "channels", None)
+    if size is not None:
+        return f"input of shape (batch, {size}, ...) ({type(first).__name__})"
+    return f"samples of shape {tuple(shape[1:])}"
+
+
+@contextlib.contextmanager
+def running_statistics_kept_on_error(layers):
+    """Put every layer's running statistics back when the block raises.
+
+    A training forward pass updates batch normalization's running statistics
+    layer by layer; a later layer refusing the batch (e.g. one sample where batch
+    statistics need two) must not leave the earlier ones updated from it. The
+    updates make new arrays, so keeping the references is enough.
+    """
+    kept = [(layer, layer.running_mean, layer.running_variance) for layer in layers
+            if hasattr(layer, "running_mean") and hasattr(layer, "running_variance")]
+    try:
+        yield
+    except BaseException:
+        for layer, mean, variance in kept:
+            layer.running_mean, layer.running_variance = mean, variance
+        raise

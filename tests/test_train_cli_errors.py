@@ -303,7 +303,7 @@ def test_a_stop_between_loss_pulls_keeps_the_epochs_loss_bit_for_bit(tmp_path, m
 
     monkeypatch.setattr(training, "train_step", step_then_ctrl_c)
     assert train(data, tmp_path / "stopped", *run) == 130
-    assert json.loads((tmp_path / "stopped" / "resume.json").read_text())["partial_epoch"]["steps"] == 5
+    assert ckpt.read_checkpoint(str(tmp_path / "stopped"))[0]["resume"]["partial_epoch"]["steps"] == 5
     monkeypatch.setattr(training, "train_step", real_step)
     assert train(data, tmp_path / "stopped", "--resume", "--no-progress") == 0
     metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text())["epochs"][0]

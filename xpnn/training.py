@@ -209,13 +209,13 @@ class Run:
 
     def save(self, out):
         """Checkpoint unless a parameter went non-finite (then the previous checkpoint stays)."""
-        arrays = ckpt.network_arrays(self.net)
-        broken = ckpt.non_finite_arrays(arrays)
-        if broken:
+        try:
+            ckpt.save_checkpoint(out, self.net, "lenet", self.options, resume=self.resume_state())
+        except ckpt.NonFiniteState as error:
+            broken = error.names
             raise Diverged(f"after epoch {len(self.metrics)} the parameters hold NaN or infinite "
-                           f"values ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
-        ckpt.save_checkpoint(out, self.net, "lenet", self.options, resume=self.resume_state(),
-                             arrays=arrays)
+                           f"values ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})"
+                           ) from None
 
     # -- training -----------------------------------------------------------------------
     def _pull(self, window, progress, epoch):

@@ -4,9 +4,10 @@ Run ``xpnn-train --help`` (or ``python -m xpnn.train --help``). The command
 shows a progress bar (on a terminal), prints the test accuracy after every
 epoch and a final one-line summary, and writes into ``--out``:
 
-``model.npz`` / ``model.json`` / ``resume.json``
+``model.npz`` / ``model.json``
     The checkpoint (see :mod:`xpnn.checkpoint`): loads without executing code,
-    on a CPU-only machine, with :func:`xpnn.checkpoint.load_model`.
+    on a CPU-only machine, with :func:`xpnn.checkpoint.load_model`; ``model.npz``
+    also holds the training state that ``--resume`` continues from.
 ``metrics.json``
     ``{"epochs": [{"epoch", "train_loss", "train_accuracy", "test_accuracy",
     "seconds", "eval_seconds", "images_per_second"}, ...], "settings": {...}}``.
@@ -15,12 +16,15 @@ epoch and a final one-line summary, and writes into ``--out``:
 
 Nothing is lost: a checkpoint is written at every epoch end (atomically);
 a NaN or infinite loss stops training (exit status 3) leaving the last good
-checkpoint untouched; Ctrl-C finishes the current step, saves a checkpoint
-and exits with status 130; ``--resume`` continues exactly where the
-checkpoint left off (on the NumPy backend, bit for bit).
+checkpoint untouched; Ctrl-C (SIGINT) or SIGTERM finishes the current step,
+saves a checkpoint and exits with status 130 or 143; ``--resume`` continues
+exactly where the checkpoint left off (on the NumPy backend, bit for bit).
+One run at a time holds ``--out`` (a second exits with status 2); a file
+system without room for the checkpoint and its temporary copy is refused
+before training; a damaged checkpoint is refused with the file and the problem.
 
-Exit status: 0 done, 1 error (data, backend, checkpoint), 2 usage,
-3 the loss became NaN/infinite, 130 interrupted.
+Exit status: 0 done, 1 error (data, backend, checkpoint, disk), 2 usage (or
+``--out`` in use), 3 the loss became NaN/infinite, 130 interrupted, 143 terminated.
 """
 import argparse
 import math
@@ -32,12 +36,17 @@ import numpy as np
 
 import xpnn
 from xpnn import checkpoint as ckpt
+from xpnn._files import NO_ROOM, DirectoryBusy, DirectoryLock, free_bytes, no_room_error
 from xpnn.backend import BackendUnavailableError, canonical_name, make_backend
+from xpnn.checkpoint_room import checkpoint_bytes, room_needed
 from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, load_dataset
 from xpnn.reports import describe_model, summary_line
+from xpnn.resume_checks import check_against_data, check_resume_state
 from xpnn.training import Diverged, OtherData, Run, StopRequested, set_learning_rate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: The file in --out whose lock (flock) one run holds; it records the holder's process id.
+LOCK_FILE = ".xpnn-train.lock"
 #: Run settings and their defaults; settings in LOCKED_ON_RESUME come from the
 #: checkpoint on --resume and may not be changed there.
 DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_size": 64,
@@ -88,8 +97,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="xpnn-train", description="Train the seed's LeNet (with batch norm and dropout by "
         "default) on Fashion-MNIST or MNIST and save the model, metrics and a plot.",
-        epilog="Exit status: 0 done, 1 error, 2 usage, 3 loss became NaN/inf, 130 interrupted "
-        "(a checkpoint was saved; continue with --resume).", argument_default=quiet)
+        epilog="Exit status: 0 done, 1 error, 2 usage (or --out in use by another run), 3 loss "
+        "became NaN/inf, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); after 130 or 143 a "
+        "checkpoint was saved: continue with --resume.", argument_default=quiet)
     add = parser.add_argument
     add("--backend", default=os.environ.get("XPNN_BACKEND", "cpu"),
         help="cpu (NumPy), gpu (CuPy), torch or array-api-strict (default: $XPNN_BACKEND, else cpu)")
@@ -163,15 +173,14 @@ def load_data(settings):
     return train, test
 
 
-def prepare_run(args, given):
-    """Settings, backend, data, network and data layers for a fresh or resumed run."""
+def prepare_run(args, given, lock):
+    """Settings, backend, data, network and data layers for a fresh or resumed run; ``lock``
+    (on ``--out``) is taken before the directory's contents are looked at."""
     out = args.out
-    has_checkpoint = os.path.isfile(os.path.join(out, ckpt.MODEL_FILE))
     meta = arrays = None
     if args.resume:
-        meta, arrays = ckpt.read_checkpoint(out)
-        if not meta.get("resume"):
-            raise ckpt.CheckpointError(f"{out}/{ckpt.MODEL_FILE} holds no training state to resume")
+        take_lock(lock, out, create=False)
+        meta, arrays = read_resume_checkpoint(out)
     settings = resolve_settings(given, meta["resume"]["settings"] if meta else None)
     try:
         canonical_name(args.backend)
@@ -179,13 +188,15 @@ def prepare_run(args, given):
     except ValueError as error:  # an unknown name, or a device the backend does not have
         raise UsageError(str(error)) from None
     # (After the backend: a run that cannot start there should say so first.)
-    if has_checkpoint and not (args.resume or args.overwrite):
-        raise UsageError(f"{out} already holds a checkpoint; continue it with --resume, replace it "
-                         f"with --overwrite, or choose another --out")
+    has_checkpoint = check_no_checkpoint(args)
     (train_images, train_labels), (test_images, test_labels) = load_data(settings)
+    check_batches(settings, len(train_images))
+    if not args.resume:  # (once the data is good: a run that fails before leaves no --out)
+        take_lock(lock, out, create=True)
+        has_checkpoint = check_no_checkpoint(args)  # (again: a run may have ended meanwhile)
     check_writable(out)  # before an epoch of training, not at its end
     options = model_options(settings)
-    net = build_network(settings, options, backend, meta, arrays)
+    net = build_network(settings, options, backend, meta, arrays, os.path.join(out, ckpt.MODEL_FILE))
     train_layer = DataLayer(train_images, train_labels, settings["batch_size"], backend=backend,
                             shuffle=True, seed=settings["seed"])
     test_layer = DataLayer(test_images, test_labels, args.eval_batch_size, backend=backend, shuffle=False)
@@ -196,18 +207,80 @@ def prepare_run(args, given):
         except OtherData as error:  # the data layer's state is for another dataset
             raise UsageError(f"{error}; resume with the data the run started with, or start "
                              f"afresh with --overwrite") from None
+        check_against_data(os.path.join(out, ckpt.MODEL_FILE), meta["resume"], train_layer)
+    check_room(out, run, has_checkpoint)
     return run
 
 
-def build_network(settings, options, backend, meta=None, arrays=None):
-    """A fresh LeNet for these options (seeded), or the checkpoint's (``meta``, ``arrays``)."""
+def check_no_checkpoint(args):
+    """Whether ``--out`` holds a checkpoint; a UsageError if it does and the run neither resumes
+    nor overwrites it."""
+    has_checkpoint = os.path.isfile(os.path.join(args.out, ckpt.MODEL_FILE))
+    if has_checkpoint and not (args.resume or args.overwrite):
+        raise UsageError(f"{args.out} already holds a checkpoint; continue it with --resume, "
+                         f"replace it with --overwrite, or choose another --out")
+    return has_checkpoint
+
+
+def take_lock(lock, out, create):
+    """Hold ``lock`` (on ``out``) for the run; a run holding it already is a UsageError naming
+    its process. Without ``create``, a missing ``out`` is left for the checkpoint to report."""
+    if not create and not os.path.isdir(out):
+        return
+    try:
+        lock.acquire()
+    except DirectoryBusy as busy:
+        holder = f"process {busy.pid}" if busy.pid else "a process that has not written its id yet"
+        raise UsageError(f"{out} is in use by another xpnn-train run ({holder}); wait for it to "
+                         f"end, or choose another --out") from None
+
+
+def read_resume_checkpoint(out):
+    """The checkpoint in ``out`` with its training state checked (a CheckpointError names the
+    file and the field); its settings must agree with its architecture."""
+    meta, arrays = ckpt.read_checkpoint(out)
+    path = os.path.join(out, ckpt.MODEL_FILE)
+    if not meta.get("resume"):
+        raise ckpt.CheckpointError(f"{path} holds no training state to resume")
+    check_resume_state(path, meta["resume"])
+    built_with = meta["architecture"]["options"]
+    if model_options(resolve_settings({}, meta["resume"]["settings"])) != built_with:
+        raise ckpt.CheckpointError(f"{path}: its training state's settings do not match its "
+                                   f"architecture's options {built_with}; start afresh with "
+                                   f"--overwrite, or use another copy")
+    return meta, arrays
+
+
+def check_batches(settings, count):
+    """Refuse, before training, an epoch whose last batch is one image with batch norm on
+    (batch statistics need two: it would stop the run there)."""
+    size = settings["batch_size"]
+    if settings["batch_norm"] and count % size == 1:
+        raise UsageError(f"{count} training images in batches of {size} leave a last batch of 1 "
+                         f"image, and batch normalization needs at least 2 per batch: choose "
+                         f"another --batch-size or --limit-train, or --no-batch-norm")
+
+
+def check_room(out, run, has_checkpoint):
+    """Refuse, before training, a file system without room for the run's saves (see
+    :mod:`xpnn.checkpoint_room`): an OSError (ENOSPC) with the path, bytes needed and free."""
+    size = checkpoint_bytes(run.net, "lenet", run.options, run.resume_state())
+    needed = room_needed(size, has_checkpoint)
+    if free_bytes(out) < needed:
+        copies = "its temporary copy" if has_checkpoint else "a second, temporary copy"
+        raise no_room_error(out, needed, f"the checkpoint ({size} bytes), {copies} and the "
+                            f"metrics and plot need", "nothing was trained")
+
+
+def build_network(settings, options, backend, meta=None, arrays=None, path=None):
+    """A fresh LeNet for these options (seeded), or the checkpoint's (``meta``, ``arrays``,
+    read from ``path``)."""
     xpnn.seed(settings["seed"])
     if meta is None:
         with xpnn.use_backend(backend):
             from xpnn.models import lenet
             return lenet.build(**options)
-    net = ckpt.build_model(meta, backend)
-    ckpt.restore_network_arrays(net, arrays)
+    net = ckpt.restore_model(path, meta, arrays, backend)
     set_learning_rate(net, settings["lr"])
     return net
 
@@ -243,8 +316,14 @@ def report_divergence(error, run, out, resumed):
 
 
 def execute(args, given):
-    """Run training; returns the exit status."""
-    run = prepare_run(args, given)
+    """Run training, holding ``--out``'s lock throughout; returns the exit status."""
+    with DirectoryLock(args.out, LOCK_FILE) as lock:
+        run = prepare_run(args, given, lock)
+        return train_run(run, args)
+
+
+def train_run(run, args):
+    """Train ``run`` to its epochs; a stop saves a checkpoint; returns the exit status."""
     out = args.out
     if len(run.metrics) >= run.settings["epochs"]:  # (a saved partial epoch beyond them too)
         print(f"xpnn-train: {out} holds {len(run.metrics)} trained epoch(s) and --epochs is "
@@ -262,10 +341,10 @@ def execute(args, given):
                 run.train(out, show_bar, args.log_every)
             except StopRequested:
                 run.save(out)
-                print(f"xpnn-train: interrupted; checkpoint saved in {out} (epoch "
+                print(f"xpnn-train: {run.stop.name}: checkpoint saved in {out} (epoch "
                       f"{len(run.metrics) + 1}, step {run.partial.steps if run.partial else 0}); "
                       f"continue with: xpnn-train --resume --out {out}", file=sys.stderr, flush=True)
-                return EXIT_INTERRUPTED
+                return run.stop.status
         except Diverged as error:
             report_divergence(error, run, out, args.resume)
             return EXIT_DIVERGED
@@ -280,10 +359,11 @@ def _path_hint(error, args):
     if not filename:
         return ""
     path = os.path.abspath(os.fspath(filename))
+    fix = "free some space there" if error.errno in NO_ROOM else "check the path and its permissions"
     for option, value in (("--out", args.out), ("--data-dir", args.data_dir)):
         if value is not None and (path + os.sep).startswith(os.path.abspath(value) + os.sep):
-            return f"; check the path and its permissions, or choose another {option}"
-    return "; check the path and its permissions"
+            return f"; {fix}, or choose another {option}"
+    return f"; {fix}"
 
 
 def main(argv=None):
@@ -301,10 +381,10 @@ def main(argv=None):
     except OSError as error:  # e.g. a file or directory that cannot be read or written
         print(f"xpnn-train: error: {error}{_path_hint(error, args)}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:  # (a second Ctrl-C or SIGTERM: Aborted)
         print(f"\nxpnn-train: aborted; nothing was saved now (an earlier checkpoint in {args.out}, "
               f"if any, is unchanged)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(error, "status", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

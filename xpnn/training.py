@@ -21,7 +21,15 @@ class Diverged(Exception):
 
 
 class StopRequested(Exception):
-    """Ctrl-C asked training to stop at the next step boundary."""
+    """Ctrl-C or SIGTERM asked training to stop at the next step boundary."""
+
+
+class Aborted(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: stop at once, without saving (``status``: the exit status)."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -98,29 +106,42 @@ class Window:
 
 
 class StopFlag:
-    """SIGINT handler: the first Ctrl-C asks for a clean stop, the second aborts at once."""
+    """SIGINT and SIGTERM handler: the first asks for a clean stop, the second aborts at once.
+
+    SIGTERM is what ``docker stop``, systemd and Slurm send before they kill a
+    process: it gets the same clean stop as Ctrl-C. ``status`` is the exit
+    status the stop calls for (128 + the signal's number: 130, 143).
+    """
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.status = None
+        self.name = None
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise Aborted(128 + signum)
         self.requested = True
-        print("\nxpnn-train: Ctrl-C: stopping after this step and saving a checkpoint "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        self.status, self.name = 128 + signum, self.SIGNALS[signum]
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
+        print(f"\nxpnn-train: {self.name}: stopping after this step and saving a checkpoint "
+              f"({again} to abort without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: plain KeyboardInterrupt semantics
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: plain KeyboardInterrupt semantics
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         return False
 
 

@@ -128,6 +128,11 @@ class DirectoryLock:
         handle.flush()
         self._handle = handle
 
+    @property
+    def held(self):
+        """Whether this object holds the lock."""
+        return self._handle is not None
+
     def release(self):
         """Empty the file and drop the lock (nothing when not held)."""
         if self._handle is not None:

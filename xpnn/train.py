@@ -179,7 +179,7 @@ def prepare_run(args, given, lock):
     out = args.out
     meta = arrays = None
     if args.resume:
-        take_lock(lock, out, create=False)
+        take_lock(lock, out, create=False)  # (before anything is read: see below)
         meta, arrays = read_resume_checkpoint(out)
     settings = resolve_settings(given, meta["resume"]["settings"] if meta else None)
     try:
@@ -187,13 +187,16 @@ def prepare_run(args, given, lock):
         backend = make_backend(args.backend, settings["dtype"], args.device)
     except ValueError as error:  # an unknown name, or a device the backend does not have
         raise UsageError(str(error)) from None
-    # (After the backend: a run that cannot start there should say so first.)
+    # (After the backend: a run that cannot start there should say so first.) An --out that
+    # exists is locked before its contents count; a new one once the data is good (a run that
+    # fails before leaves none), and its contents are looked at again then.
+    take_lock(lock, out, create=False)
     has_checkpoint = check_no_checkpoint(args)
     (train_images, train_labels), (test_images, test_labels) = load_data(settings)
     check_batches(settings, len(train_images))
-    if not args.resume:  # (once the data is good: a run that fails before leaves no --out)
+    if not lock.held:
         take_lock(lock, out, create=True)
-        has_checkpoint = check_no_checkpoint(args)  # (again: a run may have ended meanwhile)
+        has_checkpoint = check_no_checkpoint(args)
     check_writable(out)  # before an epoch of training, not at its end
     options = model_options(settings)
     net = build_network(settings, options, backend, meta, arrays, os.path.join(out, ckpt.MODEL_FILE))
@@ -224,8 +227,9 @@ def check_no_checkpoint(args):
 
 def take_lock(lock, out, create):
     """Hold ``lock`` (on ``out``) for the run; a run holding it already is a UsageError naming
-    its process. Without ``create``, a missing ``out`` is left for the checkpoint to report."""
-    if not create and not os.path.isdir(out):
+    its process. Without ``create``, a missing ``out`` is left alone (not locked). Taking a held
+    lock again does nothing."""
+    if lock.held or (not create and not os.path.isdir(out)):
         return
     try:
         lock.acquire()

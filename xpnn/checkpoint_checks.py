@@ -94,7 +94,8 @@ def check_arrays(path, meta, arrays):
 
 
 def _described(value):
-    return f"shape {tuple(value.shape)} {value.dtype}" + (f" = {value!r}" if value.size == 1 else "")
+    return f"shape {tuple(value.shape)} {value.dtype}" + (f" = {value.item()!r}" if value.size == 1
+                                                          else "")
 
 
 def check_options(builder, model, options):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import xpnn
-from xpnn.layers import BatchNormalization, FullyConnected, ReLU, SoftMax
+from xpnn.layers import BatchNormalization, ReLU
 from xpnn.models import lenet
 
 pytestmark = pytest.mark.faults

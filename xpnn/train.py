@@ -30,18 +30,18 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 import xpnn
 from xpnn import checkpoint as ckpt
-from xpnn._files import NO_ROOM, DirectoryBusy, DirectoryLock, free_bytes, no_room_error
+from xpnn._files import NO_ROOM, DirectoryLock
 from xpnn.backend import BackendUnavailableError, canonical_name, make_backend
-from xpnn.checkpoint_room import checkpoint_bytes, room_needed
 from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, load_dataset
 from xpnn.reports import describe_model, summary_line
 from xpnn.resume_checks import check_against_data, check_resume_state
+from xpnn.train_checks import (UsageError, check_batches, check_no_checkpoint, check_room,
+                               check_writable, take_lock)
 from xpnn.training import Diverged, OtherData, Run, StopRequested, set_learning_rate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -55,10 +55,6 @@ DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_si
             "limit_train": None, "limit_test": None}
 LOCKED_ON_RESUME = ("dataset", "batch_size", "batch_norm", "dropout", "keep_probability", "dtype",
                     "seed", "limit_train", "limit_test")
-
-
-class UsageError(Exception):
-    """The command line asks for something impossible (exit status 2)."""
 
 
 # -- command line ---------------------------------------------------------------------
@@ -215,30 +211,6 @@ def prepare_run(args, given, lock):
     return run
 
 
-def check_no_checkpoint(args):
-    """Whether ``--out`` holds a checkpoint; a UsageError if it does and the run neither resumes
-    nor overwrites it."""
-    has_checkpoint = os.path.isfile(os.path.join(args.out, ckpt.MODEL_FILE))
-    if has_checkpoint and not (args.resume or args.overwrite):
-        raise UsageError(f"{args.out} already holds a checkpoint; continue it with --resume, "
-                         f"replace it with --overwrite, or choose another --out")
-    return has_checkpoint
-
-
-def take_lock(lock, out, create):
-    """Hold ``lock`` (on ``out``) for the run; a run holding it already is a UsageError naming
-    its process. Without ``create``, a missing ``out`` is left alone (not locked). Taking a held
-    lock again does nothing."""
-    if lock.held or (not create and not os.path.isdir(out)):
-        return
-    try:
-        lock.acquire()
-    except DirectoryBusy as busy:
-        holder = f"process {busy.pid}" if busy.pid else "a process that has not written its id yet"
-        raise UsageError(f"{out} is in use by another xpnn-train run ({holder}); wait for it to "
-                         f"end, or choose another --out") from None
-
-
 def read_resume_checkpoint(out):
     """The checkpoint in ``out`` with its training state checked (a CheckpointError names the
     file and the field); its settings must agree with its architecture."""
@@ -255,27 +227,6 @@ def read_resume_checkpoint(out):
     return meta, arrays
 
 
-def check_batches(settings, count):
-    """Refuse, before training, an epoch whose last batch is one image with batch norm on
-    (batch statistics need two: it would stop the run there)."""
-    size = settings["batch_size"]
-    if settings["batch_norm"] and count % size == 1:
-        raise UsageError(f"{count} training images in batches of {size} leave a last batch of 1 "
-                         f"image, and batch normalization needs at least 2 per batch: choose "
-                         f"another --batch-size or --limit-train, or --no-batch-norm")
-
-
-def check_room(out, run, has_checkpoint):
-    """Refuse, before training, a file system without room for the run's saves (see
-    :mod:`xpnn.checkpoint_room`): an OSError (ENOSPC) with the path, bytes needed and free."""
-    size = checkpoint_bytes(run.net, "lenet", run.options, run.resume_state())
-    needed = room_needed(size, has_checkpoint)
-    if free_bytes(out) < needed:
-        copies = "its temporary copy" if has_checkpoint else "a second, temporary copy"
-        raise no_room_error(out, needed, f"the checkpoint ({size} bytes), {copies} and the "
-                            f"metrics and plot need", "nothing was trained")
-
-
 def build_network(settings, options, backend, meta=None, arrays=None, path=None):
     """A fresh LeNet for these options (seeded), or the checkpoint's (``meta``, ``arrays``,
     read from ``path``)."""
@@ -287,14 +238,6 @@ def build_network(settings, options, backend, meta=None, arrays=None, path=None)
     net = ckpt.restore_model(path, meta, arrays, backend)
     set_learning_rate(net, settings["lr"])
     return net
-
-
-def check_writable(out):
-    """Create ``out`` and write a file there, so that a directory that cannot take the
-    checkpoint fails now, with the reason (an OSError naming the path)."""
-    os.makedirs(out, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out):
-        pass
 
 
 def start_line(run, out):

@@ -2,6 +2,7 @@
 on the same ``--out``, a full disk. Real subprocesses receive the signals and hold the locks; a
 real small file system (a tmpfs, mounted where the tests may) runs out of room."""
 import contextlib
+import errno
 import os
 import pathlib
 import re
@@ -221,3 +222,39 @@ def test_a_save_on_a_full_disk_names_the_file_and_room_and_keeps_the_checkpoint(
     assert found[1] == out and found[4] == path and int(found[2]) > int(found[3])
     assert files_of(out) == kept  # epoch 1's checkpoint, whole; no temporary left
     assert ckpt.read_checkpoint(out)[0]["resume"]["epochs_completed"] == 1
+
+
+# -- a full disk, simulated (wherever no tmpfs can be mounted) -----------------------------------
+
+def test_a_write_that_finds_the_disk_full_keeps_the_old_file_and_says_how_much_room(
+        tmp_path, monkeypatch):
+    from xpnn import _files
+
+    target = tmp_path / "model.npz"
+    target.write_bytes(b"previous")
+
+    def full(descriptor):  # (where a network file system reports it: at the flush to disk)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        _files.atomic_write_bytes(str(target), b"x" * 5000)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert f"no space left on the device of {tmp_path}: its temporary copy needs 5000 bytes, " \
+        in message and "model.npz is unchanged" in message, message
+    assert target.read_bytes() == b"previous" and os.listdir(tmp_path) == ["model.npz"]
+
+
+def test_too_little_free_room_is_refused_before_training_with_the_numbers(
+        data_dir, tmp_path, monkeypatch, capsys):
+    from xpnn import train_checks
+
+    monkeypatch.setattr(train_checks, "free_bytes", lambda path: 123_456)
+    out = tmp_path / "run"
+    assert main(["--dataset", "mnist", "--data-dir", data_dir, "--out", str(out), *SMALL]) == 1
+    captured = capsys.readouterr()
+    assert re.search(rf"no space left on the device of {re.escape(str(out))}: the checkpoint "
+                     r"\(\d+ bytes\), a second, temporary copy and the metrics and plot need \d+ "
+                     r"bytes, \d+ are free; nothing was trained", captured.err), captured.err
+    assert "epoch" not in captured.out and not (out / ckpt.MODEL_FILE).exists()

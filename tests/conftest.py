@@ -12,6 +12,7 @@ import pytest
 import xpnn
 from xpnn.backend import BackendUnavailableError, make_backend
 
+import fault_table
 import parity_table
 
 # (id, backend name, device): every test that takes ``backend`` runs on each.
@@ -161,20 +162,25 @@ def parity_backend(request):
 
 #: Outcomes of the parity tests of this run, printed as the backend x check table.
 PARITY_TABLE = parity_table.ParityTable([p[0] for p in PARITY_PARAMS])
+#: Outcomes of the fault tests (marker ``faults``), printed as the case x outcome table.
+FAULT_TABLE = fault_table.FaultTable([p[0] for p in BACKEND_PARAMS] + [fault_table.ANY])
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     parity_table.tag(item, outcome.get_result())
+    fault_table.tag(item, outcome.get_result())
 
 
 def pytest_runtest_logreport(report):
     PARITY_TABLE.record(report)
+    FAULT_TABLE.record(report)
 
 
 def pytest_terminal_summary(terminalreporter):
     PARITY_TABLE.write(terminalreporter)
+    FAULT_TABLE.write(terminalreporter)
 
 
 # -- a float32 draw that rounds up to 1.0 ----------------------------------------

@@ -35,9 +35,9 @@ def tag(item, report):
                                               "order": order}))
 
 
-def _tag_of(report):
+def _tag_of(report, property_name=PROPERTY):
     for name, value in getattr(report, "user_properties", ()):
-        if name == PROPERTY:
+        if name == property_name:
             return value
     return None
 
@@ -56,7 +56,17 @@ class ParityTable:
     backend_order : sequence of str
         Backend ids in the order their columns appear; backends not listed
         follow in the order first seen.
+
+    Attributes
+    ----------
+    property_name, title : str
+        The ``user_properties`` entry it files, and its section's title (the
+        faults table, ``fault_table.py``, files another).
     """
+
+    property_name = PROPERTY
+    title = TITLE
+    row_name = "check"
 
     def __init__(self, backend_order=()):
         self.backend_order = list(backend_order)
@@ -67,7 +77,7 @@ class ParityTable:
 
     def record(self, report):
         """File one phase's report of a tagged parity test; ignore everything else."""
-        tagged = _tag_of(report)
+        tagged = _tag_of(report, self.property_name)
         if tagged is None or (report.when != "call" and not report.failed and not report.skipped):
             return
         check, backend_id = tagged["check"], tagged["backend"]
@@ -100,9 +110,9 @@ class ParityTable:
         if not self.results:
             return []
         backends, checks = self.columns(), self.rows()
-        check_width = max(len("check"), *(len(check) for check in checks)) + 2
+        check_width = max(len(self.row_name), *(len(check) for check in checks)) + 2
         widths = [max(len(b), len("skipped")) + 2 for b in backends]
-        lines = ["check".ljust(check_width)
+        lines = [self.row_name.ljust(check_width)
                  + "".join(b.ljust(w) for b, w in zip(backends, widths)).rstrip()]
         for check in checks:
             row = self.results[check]
@@ -110,7 +120,7 @@ class ParityTable:
             lines.append((check.ljust(check_width) + cells).rstrip())
         totals = collections.Counter(o for row in self.results.values() for o in row.values())
         lines.append(f"{totals['passed']} passed, {totals['FAILED']} failed, "
-                     f"{totals['skipped']} skipped ({len(checks)} checks x "
+                     f"{totals['skipped']} skipped ({len(checks)} {self.row_name}s x "
                      f"{len(backends)} backends; '-' = not run)")
         for (backend_id, reason), count in self.skip_reasons.items():
             lines.append(f"skipped {backend_id} ({count}x): {reason}")
@@ -121,6 +131,6 @@ class ParityTable:
         lines = self.lines()
         if not lines:
             return
-        terminalreporter.section(TITLE)
+        terminalreporter.section(self.title)
         for line in lines:
             terminalreporter.write_line(line)

@@ -17,8 +17,10 @@ def _saved(tmp_path, dtype="float64"):
 
 
 def _rewrite(tmp_path, change):
-    """Rewrite model.npz with ``change(meta, arrays)`` applied."""
-    meta, arrays = ckpt.read_checkpoint(str(tmp_path))
+    """Rewrite model.npz with ``change(meta, arrays)`` applied (read raw: it may be edited already)."""
+    with np.load(tmp_path / ckpt.MODEL_FILE) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    meta = json.loads(str(arrays.pop(ckpt.META_KEY)))
     change(meta, arrays)
     arrays[ckpt.META_KEY] = np.asarray(json.dumps(meta))
     np.savez(tmp_path / ckpt.MODEL_FILE, **arrays)
@@ -41,9 +43,23 @@ def test_another_format_version_is_refused(tmp_path):
 def test_arrays_that_do_not_fit_the_model_are_refused(tmp_path):
     _saved(tmp_path)
     _rewrite(tmp_path, lambda meta, arrays: arrays.update({"layers.0.weights": np.zeros((2, 2))}))
-    with pytest.raises(ckpt.CheckpointError, match=r"layers\.0\.weights has shape \(2, 2\)"):
+    with pytest.raises(ckpt.CheckpointError, match=r"layers\.0\.weights is shape \(2, 2\) float64, "
+                                                   r"listed as shape \(6, 1, 5, 5\)"):
         ckpt.load_model(str(tmp_path))
-    _rewrite(tmp_path, lambda meta, arrays: arrays.pop("layers.0.weights"))
+
+    def listed_too(meta, arrays):  # the checkpoint's own list of its arrays agrees: the model refuses
+        meta["arrays"]["layers.0.weights"] = [[2, 2], "float64"]
+
+    _rewrite(tmp_path, listed_too)
+    with pytest.raises(ckpt.CheckpointError, match=r"layers\.0\.weights has shape \(2, 2\), the "
+                                                   r"model expects \(6, 1, 5, 5\)"):
+        ckpt.load_model(str(tmp_path))
+
+    def removed(meta, arrays):
+        arrays.pop("layers.0.weights")
+        del meta["arrays"]["layers.0.weights"]
+
+    _rewrite(tmp_path, removed)
     with pytest.raises(ckpt.CheckpointError, match=r"lacks layers\.0\.weights \(Conv\)"):
         ckpt.load_model(str(tmp_path))
 

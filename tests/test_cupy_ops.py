@@ -186,6 +186,8 @@ def test_relu_matches_generic_bit_for_bit(cupy_pair):
         output, mask = fused.relu_forward(x_in)
         _same_bits(output, expected, layout)
         _same_bits(fused.relu_backward(error, mask), expected_error, layout)
+        # NaN stays NaN (kernels.RELU sent it to +0, hiding a NaN input from the loss).
+        assert np.isnan(xpnn.to_numpy(output)[0, 0, 0, 4]), layout
 
 
 # -- batch normalization ----------------------------------------------------------------

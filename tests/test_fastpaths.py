@@ -305,7 +305,7 @@ def test_relu_matches_generic_bit_for_bit(numpy_pair, shape):
             _assert_same_bits(backward, expected_error)
     # A mask of the generic form (a layer moved here from another backend) works too.
     np.testing.assert_array_equal(fast.relu_backward(error, generic_mask), expected_error)
-    # Testing phase: one pass, the output stands in for the mask.
+    # Testing phase (need_backward=False): the same results, and backward still works.
     for x_in in _layouts(x).values():
         output, stand_in = fast.relu_forward(x_in, need_backward=False)
         _assert_same_bits(output, expected)

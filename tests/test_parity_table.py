@@ -48,7 +48,7 @@ def test_no_parity_tests_no_table():
 
 def test_table_printed_by_a_real_run(tmp_path):
     # A small suite with the real conftest: one check fails on strict only, one skips.
-    for name in ("conftest.py", "parity_table.py"):
+    for name in ("conftest.py", "parity_table.py", "fault_table.py"):
         shutil.copy(TESTS / name, tmp_path / name)
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    parity: parity\n")
     (tmp_path / "test_demo.py").write_text(

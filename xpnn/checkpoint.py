@@ -9,27 +9,32 @@ A checkpoint directory holds
     a temporary file and renamed, so it is always complete and consistent.
 ``model.json``
     The architecture (model name and build options, dtype, backend it was
-    trained on, the layer list with array shapes) for people and tools.
-``resume.json``
-    What training needs to continue exactly (data-layer position, random
-    generator state, metrics so far), when the trainer gave it.
+    trained on, the layer list with array shapes) for people and tools: a
+    copy of what ``model.npz`` embeds.
 
-Both JSON files are copies of what ``model.npz`` embeds; loading reads the
-``.npz`` only (``allow_pickle=False``), so a model trained on any backend, the
-GPU included, loads on a CPU-only machine. :func:`xpnn.network.save`/``load``
-keep the course's pickle API.
+Loading reads the ``.npz`` only (``allow_pickle=False``), so a model trained on
+any backend, the GPU included, loads on a CPU-only machine; what training needs
+to continue exactly (data-layer position, random generator state, metrics so
+far) is embedded there too, under ``resume`` (a separate ``resume.json`` copy
+is no longer written: a copy that loading does not read could only disagree).
+Every field and array is checked on loading (:mod:`xpnn.checkpoint_checks`):
+a damaged or edited file is a :class:`CheckpointError` naming it and the
+problem. A checkpoint is never written from parameters, running statistics or
+optimizer state that hold NaN or infinity (:class:`NonFiniteState`).
+:func:`xpnn.network.save`/``load`` keep the course's pickle API.
 """
 import io
 import json
 import os
 import re
-import zipfile
 
 import numpy as np
 
 import xpnn
 from xpnn.backend import get_backend, make_backend
 from xpnn._files import atomic_write_bytes
+from xpnn.checkpoint_checks import (FIX, CheckpointError, check_arrays, check_meta, check_options,
+                                    manifest)
 
 FORMAT = "xpnn-checkpoint"
 VERSION = 1
@@ -45,8 +50,20 @@ PERSISTENT_ATTRIBUTES = ("weights", "bias", "running_mean", "running_variance")
 OPTIMIZER_SLOTS = (("optimizer", "_optimizer"), ("bias_optimizer", "_bias_optimizer"))
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, from another format version, or does not fit the model."""
+class NonFiniteState(CheckpointError):
+    """The network's arrays hold NaN or infinity: no checkpoint is written from them.
+
+    Attributes
+    ----------
+    names : list of str
+        The keys (as in :func:`network_arrays`) of the arrays that are not finite.
+    """
+
+    def __init__(self, names):
+        super().__init__(f"the network's arrays hold NaN or infinite values "
+                         f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); no "
+                         f"checkpoint is written from them (the previous one, if any, is kept)")
+        self.names = names
 
 
 def _model_builders():
@@ -109,32 +126,56 @@ def _check_shape(key, value, expected):
                               f"expects {tuple(expected.shape)}")
 
 
-def _restore_optimizer(prefix, optimizer, arrays, backend):
+def _required(key, arrays, owner):
+    """``arrays[key]``; a missing one is refused, never replaced by a fresh value."""
+    if key not in arrays:
+        raise CheckpointError(f"checkpoint lacks {key} ({owner})")
+    return arrays[key]
+
+
+def _restore_optimizer(prefix, optimizer, arrays, backend, parameter):
+    """Restore an optimizer's state; a step count says which state arrays must be there
+    (Adam's moments after its first step), each of the shape of the ``parameter`` it steps."""
+    counted = isinstance(getattr(optimizer, "step_count", None), int)
+    if counted:
+        optimizer.step_count = int(_required(f"{prefix}.step_count", arrays, type(optimizer).__name__))
     for name in getattr(optimizer, "state_names", ()):
         key = f"{prefix}.{name}"
-        if key in arrays:
-            setattr(optimizer, name, backend.asarray(arrays[key], dtype=backend.dtype))
-    if f"{prefix}.step_count" in arrays:
-        optimizer.step_count = int(arrays[f"{prefix}.step_count"])
+        if key not in arrays and not (counted and optimizer.step_count > 0):
+            continue  # (no step yet: no state; without a step count the manifest decides)
+        value = _required(key, arrays, f"{type(optimizer).__name__} after step {optimizer.step_count}"
+                          if counted else type(optimizer).__name__)
+        _check_shape(key, value, parameter)
+        setattr(optimizer, name, backend.asarray(value, dtype=backend.dtype))
 
 
-def restore_network_arrays(net, arrays):
-    """Put arrays from :func:`network_arrays` back into ``net`` (on its layers' backend)."""
-    for index, layer in enumerate(net.layers):
+def restore_network_arrays(net, arrays, meta=None):
+    """Put arrays from :func:`network_arrays` back into ``net`` (on its layers' backend).
+
+    Every array the model has (weights, biases; running statistics that ``meta``'s
+    layer list says were saved; an optimizer's state after its first step) must be
+    there with the model's shape: a missing one is a CheckpointError, never
+    silently left at its fresh value.
+    """
+    described = meta["layers"] if meta is not None else [{}] * len(net.layers)
+    for index, (layer, saved) in enumerate(zip(net.layers, described)):
         backend = layer.backend
         for name in _persistent_attributes(layer):
             key = f"layers.{index}.{name}"
-            if key not in arrays:
-                if name in ("weights",):
-                    raise CheckpointError(f"checkpoint lacks {key} ({type(layer).__name__})")
-                continue
-            _check_shape(key, arrays[key], getattr(layer, name, None))
+            if key not in arrays and getattr(layer, name, None) is None and name not in saved.get(
+                    "arrays", {}):
+                continue  # (e.g. running statistics before any training batch)
+            value = _required(key, arrays, type(layer).__name__)
+            # (Running statistics have one entry per channel, as γ has.)
+            _check_shape(key, value, layer.weights if name.startswith("running_") else
+                         getattr(layer, name, None))
             if name in ("weights", "bias"):
-                setattr(layer, name, arrays[key])  # the setters move to the layer's backend
+                setattr(layer, name, value)  # the setters move to the layer's backend
             else:
-                setattr(layer, name, backend.asarray(arrays[key], dtype=backend.dtype))
+                setattr(layer, name, backend.asarray(value, dtype=backend.dtype))
         for slot, optimizer in optimizers_of(layer):
-            _restore_optimizer(f"layers.{index}.{slot}", optimizer, arrays, backend)
+            parameter = getattr(layer, "bias" if slot == "bias_optimizer" else "weights", None)
+            _restore_optimizer(f"layers.{index}.{slot}", optimizer, arrays, backend, parameter)
 
 
 # -- metadata --------------------------------------------------------------------------
@@ -175,7 +216,7 @@ def _json_bytes(value):
 
 
 def save_checkpoint(directory, net, model="lenet", options=None, resume=None, arrays=None):
-    """Write ``model.npz`` (+ ``model.json``, ``resume.json``) into ``directory`` atomically.
+    """Write ``model.npz`` (+ ``model.json``) into ``directory`` atomically.
 
     Parameters
     ----------
@@ -196,19 +237,31 @@ def save_checkpoint(directory, net, model="lenet", options=None, resume=None, ar
     -------
     dict
         The metadata written (``resume`` included).
+
+    Raises
+    ------
+    NonFiniteState
+        When an array holds NaN or infinity (one pass over each, on the host
+        copies the file needs anyway): nothing is written, a previous
+        checkpoint stays as it was.
     """
+    arrays = dict(network_arrays(net) if arrays is None else arrays)
+    broken = non_finite_arrays(arrays)
+    if broken:
+        raise NonFiniteState(broken)
     os.makedirs(directory, exist_ok=True)
     meta = model_metadata(net, model, options or {})
+    meta["arrays"] = manifest(arrays)
     meta["resume"] = resume
-    arrays = dict(network_arrays(net) if arrays is None else arrays)
     arrays[META_KEY] = np.asarray(json.dumps(meta, sort_keys=True))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(os.path.join(directory, MODEL_FILE), buffer.getvalue())
-    architecture = {key: value for key, value in meta.items() if key != "resume"}
+    architecture = {key: value for key, value in meta.items() if key not in ("resume", "arrays")}
     atomic_write_bytes(os.path.join(directory, MODEL_JSON), _json_bytes(architecture))
-    if resume is not None:
-        atomic_write_bytes(os.path.join(directory, RESUME_JSON), _json_bytes(resume))
+    stale = os.path.join(directory, RESUME_JSON)  # (written by earlier versions; now a stale copy)
+    if os.path.isfile(stale):
+        os.remove(stale)
     return meta
 
 
@@ -218,30 +271,36 @@ def read_checkpoint(directory):
     Raises
     ------
     CheckpointError
-        When ``model.npz`` is missing or not an xpnn checkpoint of this version.
+        When ``model.npz`` is missing, not an xpnn checkpoint of this version, or
+        damaged: unreadable, a metadata field of the wrong type, an array missing,
+        of another shape or dtype than listed, or not finite.
     """
     path = os.path.join(directory, MODEL_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(_no_checkpoint(os.fspath(directory)))
-    fix = "delete it (xpnn-train: or start afresh with --overwrite), or use another copy"
     try:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        # A truncated file is EOFError/BadZipFile, a flipped byte BadZipFile (CRC).
+    except Exception as error:  # noqa: BLE001 -- see below
+        # The zip and .npy readers parse bytes from disk: a damaged file raises whatever
+        # the damage leads to (BadZipFile for a CRC, EOFError when truncated,
+        # NotImplementedError for a flipped compression method, zlib.error, ...), all of
+        # which mean only that the file cannot be read.
         raise CheckpointError(f"{path} is not a readable .npz file ({type(error).__name__}: "
-                              f"{error}); {fix}") from error
+                              f"{error}); {FIX}") from error
     if META_KEY not in arrays:
         raise CheckpointError(f"{path} is not an xpnn checkpoint (no {META_KEY} entry)")
     try:
         meta = json.loads(str(arrays.pop(META_KEY)))
     except ValueError as error:  # json.JSONDecodeError
-        raise CheckpointError(f"{path}: its metadata is not valid JSON ({error}); {fix}") from error
+        raise CheckpointError(f"{path}: its metadata is not valid JSON ({error}); {FIX}") from error
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: its metadata is not an xpnn checkpoint's; {fix}")
+        raise CheckpointError(f"{path}: its metadata is not an xpnn checkpoint's; {FIX}")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} version "
                               f"{meta.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+    check_meta(path, meta)
+    check_arrays(path, meta, arrays)
     return meta, arrays
 
 
@@ -265,12 +324,17 @@ def build_model(meta, backend):
     builders = _model_builders()
     if architecture["model"] not in builders:
         raise CheckpointError(f"unknown model {architecture['model']!r}; known: {sorted(builders)}")
+    builder = builders[architecture["model"]]
+    check_options(builder, architecture["model"], architecture["options"])
     # Building draws initial weights from np.random; they are overwritten
     # anyway, and the caller's random stream must not shift.
     random_state = np.random.get_state()
     try:
         with xpnn.use_backend(backend):
-            net = builders[architecture["model"]](**architecture["options"])
+            net = builder(**architecture["options"])
+    except (TypeError, ValueError) as error:  # an option out of its range
+        raise CheckpointError(f"its architecture options do not build a {architecture['model']} "
+                              f"({error})") from None
     finally:
         np.random.set_state(random_state)
     found = [type(layer).__name__ for layer in net.layers]
@@ -278,6 +342,17 @@ def build_model(meta, backend):
     if found != expected:
         raise CheckpointError(f"the checkpoint's layers {expected} do not match the rebuilt "
                               f"model's {found}")
+    return net
+
+
+def restore_model(path, meta, arrays, backend):
+    """The network that :func:`read_checkpoint`'s ``(meta, arrays)`` from ``path`` describe,
+    on ``backend``; a CheckpointError names ``path``."""
+    try:
+        net = build_model(meta, backend)
+        restore_network_arrays(net, arrays, meta)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}; {FIX}") from None
     return net
 
 
@@ -299,6 +374,4 @@ def load_model(directory, backend=None, device=None):
         target = make_backend(current.name, meta["dtype"], device or current.device_spec)
     else:
         target = make_backend(backend, meta["dtype"], device)
-    net = build_model(meta, target)
-    restore_network_arrays(net, arrays)
-    return net
+    return restore_model(os.path.join(directory, MODEL_FILE), meta, arrays, target)

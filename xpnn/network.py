@@ -7,8 +7,9 @@ from xpnn.backend import Backend, get_backend, make_backend
 from xpnn.layers.activations import SoftMax
 from xpnn.losses import CrossEntropyLoss
 from xpnn.network_files import load, save
-from xpnn.network_rules import (NO_DATA_LAYER, NO_LOSS_LAYER, backward_chain, check_layer,
-                                forward_chain, note_layer, note_piece, run_order, runs_in_pieces)
+from xpnn.network_rules import (NO_DATA_LAYER, NO_LOSS_LAYER, backward_chain, check_batch,
+                                check_layer, forward_chain, note_layer, note_piece, run_order,
+                                running_statistics_kept_on_error, runs_in_pieces)
 
 __all__ = ["NeuralNetwork", "load", "run_order", "save"]
 
@@ -110,9 +111,11 @@ class NeuralNetwork:
 
     def _run_layers(self, input_tensor):
         """Every layer's forward in turn (in :func:`run_order`); a layer's ValueError (a shape
-        error) says which layer of the network raised it."""
+        error) says which layer of the network raised it; a layer refusing the batch leaves
+        every running statistic as it was."""
         try:
-            return self._run_layers_unnoted(input_tensor)
+            with running_statistics_kept_on_error(self.layers):
+                return self._run_layers_unnoted(input_tensor)
         except ValueError as error:
             note_layer(error, self.layers, self._order, input_tensor)
             raise
@@ -142,6 +145,7 @@ class NeuralNetwork:
         if self.data_layer is None:
             raise RuntimeError(NO_DATA_LAYER)
         input_tensor, self.label_tensor = self.data_layer.next()
+        check_batch(input_tensor, self.layers, "forward")
         prediction = self._run_layers(input_tensor)
         return self.loss_layer.forward(prediction, self.label_tensor) + self.regularization_loss()
 
@@ -192,6 +196,7 @@ class NeuralNetwork:
         """
         if self.loss_layer is None:  # (before any state of the step is set)
             raise RuntimeError(NO_LOSS_LAYER.format("train_batch"))
+        check_batch(input_tensor, self.layers, "train_batch")
         if self._testing_phase:  # (e.g. after test(): train() sets the training phase too)
             self.phase = False
         self.label_tensor = label_tensor
@@ -209,6 +214,7 @@ class NeuralNetwork:
             # statistics), so a backend may run pieces of the batch at the same time.
             # The layers' backward caches then hold one piece's: test is not for training.
             input_tensor = self.backend.asarray(input_tensor, dtype=self.backend.dtype)
+            check_batch(input_tensor, self.layers, "test")
             if not all(runs_in_pieces(layer) for layer in self.layers):
                 return self._run_layers(input_tensor)  # a layer of your own: the whole batch
             try:

@@ -1,4 +1,7 @@
-"""What a network asks of its parts, the order it runs them in, and how it names a failing one."""
+"""What a network asks of its parts and its batches, the order it runs them in, and how it names a
+failing one."""
+import contextlib
+
 from xpnn.layers.activations import ReLU
 from xpnn.layers.pooling import Pooling
 
@@ -34,15 +37,14 @@ def check_layer(layer):
 def run_order(layers):
     """``layers`` in the order a network runs them: a ReLU right before max pooling runs after it.
 
-    The two commute exactly. ReLU is monotone and sends every value that is not
-    positive to +0, so a window's largest ReLU output is the ReLU of its largest
-    input; and both orders send a window's error to the same input: its first
-    maximum when that is positive, none otherwise. After the pooling the ReLU
-    works on a quarter of the values (2x2 windows), forward and backward: LeNet's
-    training step ~10 % faster on a 2-core CPU (interleaved in one process: 0.88
-    of the time at batch 64, 0.90 at 256). Inputs without NaN give the same
-    bits either way; a window holding a NaN gives +0 in this order where the
-    written order gives the ReLU of the window's largest other value.
+    The two commute exactly. ReLU is monotone, sends every value that is not
+    positive to +0 and keeps NaN, so a window's largest ReLU output is the ReLU
+    of its largest input (NaN when the window holds one: max pooling takes a NaN
+    as the maximum); and both orders send a window's error to the same input:
+    its first maximum when that is positive or NaN, none otherwise. After the
+    pooling the ReLU works on a quarter of the values (2x2 windows), forward and
+    backward: LeNet's training step ~10 % faster on a 2-core CPU (interleaved in
+    one process: 0.88 of the time at batch 64, 0.90 at 256).
 
     Only the library's own :class:`~xpnn.layers.ReLU` and
     :class:`~xpnn.layers.Pooling` move (a subclass may change either); a ReLU
@@ -146,3 +148,50 @@ def note_piece(error, rows, batch_size):
                       f"in parallel pieces)", *error.args[1:])
         error.xpnn_piece_noted = True
     return error
+
+
+def check_batch(input_tensor, layers, caller):
+    """Raise ValueError for an empty batch (0 samples), naming the input the network takes.
+
+    Checked before any layer runs: an empty batch used to give a loss of -0, NaN
+    running statistics in every batch normalization and, in ``test``, a
+    ZeroDivisionError.
+    """
+    shape = getattr(input_tensor, "shape", None)
+    if shape is None or len(shape) == 0 or shape[0] != 0:
+        return
+    raise ValueError(f"NeuralNetwork.{caller}: the batch is empty (input of shape {tuple(shape)}); "
+                     f"pass at least one sample: the network takes {network_input(layers, shape)}")
+
+
+def network_input(layers, shape):
+    """The input shape the first layer takes, in words: ``(batch, 1, y, x) (Conv)``; else the
+    given sample shape."""
+    first = layers[0] if layers else None
+    convolution = getattr(first, "convolution_shape", None)
+    if convolution is not None:
+        spatial = ", ".join("yx"[:len(convolution) - 1])
+        return f"input of shape (batch, {convolution[0]}, {spatial}) ({type(first).__name__})"
+    size = getattr(first, "input_size", None) or getattr(first, "channels", None)
+    if size is not None:
+        return f"input of shape (batch, {size}, ...) ({type(first).__name__})"
+    return f"samples of shape {tuple(shape[1:])}"
+
+
+@contextlib.contextmanager
+def running_statistics_kept_on_error(layers):
+    """Put every layer's running statistics back when the block raises.
+
+    A training forward pass updates batch normalization's running statistics
+    layer by layer; a later layer refusing the batch (e.g. one sample where batch
+    statistics need two) must not leave the earlier ones updated from it. The
+    updates make new arrays, so keeping the references is enough.
+    """
+    kept = [(layer, layer.running_mean, layer.running_variance) for layer in layers
+            if hasattr(layer, "running_mean") and hasattr(layer, "running_variance")]
+    try:
+        yield
+    except BaseException:
+        for layer, mean, variance in kept:
+            layer.running_mean, layer.running_variance = mean, variance
+        raise

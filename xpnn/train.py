@@ -4,9 +4,10 @@ Run ``xpnn-train --help`` (or ``python -m xpnn.train --help``). The command
 shows a progress bar (on a terminal), prints the test accuracy after every
 epoch and a final one-line summary, and writes into ``--out``:
 
-``model.npz`` / ``model.json`` / ``resume.json``
+``model.npz`` / ``model.json``
     The checkpoint (see :mod:`xpnn.checkpoint`): loads without executing code,
-    on a CPU-only machine, with :func:`xpnn.checkpoint.load_model`.
+    on a CPU-only machine, with :func:`xpnn.checkpoint.load_model`; ``model.npz``
+    also holds the training state that ``--resume`` continues from.
 ``metrics.json``
     ``{"epochs": [{"epoch", "train_loss", "train_accuracy", "test_accuracy",
     "seconds", "eval_seconds", "images_per_second"}, ...], "settings": {...}}``.
@@ -15,31 +16,40 @@ epoch and a final one-line summary, and writes into ``--out``:
 
 Nothing is lost: a checkpoint is written at every epoch end (atomically);
 a NaN or infinite loss stops training (exit status 3) leaving the last good
-checkpoint untouched; Ctrl-C finishes the current step, saves a checkpoint
-and exits with status 130; ``--resume`` continues exactly where the
-checkpoint left off (on the NumPy backend, bit for bit).
+checkpoint untouched; Ctrl-C (SIGINT) or SIGTERM finishes the current step,
+saves a checkpoint and exits with status 130 or 143; ``--resume`` continues
+exactly where the checkpoint left off (on the NumPy backend, bit for bit).
+One run at a time holds ``--out`` (a second exits with status 2); a file
+system without room for the checkpoint and its temporary copy is refused
+before training; a damaged checkpoint is refused with the file and the problem.
 
-Exit status: 0 done, 1 error (data, backend, checkpoint), 2 usage,
-3 the loss became NaN/infinite, 130 interrupted.
+Exit status: 0 done, 1 error (data, backend, checkpoint, disk), 2 usage (or
+``--out`` in use), 3 the loss became NaN/infinite, 130 interrupted, 143 terminated.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 import xpnn
 from xpnn import checkpoint as ckpt
+from xpnn._files import NO_ROOM, DirectoryLock
 from xpnn.backend import BackendUnavailableError, canonical_name, make_backend
 from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, load_dataset
 from xpnn.parallel import MPIUnavailableError, distribute, world
 from xpnn.reports import describe_model, summary_line
 from xpnn.train_ranks import FailedElsewhere, agreed, rank_device, root_voice, stop_all_on_error
+from xpnn.resume_checks import check_against_data, check_resume_state
+from xpnn.train_checks import (UsageError, check_batches, check_no_checkpoint, check_room,
+                               check_writable, take_lock)
 from xpnn.training import Diverged, OtherData, Run, StopRequested, set_learning_rate
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: The file in --out whose lock (flock) one run holds; it records the holder's process id.
+LOCK_FILE = ".xpnn-train.lock"
 #: Run settings and their defaults; settings in LOCKED_ON_RESUME come from the
 #: checkpoint on --resume and may not be changed there.
 DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_size": 64,
@@ -48,10 +58,6 @@ DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_si
             "limit_train": None, "limit_test": None}
 LOCKED_ON_RESUME = ("dataset", "batch_size", "batch_norm", "dropout", "keep_probability", "dtype",
                     "seed", "limit_train", "limit_test")
-
-
-class UsageError(Exception):
-    """The command line asks for something impossible (exit status 2)."""
 
 
 # -- command line ---------------------------------------------------------------------
@@ -90,8 +96,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="xpnn-train", description="Train the seed's LeNet (with batch norm and dropout by "
         "default) on Fashion-MNIST or MNIST and save the model, metrics and a plot.",
-        epilog="Exit status: 0 done, 1 error, 2 usage, 3 loss became NaN/inf, 130 interrupted "
-        "(a checkpoint was saved; continue with --resume).", argument_default=quiet)
+        epilog="Exit status: 0 done, 1 error, 2 usage (or --out in use by another run), 3 loss "
+        "became NaN/inf, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); after 130 or 143 a "
+        "checkpoint was saved: continue with --resume.", argument_default=quiet)
     add = parser.add_argument
     add("--backend", default=os.environ.get("XPNN_BACKEND", "cpu"),
         help="cpu (NumPy), gpu (CuPy), torch or array-api-strict (default: $XPNN_BACKEND, else cpu)")
@@ -165,16 +172,15 @@ def load_data(settings):
     return train, test
 
 
-def prepare_run(args, given, communicator):
+def prepare_run(args, given, communicator, lock):
     """Settings, backend, data, network and data layers for a fresh or resumed run (this
-    rank's rows of every batch, the network distributed over the ranks)."""
+    rank's rows of every batch, the network distributed over the ranks); rank 0 takes
+    ``lock`` (on ``--out``) before the directory's contents are looked at."""
     out = args.out
-    has_checkpoint = os.path.isfile(os.path.join(out, ckpt.MODEL_FILE))
     meta = arrays = None
     if args.resume:
-        meta, arrays = ckpt.read_checkpoint(out)
-        if not meta.get("resume"):
-            raise ckpt.CheckpointError(f"{out}/{ckpt.MODEL_FILE} holds no training state to resume")
+        take_lock(lock, out, create=False)  # (before anything is read: see below)
+        meta, arrays = read_resume_checkpoint(out)
     settings = resolve_settings(given, meta["resume"]["settings"] if meta else None)
     try:
         canonical_name(args.backend)
@@ -182,14 +188,21 @@ def prepare_run(args, given, communicator):
                                rank_device(args.backend, args.device, communicator))
     except ValueError as error:  # an unknown name, or a device the backend does not have
         raise UsageError(str(error)) from None
-    # (After the backend: a run that cannot start there should say so first.)
-    if has_checkpoint and not (args.resume or args.overwrite):
-        raise UsageError(f"{out} already holds a checkpoint; continue it with --resume, replace it "
-                         f"with --overwrite, or choose another --out")
+    # (After the backend: a run that cannot start there should say so first.) An --out that
+    # exists is locked before its contents count; a new one once the data is good (a run that
+    # fails before leaves none), and its contents are looked at again then.
+    take_lock(lock, out, create=False)
+    has_checkpoint = check_no_checkpoint(args)
     (train_images, train_labels), (test_images, test_labels) = load_data(settings)
-    check_writable(out)  # before an epoch of training, not at its end
+    check_batches(settings, len(train_images))
+    if lock is not None and not lock.held:
+        take_lock(lock, out, create=True)
+        has_checkpoint = check_no_checkpoint(args)
+    if lock is not None:
+        check_writable(out)  # before an epoch of training, not at its end
     options = model_options(settings)
-    net = distribute(build_network(settings, options, backend, meta, arrays), communicator)
+    net = distribute(build_network(settings, options, backend, meta, arrays,
+                                   os.path.join(out, ckpt.MODEL_FILE)), communicator)
     part = (communicator.rank, communicator.size)  # (this rank's rows of every batch)
     train_layer = DataLayer(train_images, train_labels, settings["batch_size"], backend=backend,
                             shuffle=True, seed=settings["seed"], part=part)
@@ -202,28 +215,38 @@ def prepare_run(args, given, communicator):
         except OtherData as error:  # the data layer's state is for another dataset
             raise UsageError(f"{error}; resume with the data the run started with, or start "
                              f"afresh with --overwrite") from None
+        check_against_data(os.path.join(out, ckpt.MODEL_FILE), meta["resume"], train_layer)
+    check_room(out, run, has_checkpoint)
     return run
 
 
-def build_network(settings, options, backend, meta=None, arrays=None):
-    """A fresh LeNet for these options (seeded), or the checkpoint's (``meta``, ``arrays``)."""
+def read_resume_checkpoint(out):
+    """The checkpoint in ``out`` with its training state checked (a CheckpointError names the
+    file and the field); its settings must agree with its architecture."""
+    meta, arrays = ckpt.read_checkpoint(out)
+    path = os.path.join(out, ckpt.MODEL_FILE)
+    if not meta.get("resume"):
+        raise ckpt.CheckpointError(f"{path} holds no training state to resume")
+    check_resume_state(path, meta["resume"])
+    built_with = meta["architecture"]["options"]
+    if model_options(resolve_settings({}, meta["resume"]["settings"])) != built_with:
+        raise ckpt.CheckpointError(f"{path}: its training state's settings do not match its "
+                                   f"architecture's options {built_with}; start afresh with "
+                                   f"--overwrite, or use another copy")
+    return meta, arrays
+
+
+def build_network(settings, options, backend, meta=None, arrays=None, path=None):
+    """A fresh LeNet for these options (seeded), or the checkpoint's (``meta``, ``arrays``,
+    read from ``path``)."""
     xpnn.seed(settings["seed"])
     if meta is None:
         with xpnn.use_backend(backend):
             from xpnn.models import lenet
             return lenet.build(**options)
-    net = ckpt.build_model(meta, backend)
-    ckpt.restore_network_arrays(net, arrays)
+    net = ckpt.restore_model(path, meta, arrays, backend)
     set_learning_rate(net, settings["lr"])
     return net
-
-
-def check_writable(out):
-    """Create ``out`` and write a file there, so that a directory that cannot take the
-    checkpoint fails now, with the reason (an OSError naming the path)."""
-    os.makedirs(out, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out):
-        pass
 
 
 def start_line(run, out):
@@ -255,8 +278,16 @@ def report_divergence(error, run, out, resumed):
 
 
 def execute(args, given, communicator):
-    """Run training; returns the exit status."""
-    run = agreed(communicator, lambda: prepare_run(args, given, communicator))
+    """Run training, rank 0 holding ``--out``'s lock throughout; returns the exit status."""
+    # Rank 0 alone holds the lock, checks and writes; the other ranks get None.
+    root = communicator.rank == 0
+    with DirectoryLock(args.out, LOCK_FILE) if root else contextlib.nullcontext() as lock:
+        run = agreed(communicator, lambda: prepare_run(args, given, communicator, lock))
+        return train_run(run, args, communicator)
+
+
+def train_run(run, args, communicator):
+    """Train ``run`` to its epochs; a stop saves a checkpoint; returns the exit status."""
     out = args.out
     root = communicator.rank == 0  # (the one that prints)
     if len(run.metrics) >= run.settings["epochs"]:  # (a saved partial epoch beyond them too)
@@ -280,11 +311,11 @@ def execute(args, given, communicator):
             except StopRequested:  # (every rank, at the same step)
                 run.save(out)
                 if root:
-                    print(f"xpnn-train: interrupted; checkpoint saved in {out} (epoch "
+                    print(f"xpnn-train: {run.stop.name}: checkpoint saved in {out} (epoch "
                           f"{len(run.metrics) + 1}, step {run.partial.steps if run.partial else 0}"
                           f"); continue with: xpnn-train --resume --out {out}",
                           file=sys.stderr, flush=True)
-                return EXIT_INTERRUPTED
+                return run.stop.status
         except Diverged as error:
             if root:
                 report_divergence(error, run, out, args.resume)
@@ -300,10 +331,11 @@ def _path_hint(error, args):
     if not filename:
         return ""
     path = os.path.abspath(os.fspath(filename))
+    fix = "free some space there" if error.errno in NO_ROOM else "check the path and its permissions"
     for option, value in (("--out", args.out), ("--data-dir", args.data_dir)):
         if value is not None and (path + os.sep).startswith(os.path.abspath(value) + os.sep):
-            return f"; check the path and its permissions, or choose another {option}"
-    return "; check the path and its permissions"
+            return f"; {fix}, or choose another {option}"
+    return f"; {fix}"
 
 
 def describe_error(error, args):
@@ -315,8 +347,8 @@ def describe_error(error, args):
         return EXIT_ERROR, f"xpnn-train: error: {error}"
     if isinstance(error, OSError):  # e.g. a file or directory that cannot be read or written
         return EXIT_ERROR, f"xpnn-train: error: {error}{_path_hint(error, args)}"
-    if isinstance(error, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, (f"\nxpnn-train: aborted; nothing was saved now (an earlier "
+    if isinstance(error, KeyboardInterrupt):  # (a second Ctrl-C or SIGTERM: aborted)
+        return getattr(error, "status", EXIT_INTERRUPTED), (f"\nxpnn-train: aborted; nothing was saved now (an earlier "
                                   f"checkpoint in {args.out}, if any, is unchanged)")
     return None
 

@@ -22,7 +22,15 @@ class Diverged(Exception):
 
 
 class StopRequested(Exception):
-    """Ctrl-C asked training to stop at the next step boundary."""
+    """Ctrl-C or SIGTERM asked training to stop at the next step boundary."""
+
+
+class Aborted(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: stop at once, without saving (``status``: the exit status)."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -113,29 +121,42 @@ class Window:
 
 
 class StopFlag:
-    """SIGINT handler: the first Ctrl-C asks for a clean stop, the second aborts at once."""
+    """SIGINT and SIGTERM handler: the first asks for a clean stop, the second aborts at once.
+
+    SIGTERM is what ``docker stop``, systemd and Slurm send before they kill a
+    process: it gets the same clean stop as Ctrl-C. ``status`` is the exit
+    status the stop calls for (128 + the signal's number: 130, 143).
+    """
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.status = None
+        self.name = None
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise Aborted(128 + signum)
         self.requested = True
-        print("\nxpnn-train: Ctrl-C: stopping after this step and saving a checkpoint "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        self.status, self.name = 128 + signum, self.SIGNALS[signum]
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
+        print(f"\nxpnn-train: {self.name}: stopping after this step and saving a checkpoint "
+              f"({again} to abort without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: plain KeyboardInterrupt semantics
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: plain KeyboardInterrupt semantics
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         return False
 
 
@@ -227,13 +248,17 @@ class Run:
                 "xpnn_version": xpnn.__version__}
 
     def save(self, out):
-        """Checkpoint unless a parameter went non-finite (then the previous checkpoint stays)."""
+        """Checkpoint unless a parameter went non-finite (then the previous checkpoint stays).
+
+        Every rank checks (the parameters are the same on every rank, so all stop
+        together); rank 0 alone writes.
+        """
         arrays = ckpt.network_arrays(self.net)
         broken = ckpt.non_finite_arrays(arrays)
         if broken:
             raise Diverged(f"after epoch {len(self.metrics)} the parameters hold NaN or infinite "
                            f"values ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
-        if self.root:  # (the parameters are the same on every rank, and so is this check)
+        if self.root:
             ckpt.save_checkpoint(out, self.net, "lenet", self.options, resume=self.resume_state(),
                                  arrays=arrays)
 

@@ -1,4 +1,6 @@
 """Batch normalization (course API) for vector and image inputs."""
+import math
+
 from xpnn._checks import finite_float, positive_int
 from xpnn.layers.base import TrainableLayer
 
@@ -101,6 +103,20 @@ class BatchNormalization(TrainableLayer):
                 f"BatchNormalization: expected {what} of shape (batch, {self.channels}) or "
                 f"(batch, {self.channels}, y, x), got {shape}")
 
+    def _check_batch_statistics(self, shape):
+        """Training normalizes with the batch's own statistics: they need 2 values per channel.
+
+        With one value the variance is 0 and every output is β, whatever the
+        input (PyTorch refuses it too); with none they are NaN. Raised before
+        any state of the layer changes.
+        """
+        values = shape[0] * math.prod(shape[2:])
+        if values < 2:
+            raise ValueError(
+                f"BatchNormalization: batch statistics need at least 2 values per channel in "
+                f"training, got input of shape {shape} ({values} per channel): train on batches "
+                f"of 2 or more samples (the testing phase, e.g. net.test, takes single samples)")
+
     def _statistics_axes(self, tensor):
         """Axes the statistics run over: (batch, y, x) for images, (batch,) for vectors.
 
@@ -119,6 +135,8 @@ class BatchNormalization(TrainableLayer):
         """Normalize with batch statistics (training) or the running ones (testing phase)."""
         input_tensor = self._as_input(input_tensor)
         self._check_input(input_tensor, "input")
+        if not self.testing_phase:
+            self._check_batch_statistics(tuple(input_tensor.shape))
         axes = self._statistics_axes(input_tensor)
         given = self._inference_statistics() if self.testing_phase else None
         all_sum = None if self.testing_phase else self.statistics_sum()

@@ -105,8 +105,11 @@ class Ops:
 
     # -- ReLU -------------------------------------------------------------------
     def relu_forward(self, x, need_backward=True):
-        """``max(x, 0)`` (NaN and negative inputs give +0) and what :meth:`relu_backward` needs.
+        """``max(x, 0)`` and what :meth:`relu_backward` needs.
 
+        Inputs ``<= 0`` (-0.0 included) give +0; NaN stays NaN, as NumPy's and
+        PyTorch's ``maximum(x, 0)`` have it, so that a non-finite input reaches
+        the loss (where training stops on it) instead of vanishing here.
         ``need_backward=False`` (testing phase) lets a fast path skip work that
         only a backward pass uses; :meth:`relu_backward` must still work.
 
@@ -116,11 +119,11 @@ class Ops:
         mask : array
             Opaque to callers; has the shape of ``x``.
         """
-        mask = x > 0.0
+        mask = self.xp.logical_not(x <= 0.0)  # (true for NaN, where ``x > 0`` is false)
         return self.xp.where(mask, x, 0.0), mask
 
     def relu_backward(self, error, mask):
-        """``error`` where the forward input was positive, +0 elsewhere."""
+        """``error`` where the forward input was positive or NaN (as PyTorch's), +0 elsewhere."""
         if mask.dtype != self.xp.bool:
             mask = mask != 0  # another backend's mask form (the layer was moved)
         return self.xp.where(mask, error, 0.0)

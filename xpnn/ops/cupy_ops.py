@@ -10,18 +10,17 @@ and cached on disk by CuPy):
   kernel each instead of a strided slice per kernel offset and a stack;
 * max pooling for two spatial axes: window maximum and first arg-max in one
   kernel, the backward pass as one gather;
-* ReLU: output and mask in one kernel;
 * batch normalization: statistics in two reductions, normalization in one
   kernel, the input gradient in one, the running statistics in one;
 * dropout: mask, scale and output in one kernel after the draw;
 * Adam (with an L2 regularizer's step): moments and weights in one kernel.
 
 Every result equals the generic method's (:class:`xpnn.ops.Ops`) bit for bit
-where the same operations run in the same order (windows, pooling, ReLU,
-dropout) and to rounding elsewhere (the compiler may fuse a multiply and an add);
+where the same operations run in the same order (windows, pooling, dropout)
+and to rounding elsewhere (the compiler may fuse a multiply and an add);
 ``tests/test_cupy_ops.py`` compares each with the generic path. Other shapes
 (one or three spatial axes) and batch-norm sums over several processes fall back to the
-generic methods.
+generic methods; ReLU always does (``kernels.RELU`` hides NaN, see ``CupyOps``).
 """
 import math
 
@@ -122,8 +121,8 @@ class CupyOps(Ops):
         return gradient
 
     # -- ReLU ------------------------------------------------------------------
-    def relu_forward(self, x, need_backward=True):
-        return kernels.RELU(x)
+    # The generic methods: kernels.RELU (``x > 0 ? x : 0``) sends NaN to +0, which hid a
+    # non-finite input from the loss; a kernel that keeps NaN lands only with a GPU run.
 
     # -- batch normalization ---------------------------------------------------
     def batch_norm_forward(self, x, gamma, beta, eps, axes, statistics=None, all_sum=None):

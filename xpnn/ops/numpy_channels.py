@@ -26,32 +26,24 @@ class ChannelPaths:
 
     # -- ReLU -------------------------------------------------------------------
     def relu_forward(self, x, need_backward=True):
-        """Same results as :meth:`xpnn.ops.Ops.relu_forward`, bit for bit.
+        """Same results as :meth:`xpnn.ops.Ops.relu_forward`, bit for bit (NaN stays NaN).
 
         ``np.where`` branches per element and costs ~5 ns per value on a
         ReLU's random sign pattern; AND-ing the value's bits with an integer
         mask of all ones (keep) or zeros (+0.0) is branch-free and ~10x faster.
-        The mask is that integer array (same memory order as ``x``).
-
-        Without ``need_backward`` it is ``fmax(x, 0)`` in one pass (NaN and -0.0
-        give +0.0 as well), and the output stands in for the mask: it is
-        positive exactly where ``x`` is (a backward pass after a testing-phase
-        forward reads it, so it must not be modified in place meanwhile).
+        The mask is that integer array (same memory order as ``x``): ``x <= 0``
+        (1 or 0) minus 1 gives 0 (drop) or -1 (all ones, keep); NaN compares
+        false and is kept. ``need_backward`` changes nothing here: ``fmax``,
+        the one-pass form the testing phase once used, sends NaN to +0.
         """
         output = np.empty_like(x)
-        if not need_backward:
-            def maximum(part):
-                index = channel_index(part)
-                np.fmax(x[index], 0.0, out=output[index])
-
-            self._parallel(maximum, self._channel_parts(x))
-            return output, output
         integer = same_width_integer(x.dtype)
         mask = np.empty_like(x, dtype=integer)
 
         def channels(part):
             index = channel_index(part)
-            np.negative(np.greater(x[index], 0.0).view(np.int8), dtype=integer, out=mask[index])
+            np.subtract(np.less_equal(x[index], 0.0).view(np.int8), 1, dtype=integer,
+                        out=mask[index])
             np.bitwise_and(x[index].view(integer), mask[index], out=output[index].view(integer))
 
         self._parallel(channels, self._channel_parts(x))
@@ -62,8 +54,8 @@ class ChannelPaths:
         if not (isinstance(mask, np.ndarray) and mask.dtype.kind in "if"):
             return super().relu_backward(error, mask)
         integer = same_width_integer(error.dtype)
-        if mask.dtype.kind == "f":  # the output of a testing-phase forward
-            mask = np.negative(np.greater(mask, 0.0).view(np.int8), dtype=integer)
+        if mask.dtype.kind == "f":  # a forward output given as the mask: keep where it is not +0
+            mask = np.subtract(np.equal(mask, 0.0).view(np.int8), 1, dtype=integer)
         elif mask.dtype != integer:
             mask = mask.astype(integer)
         output = np.empty_like(error)

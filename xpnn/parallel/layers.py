@@ -77,6 +77,10 @@ class MultiNodeBatchNormalization(_OverRanks, BatchNormalization):
     def statistics_sum(self):
         return self.communicator.all_sum
 
+    def _check_batch_statistics(self, shape):
+        """Nothing to check on this rank's rows alone: the statistics are the global batch's, and
+        a rank may hold one row or none of a small batch (xpnn-train checks the global batch)."""
+
 
 class MultiNodeDropout(_OverRanks, Dropout):
     """Dropout whose mask is the global batch's: every rank draws the whole batch's

@@ -101,7 +101,7 @@ def test_an_empty_training_batch_is_refused_naming_the_input_shape(backend):
     _assert_same_state(before, _state(net))
     # Through train() (the course loop) too: its data layer gave the empty batch.
     net.data_layer = type("Empty", (), {"next": lambda self: (images[:0], labels[:0])})()
-    with pytest.raises(ValueError, match=r"NeuralNetwork\.train: the batch is empty"):
+    with pytest.raises(ValueError, match=r"NeuralNetwork\.forward: the batch is empty"):
         net.train(1)
     _assert_same_state(before, _state(net))
     assert net.loss == []

@@ -19,12 +19,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: (variant, pass) -> most (computing calls, views, allocations) allowed; measured at batch 64.
 BOUNDS = {
-    ("lenet-bn-dropout", "train_batch"): (449, 187, 9),
+    ("lenet-bn-dropout", "train_batch"): (453, 187, 9),  # (+4: ReLU keeps NaN, issue 20)
     ("lenet-bn-dropout", "norm"): (20, 9, 0),
-    ("lenet-bn-dropout", "inference"): (57, 97, 2),
-    ("lenet", "train_batch"): (231, 159, 7),
+    ("lenet-bn-dropout", "inference"): (61, 97, 2),  # (+4: ReLU keeps NaN)
+    ("lenet", "train_batch"): (235, 159, 7),  # (+4: ReLU keeps NaN)
     ("lenet", "norm"): (12, 5, 0),
-    ("lenet", "inference"): (33, 73, 2),
+    ("lenet", "inference"): (37, 73, 2),  # (+4: ReLU keeps NaN)
 }
 #: Most Python frames entered in xpnn's files for one train_batch of the BN + dropout LeNet
 #: on the generic path (array-api-strict), and in array-api-compat's.

@@ -8,8 +8,10 @@ import contextlib
 import io
 import sys
 import traceback
+import time
 
 from xpnn.backend import canonical_name
+from xpnn.parallel.launcher import ABORT_GRACE_SECONDS
 
 
 class FailedElsewhere(Exception):
@@ -98,4 +100,5 @@ def stop_all_on_error(communicator, describe, agreed_errors=()):
             print(message, file=sys.stderr)
         print(f"xpnn-train: rank {communicator.rank} of {communicator.size} failed; stopping "
               f"every rank", file=sys.stderr, flush=True)
+        time.sleep(ABORT_GRACE_SECONDS)  # (for the launcher to forward the message: see there)
         communicator.abort(status)

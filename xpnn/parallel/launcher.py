@@ -1,12 +1,15 @@
 """The processes a program runs in: :func:`world`, and stopping them all when one fails."""
 import os
 import sys
+import time
 
 from xpnn.parallel.communicator import MPICommunicator, SingleProcessCommunicator
 
 #: Set by MPI launchers in the processes they start: MPICH's and Intel MPI's ``mpiexec``
 #: (hydra) and Slurm's PMI (``PMI_SIZE``), PMIx launchers (``PMIX_RANK``), Open MPI.
 LAUNCHER_VARIABLES = ("PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE")
+#: Seconds a failing rank waits, after printing, before it aborts the job (see below).
+ABORT_GRACE_SECONDS = 1.0
 MPI_FIX = 'pip install "xpnn[mpi]" (it installs mpi4py and the mpich wheel with its mpiexec)'
 
 _WORLD = None  # this process's world, made on the first call of world()
@@ -83,6 +86,10 @@ def abort_on_uncaught_exception(communicator):
         print(f"xpnn.parallel: rank {communicator.rank} of {communicator.size} failed; "
               f"stopping every rank", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        # The launcher forwards a rank's output asynchronously and the abort kills the job at
+        # once: on a loaded machine the message was lost (an empty output in a test). A short
+        # wait lets it through; the job stops all the same.
+        time.sleep(ABORT_GRACE_SECONDS)
         communicator.abort(1)
 
     sys.excepthook = print_and_abort

@@ -1,4 +1,5 @@
-"""CrossEntropyLoss: -sum over the batch of y log(yhat + eps), eps the dtype's machine epsilon."""
+"""CrossEntropyLoss: -sum over the batch of y log(yhat + eps), eps the dtype's machine epsilon;
+backward -y / yhat (the course's, no eps); fused with SoftMax, yhat * sum(y) - y."""
 import numpy as np
 import pytest
 
@@ -37,7 +38,7 @@ def test_backward_is_minus_label_over_prediction(backend):
     loss_layer.forward(backend.asarray(prediction), labels)
     error = loss_layer.backward(labels)
     assert backend.owns(error)
-    assert_close(error, -labels / (prediction + EPS64), rtol=1e-14)
+    assert_close(error, -labels / prediction, rtol=1e-14)
 
 
 def test_epsilon_is_the_dtype_machine_epsilon(backend32):
@@ -83,7 +84,7 @@ def test_float64_labels_with_a_float32_prediction_on_a_device_without_float64():
     assert_close(loss, -np.sum(labels * np.log(prediction32 + eps32)), rtol=1e-6)
     error = loss_layer.backward(label_tensor)
     assert no_float64.owns(error) and error.dtype == no_float64.dtype
-    assert_close(error, -labels / (prediction32 + eps32), rtol=1e-6)
+    assert_close(error, -labels / prediction32, rtol=1e-6)
 
 
 def test_gradient_check_through_softmax(backend):
@@ -95,7 +96,7 @@ def test_gradient_check_through_softmax(backend):
 
 
 def test_softmax_then_loss_gradient_is_p_minus_y(backend):
-    """SoftMax.backward(CE.backward(y)) = p - y (up to eps), the fused gradient a network may use."""
+    """SoftMax.backward(CE.backward(y)) = p - y (up to rounding), the fused gradient a network may use."""
     rng = np.random.default_rng(4)
     input_tensor = rng.standard_normal((6, 3))
     labels = np.eye(3)[[0, 1, 2, 2, 1, 0]]
@@ -170,11 +171,10 @@ def test_to_moves_the_cached_prediction(backend):
     assert loss_layer.to(backend) is loss_layer
     error = loss_layer.backward(labels)
     assert backend.owns(error)
-    assert_close(error, -labels / (prediction + EPS64), rtol=1e-14)
+    assert_close(error, -labels / prediction, rtol=1e-14)
     fused = loss_layer.backward_through_softmax(labels)
     assert backend.owns(fused)
-    weighted = labels * prediction / (prediction + EPS64)
-    assert_close(fused, prediction * weighted.sum(axis=1, keepdims=True) - weighted,
+    assert_close(fused, prediction * labels.sum(axis=1, keepdims=True) - labels,
                  rtol=1e-12, atol=1e-15)
 
 
@@ -187,6 +187,73 @@ def test_to_a_backend_object_with_a_dtype_takes_that_dtype():
     assert loss_layer.backend.dtype_name == "float32"
     error = xpnn.to_numpy(loss_layer.backward(labels))
     assert error.dtype == np.float32
-    eps32 = float(np.finfo(np.float32).eps)
     prediction32 = prediction.astype(np.float32).astype(np.float64)
-    np.testing.assert_allclose(error, -labels / (prediction32 + eps32), rtol=1e-6)
+    np.testing.assert_allclose(error, -labels / prediction32, rtol=1e-6)
+
+
+# -- a hopeless sample: the right class far below eps ----------------------------------------
+# Three wrong classes at logit +100, the right one at 0: the right class's probability is
+# e^-100 / 3 ~ 1.2e-44 (below eps, still a normal float64). The gradient with respect to the
+# logits is p - y: 1/3 for each wrong class, about -1 for the right one (issue 18).
+HOPELESS_LOGITS = np.array([[100.0, 100.0, 100.0, 0.0], [0.0, 3.0, -2.0, 1.0]])
+HOPELESS_LABELS = np.array([[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+
+
+def _softmax_reference(logits):
+    """Row-wise softmax in NumPy float64 (the row max subtracted)."""
+    exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def test_hopeless_sample_standalone_backward_through_softmax_keeps_its_gradient(backend):
+    """The course's composition, loss backward then SoftMax backward, in float64: the wrong
+    classes get 1/3 each, the right class -1 (an eps in the backward gave ~1e-29 there)."""
+    softmax, loss_layer = SoftMax(), CrossEntropyLoss()
+    loss_layer.forward(softmax.forward(backend.asarray(HOPELESS_LOGITS)), HOPELESS_LABELS)
+    error = loss_layer.backward(HOPELESS_LABELS)
+    assert np.all(np.isfinite(xpnn.to_numpy(error)))
+    gradient = softmax.backward(error)
+    expected = _softmax_reference(HOPELESS_LOGITS) - HOPELESS_LABELS
+    np.testing.assert_allclose(expected[0], [1 / 3, 1 / 3, 1 / 3, -1.0], rtol=1e-15)
+    assert_close(gradient, expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_hopeless_sample_fused_gradient_in_float64(backend, scale):
+    """The fused gradient p * sum(y) - y for logits up to +-1e4 (the right class's probability
+    is 0 there): wrong classes 1/3, right class -1, finite."""
+    logits = HOPELESS_LOGITS * scale
+    _check_fused_hopeless(backend, logits, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_hopeless_sample_fused_gradient_in_float32(backend32, scale):
+    """The same in float32, where eps ~ 1.2e-7: an eps weighting p / (p + eps) made the right
+    class's gradient ~1e-37 instead of -1 (the sample taught the network almost nothing)."""
+    _check_fused_hopeless(backend32, HOPELESS_LOGITS * scale, rtol=1e-5)
+
+
+def _check_fused_hopeless(backend_obj, logits, rtol):
+    softmax, loss_layer = SoftMax(), CrossEntropyLoss()
+    prediction = softmax.forward(backend_obj.asarray(logits, dtype=backend_obj.dtype))
+    loss_layer.forward(prediction, HOPELESS_LABELS)
+    fused = loss_layer.backward_through_softmax(HOPELESS_LABELS)
+    assert backend_obj.owns(fused) and fused.dtype == backend_obj.dtype
+    expected = _softmax_reference(logits) - HOPELESS_LABELS
+    np.testing.assert_allclose(expected[0], [1 / 3, 1 / 3, 1 / 3, -1.0], rtol=1e-15)
+    assert_close(fused, expected, rtol=rtol, atol=1e-7 if rtol > 1e-12 else 1e-15)
+
+
+def test_fused_gradient_with_soft_labels_is_p_times_label_sum_minus_label(backend):
+    """Labels that are not one-hot (rows summing to other than 1): p * sum(y) - y, which is
+    what the composition gives (checked against it)."""
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((5, 4)) * 3.0
+    labels = rng.random((5, 4))
+    softmax, loss_layer = SoftMax(), CrossEntropyLoss()
+    loss_layer.forward(softmax.forward(backend.asarray(logits)), labels)
+    fused = loss_layer.backward_through_softmax(labels)
+    composed = xpnn.to_numpy(softmax.backward(loss_layer.backward(labels)))
+    expected = _softmax_reference(logits) * labels.sum(axis=1, keepdims=True) - labels
+    assert_close(fused, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(composed, expected, rtol=1e-10, atol=1e-14)

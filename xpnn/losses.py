@@ -23,7 +23,10 @@ class CrossEntropyLoss:
     ``forward(prediction, label) = -sum(label * log(prediction + eps))`` summed
     over the whole batch (not averaged), with ``eps`` the machine epsilon of
     the prediction's dtype, returned as a 0-d array of the prediction's
-    backend (no host-device sync). ``backward(label) = -label / (prediction + eps)``.
+    backend (no host-device sync). ``backward(label) = -label / prediction``:
+    the course's formula, with ``eps`` only in the forward loss (an ``eps`` in
+    the backward pass would shrink the gradient of a confidently wrong sample,
+    whose right class has a probability far below ``eps``, to almost nothing).
 
     Labels may come from any backend (or NumPy, or integer one-hot arrays):
     they are moved to the prediction's backend and dtype at entry.
@@ -63,28 +66,28 @@ class CrossEntropyLoss:
         return -xp.sum(label_tensor * xp.log(prediction_tensor + epsilon))
 
     def backward(self, label_tensor):
-        """Return ``-label / (prediction + eps)`` for the prediction of the last forward."""
+        """Return ``-label / prediction`` for the prediction of the last forward (no eps)."""
         if self.prediction_tensor is None:
             raise RuntimeError("CrossEntropyLoss: backward called before forward")
         prediction_tensor, label_tensor = self._operands(self.prediction_tensor, label_tensor)
-        return -label_tensor / (prediction_tensor + self._epsilon(prediction_tensor))
+        return -label_tensor / prediction_tensor
 
     def backward_through_softmax(self, label_tensor):
         """Gradient with respect to the input of the SoftMax whose output was the last prediction.
 
-        Equal (to rounding) to ``SoftMax.backward(self.backward(label))``, but
-        in one step and without the large intermediate ``-label / (p + eps)``:
-        with ``r = p / (p + eps)``, that composition is
-        ``p * sum(label * r, axis=1) - label * r`` (which is ``p - label`` for
-        one-hot labels up to the eps terms). :class:`xpnn.NeuralNetwork` uses
-        it when a SoftMax layer feeds this loss.
+        What ``SoftMax.backward(self.backward(label))`` simplifies to:
+        ``p * sum(label, axis=1) - label`` (``p - label`` for one-hot labels),
+        with ``p`` the prediction. Unlike the composition it is finite for any
+        logits (no division: a hopeless sample, its right class at
+        ``p ~ 1e-44``, still gets its full gradient of about -1 there), and
+        it costs three array operations. :class:`xpnn.NeuralNetwork` uses it
+        when a SoftMax layer feeds this loss.
         """
         if self.prediction_tensor is None:
             raise RuntimeError("CrossEntropyLoss: backward called before forward")
         prediction_tensor, label_tensor = self._operands(self.prediction_tensor, label_tensor)
         xp = namespace(prediction_tensor)
-        weighted = label_tensor * (prediction_tensor / (prediction_tensor + self._epsilon(prediction_tensor)))
-        return prediction_tensor * xp.sum(weighted, axis=1, keepdims=True) - weighted
+        return prediction_tensor * xp.sum(label_tensor, axis=1, keepdims=True) - label_tensor
 
     def to(self, backend, dtype=None):
         """Rebind to ``backend`` (name or Backend) and move the cached prediction; returns self."""

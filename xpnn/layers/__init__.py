@@ -11,3 +11,5 @@ from xpnn.layers.dropout import Dropout
 from xpnn.layers.batch_normalization import BatchNormalization
 from xpnn.layers.conv import Conv
 from xpnn.layers.pooling import Pooling
+from xpnn.layers.rnn import RNN
+from xpnn.layers.lstm import LSTM

@@ -44,10 +44,13 @@ RESUME_JSON = "resume.json"
 META_KEY = "__meta__"
 
 #: Attributes (when a layer lists them in ``state_names``) that a model needs;
-#: gradients, masks and forward caches are not saved.
-PERSISTENT_ATTRIBUTES = ("weights", "bias", "running_mean", "running_variance")
-#: A layer's optimizers: the weights' and the bias's own copy.
-OPTIMIZER_SLOTS = (("optimizer", "_optimizer"), ("bias_optimizer", "_bias_optimizer"))
+#: gradients, masks and forward caches are not saved. (A recurrent layer's output part and,
+#: with ``memorize``, the states it carries to the next sequence.)
+PERSISTENT_ATTRIBUTES = ("weights", "bias", "running_mean", "running_variance",
+                         "output_weights", "hidden_state", "cell_state")
+#: A layer's optimizers: the weights' and the bias's own copy (a recurrent layer's output part's).
+OPTIMIZER_SLOTS = (("optimizer", "_optimizer"), ("bias_optimizer", "_bias_optimizer"),
+                   ("output_optimizer", "_output_optimizer"))
 
 
 class NonFiniteState(CheckpointError):

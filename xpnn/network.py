@@ -129,13 +129,17 @@ class NeuralNetwork:
         """Sum of ``regularizer.norm(weights)`` over trainable layers (0 without one).
 
         The backend adds the norms (:meth:`xpnn.ops.Ops.total`: one reduction where
-        they are its arrays).
+        they are its arrays). A layer whose optimizer steps more than its ``weights`` (a
+        recurrent layer's two fully connected parts) lists them in ``regularized_weights()``.
         """
         norms = []
         for layer in self.layers:
             regularizer = getattr(layer.optimizer, "regularizer", None) if layer.trainable else None
-            if regularizer is not None:
-                norms.append(regularizer.norm(layer.weights))
+            if regularizer is None:
+                continue
+            parts = layer.regularized_weights() if hasattr(layer, "regularized_weights") else (
+                layer.weights,)
+            norms.extend(regularizer.norm(weights) for weights in parts)
         return self.backend.ops.total(norms)
 
     def forward(self):

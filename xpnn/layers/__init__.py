@@ -13,3 +13,4 @@ from xpnn.layers.conv import Conv
 from xpnn.layers.pooling import Pooling
 from xpnn.layers.rnn import RNN
 from xpnn.layers.lstm import LSTM
+from xpnn.layers.sequences import ImageRows, LastStep

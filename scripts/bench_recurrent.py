@@ -47,6 +47,9 @@ def parse_args(argv=None):
     add("--data-dir", default=None, help="Fashion-MNIST IDX files (default: Debian's)")
     add("--limit-train", type=int, default=None)
     add("--limit-test", type=int, default=None)
+    add("--threads", type=int, default=os.cpu_count() or 1,
+        help="threads for both: PyTorch's intra-op threads, NumPy's BLAS held to as many "
+             "(default: the machine's CPUs)")
     add("--json", default=None, help="also write the results to this file")
     return parser.parse_args(argv)
 
@@ -170,27 +173,43 @@ def torch_accuracy(model, images, labels):
 def main(argv=None):
     args = parse_args(argv)
     import torch
+    from threadpoolctl import threadpool_limits
 
-    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        return compare(args, torch)
+
+
+def load(args):
+    """Fashion-MNIST as float32 images (n, 1, 28, 28) in [0, 1] and int64 labels."""
     data = load_dataset("fashion-mnist", args.data_dir)
-    train_images = (data.train_images[:args.limit_train] / 255.0).astype(np.float32)[:, None]
-    train_labels = data.train_labels[:args.limit_train].astype(np.int64)
-    test_images = (data.test_images[:args.limit_test] / 255.0).astype(np.float32)[:, None]
-    test_labels = data.test_labels[:args.limit_test].astype(np.int64)
-    one_hot = np.eye(10, dtype=np.float32)[train_labels]
+    return [((images[:limit] / 255.0).astype(np.float32)[:, None], labels[:limit].astype(np.int64))
+            for images, labels, limit in ((data.train_images, data.train_labels, args.limit_train),
+                                          (data.test_images, data.test_labels, args.limit_test))]
 
+
+def build_both(args, torch, test_images):
+    """xpnn's model (float32, CPU), the PyTorch one with its weights, and PyTorch's Adam."""
     xpnn.set_backend("cpu", dtype="float32")
     xpnn.seed(args.seed)
     net = recurrent.build(args.cell, args.hidden_size, args.output_size, args.lr)
     model = torch_model(args)
     copy_weights(net, model, args.cell)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    torch_data = [torch.from_numpy(a) for a in (train_images, train_labels, test_images, test_labels)]
-    start_difference = initial_difference(net, model, test_images[:100])
-    print(f"{args.cell}: initial probabilities differ by at most {start_difference:.2g}", flush=True)
-    if start_difference > 1e-4:
+    difference = initial_difference(net, model, test_images[:100])
+    print(f"{args.cell}: initial probabilities differ by at most {difference:.2g}", flush=True)
+    if difference > 1e-4:
         raise SystemExit("the two models do not start from the same weights")
+    return net, model, optimizer, difference
 
+
+def compare(args, torch):
+    """Train both models epoch by epoch; print and return the per-epoch results."""
+    torch.manual_seed(args.seed)
+    (train_images, train_labels), (test_images, test_labels) = load(args)
+    one_hot = np.eye(10, dtype=np.float32)[train_labels]
+    net, model, optimizer, difference = build_both(args, torch, test_images)
+    torch_data = [torch.from_numpy(a) for a in (train_images, train_labels, test_images, test_labels)]
     warm_up(net, model, train_images, one_hot, train_labels, args)
     epochs = []
     for epoch in range(args.epochs):
@@ -209,7 +228,7 @@ def main(argv=None):
     settings = {**vars(args), "train_images": len(train_images), "test_images": len(test_images),
                 "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
                 "numpy_version": np.__version__, "machine": platform.platform(),
-                "cpus": os.cpu_count(), "initial_difference": start_difference}
+                "cpus": os.cpu_count(), "initial_difference": difference}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"settings": settings, "epochs": epochs}, handle, indent=2)

@@ -70,9 +70,14 @@ class NonFiniteState(CheckpointError):
 
 
 def _model_builders():
-    from xpnn.models import lenet
+    from xpnn.models import lenet, recurrent
 
-    return {"lenet": lenet.build}
+    return {"lenet": lenet.build, "lstm": recurrent.build_lstm, "rnn": recurrent.build_rnn}
+
+
+def model_builder(model):
+    """The function that builds ``model`` (``"lenet"``, ``"lstm"``, ``"rnn"``) from its options."""
+    return _model_builders()[model]
 
 
 # -- arrays of a network ------------------------------------------------------------

@@ -49,6 +49,9 @@ def write_plot(out, metrics, title):
 
 
 def describe_model(settings):
+    model = settings.get("model", "lenet")
+    if model != "lenet":  # a recurrent classifier (xpnn.models.recurrent): rows as time steps
+        return f"{model.upper()} over image rows on {settings['dataset']}"
     extras = [name for name, on in (("batch norm", settings["batch_norm"]), ("dropout", settings["dropout"])) if on]
     return f"LeNet ({', '.join(extras) or 'plain'}) on {settings['dataset']}"
 

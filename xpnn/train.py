@@ -1,4 +1,5 @@
-"""``xpnn-train``: train the seed's LeNet on MNIST-format data from one command.
+"""``xpnn-train``: train the seed's LeNet (or, with ``--model lstm`` / ``rnn``, a recurrent
+classifier reading each image row by row) on MNIST-format data from one command.
 
 Run ``xpnn-train --help`` (or ``python -m xpnn.train --help``). The command
 shows a progress bar (on a terminal), prints the test accuracy after every
@@ -52,12 +53,16 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 1
 LOCK_FILE = ".xpnn-train.lock"
 #: Run settings and their defaults; settings in LOCKED_ON_RESUME come from the
 #: checkpoint on --resume and may not be changed there.
-DEFAULTS = {"dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_size": 64,
+DEFAULTS = {"model": "lenet", "dataset": "fashion-mnist", "data_dir": None, "epochs": 1, "batch_size": 64,
             "lr": 5e-4, "batch_norm": True, "dropout": True, "keep_probability": 0.8,
             "dtype": "float32", "seed": 0,
             "limit_train": None, "limit_test": None}
-LOCKED_ON_RESUME = ("dataset", "batch_size", "batch_norm", "dropout", "keep_probability", "dtype",
+LOCKED_ON_RESUME = ("model", "dataset", "batch_size", "batch_norm", "dropout", "keep_probability", "dtype",
                     "seed", "limit_train", "limit_test")
+#: The recurrent models (xpnn.models.recurrent): their default learning rate, and the
+#: LeNet-only options they refuse.
+RECURRENT_LR = 1e-3
+LENET_ONLY = ("batch_norm", "dropout", "keep_probability")
 
 
 # -- command line ---------------------------------------------------------------------
@@ -95,7 +100,8 @@ def build_parser():
     quiet = argparse.SUPPRESS
     parser = argparse.ArgumentParser(
         prog="xpnn-train", description="Train the seed's LeNet (with batch norm and dropout by "
-        "default) on Fashion-MNIST or MNIST and save the model, metrics and a plot.",
+        "default), or an LSTM or Elman RNN reading each image row by row (--model), on "
+        "Fashion-MNIST or MNIST and save the model, metrics and a plot.",
         epilog="Exit status: 0 done, 1 error, 2 usage (or --out in use by another run), 3 loss "
         "became NaN/inf, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); after 130 or 143 a "
         "checkpoint was saved: continue with --resume.", argument_default=quiet)
@@ -103,19 +109,22 @@ def build_parser():
     add("--backend", default=os.environ.get("XPNN_BACKEND", "cpu"),
         help="cpu (NumPy), gpu (CuPy), torch or array-api-strict (default: $XPNN_BACKEND, else cpu)")
     add("--device", default=None, help="device for the backend (e.g. 1 for gpu, cuda:1 for torch)")
+    add("--model", choices=("lenet", "lstm", "rnn"), help="lenet (default); lstm or rnn: a "
+        "recurrent classifier reading each image as 28 steps of 28 pixels")
     add("--dataset", choices=("fashion-mnist", "mnist"), help="default: fashion-mnist")
     add("--data-dir", help="directory with the four MNIST-format IDX files (default: Debian's "
         "/usr/share/datasets/fashion-mnist; MNIST is downloaded to ~/.cache/xpnn/mnist)")
     add("--epochs", type=positive_int, help="total epochs to train, resumed ones included (default: 1)")
     add("--batch-size", type=positive_int, help="default: 64")
-    add("--lr", type=positive_float, help="Adam learning rate (default: 5e-4); may be changed on --resume")
+    add("--lr", type=positive_float, help="Adam learning rate (default: 5e-4 for lenet, 1e-3 for "
+        "lstm and rnn); may be changed on --resume")
     add("--batch-norm", action=argparse.BooleanOptionalAction, help="batch normalization (default: on)")
     add("--dropout", action=argparse.BooleanOptionalAction, help="dropout (default: on)")
     add("--keep-probability", type=probability, help="fraction of units dropout keeps, in (0, 1] "
         "(default: 0.8; see the README for why not 0.5)")
     add("--dtype", choices=("float32", "float64"), help="default: float32")
     add("--seed", type=seed_value, help="seed for initial weights, dropout and shuffling (default: 0)")
-    add("--out", default=os.path.join("runs", "lenet"), help="output directory (default: runs/lenet)")
+    add("--out", default=None, help="output directory (default: runs/MODEL, e.g. runs/lenet)")
     add("--resume", action="store_true", default=False, help="continue the checkpoint in --out")
     add("--overwrite", action="store_true", default=False,
         help="start afresh even if --out holds a checkpoint (replaced at the first epoch's end)")
@@ -139,6 +148,13 @@ def resolve_settings(given, saved=None):
                                  f"{_as_option(key, saved[key])}; it cannot change on --resume")
         settings.update({key: saved[key] for key in DEFAULTS if key in saved})
     settings.update({key: given[key] for key in DEFAULTS if key in given})
+    if settings["model"] != "lenet":
+        refused = [_as_option(key, given[key]) for key in LENET_ONLY if key in given]
+        if refused:
+            raise UsageError(f"{', '.join(refused)}: only --model lenet has this option")
+        if "lr" not in given and (saved is None or "lr" not in saved):
+            settings["lr"] = RECURRENT_LR
+        settings.update(batch_norm=False, dropout=False)  # (not in the model)
     return settings
 
 
@@ -151,7 +167,10 @@ def _as_option(key, value):
 
 
 def model_options(settings):
-    """Keyword arguments of ``lenet.build`` for these settings."""
+    """Keyword arguments of the model's builder (``lenet.build``, ``recurrent.build_lstm``, ...)."""
+    if settings.get("model", "lenet") != "lenet":
+        return {"hidden_size": 128, "output_size": 64, "learning_rate": settings["lr"],
+                "weight_decay": 0.0}
     return {"batch_norm": settings["batch_norm"], "dropout": settings["dropout"],
             "keep_probability": settings["keep_probability"], "learning_rate": settings["lr"],
             "weight_decay": 4e-4, "batch_norm_eps": 1e-10}
@@ -167,8 +186,9 @@ def load_data(settings):
     for split, images in (("training", data.train_images), ("test", data.test_images)):
         # (Checked before training: a wrong test size would otherwise show after an epoch.)
         if images.shape[1:] != (28, 28):
-            raise IdxError(f"{data.directory}: LeNet needs 28 x 28 images, the {split} files hold "
-                           f"{' x '.join(str(n) for n in images.shape[1:])}")
+            model = "LeNet" if settings["model"] == "lenet" else settings["model"].upper()
+            raise IdxError(f"{data.directory}: {model} needs 28 x 28 images, the {split} files "
+                           f"hold {' x '.join(str(n) for n in images.shape[1:])}")
     return train, test
 
 
@@ -237,13 +257,12 @@ def read_resume_checkpoint(out):
 
 
 def build_network(settings, options, backend, meta=None, arrays=None, path=None):
-    """A fresh LeNet for these options (seeded), or the checkpoint's (``meta``, ``arrays``,
+    """A fresh model for these options (seeded), or the checkpoint's (``meta``, ``arrays``,
     read from ``path``)."""
     xpnn.seed(settings["seed"])
     if meta is None:
         with xpnn.use_backend(backend):
-            from xpnn.models import lenet
-            return lenet.build(**options)
+            return ckpt.model_builder(settings.get("model", "lenet"))(**options)
     net = ckpt.restore_model(path, meta, arrays, backend)
     set_learning_rate(net, settings["lr"])
     return net
@@ -367,6 +386,8 @@ def main(argv=None):
     with root_voice(communicator):
         args = build_parser().parse_args(argv)
     given = {key: value for key, value in vars(args).items() if key in DEFAULTS}
+    if args.out is None:
+        args.out = os.path.join("runs", given.get("model", DEFAULTS["model"]))
     try:
         return execute(args, given, communicator)
     except FailedElsewhere as error:  # (another rank printed why)

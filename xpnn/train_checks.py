@@ -53,7 +53,8 @@ def check_batches(settings, count):
 def check_room(out, run, has_checkpoint):
     """Refuse, before training, a file system without room for the run's saves (see
     :mod:`xpnn.checkpoint_room`): an OSError (ENOSPC) with the path, bytes needed and free."""
-    size = checkpoint_bytes(run.net, "lenet", run.options, run.resume_state())
+    size = checkpoint_bytes(run.net, run.settings.get("model", "lenet"), run.options,
+                            run.resume_state())
     needed = room_needed(size, has_checkpoint)
     if free_bytes(out) < needed:
         copies = "its temporary copy" if has_checkpoint else "a second, temporary copy"

@@ -259,8 +259,8 @@ class Run:
             raise Diverged(f"after epoch {len(self.metrics)} the parameters hold NaN or infinite "
                            f"values ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
         if self.root:
-            ckpt.save_checkpoint(out, self.net, "lenet", self.options, resume=self.resume_state(),
-                                 arrays=arrays)
+            ckpt.save_checkpoint(out, self.net, self.settings.get("model", "lenet"), self.options,
+                                 resume=self.resume_state(), arrays=arrays)
 
     # -- training -----------------------------------------------------------------------
     def _pull(self, window, progress, epoch):

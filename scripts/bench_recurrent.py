@@ -8,8 +8,8 @@ eps 1e-8), batch size, epochs and batch order (a fresh permutation per epoch fro
 ``numpy.random.default_rng([seed, epoch])``), in float32 on the CPU. The epochs alternate
 (xpnn's epoch e, PyTorch's epoch e, ...) so that a change in the machine's load touches
 both; each epoch's training time is measured alone, then both models are evaluated on the
-test split. PyTorch's LSTM has two bias vectors per gate where xpnn has one (the second is
-set to zero): 4·hidden more parameters, the only difference in size.
+test split. PyTorch's recurrent modules have two bias vectors where xpnn has one: the second
+is held at zero and not trained, so both models have the same parameters.
 
 Examples
 --------
@@ -96,6 +96,9 @@ def copy_weights(net, model, cell):
             weights = xpnn.to_numpy(weights)
             module.weight.copy_(torch.from_numpy(weights[:-1].T.copy()))
             module.bias.copy_(torch.from_numpy(weights[-1].copy()))
+    # xpnn has one bias per gate: PyTorch's second stays zero and out of training (two
+    # trained copies would move the bias twice as fast under Adam).
+    model.recurrent.bias_hh_l0.requires_grad_(False)
 
 
 # -- epochs ------------------------------------------------------------------------------
@@ -137,7 +140,8 @@ def warm_up(net, model, images, one_hot, labels, args):
     order = np.arange(min(len(images), 3 * args.batch_size))
     xpnn_epoch(copy.deepcopy(net), images, one_hot, args.batch_size, order)
     twin = copy.deepcopy(model)
-    torch_epoch(twin, torch.optim.Adam(twin.parameters(), lr=args.lr), torch.from_numpy(images),
+    trained = [parameter for parameter in twin.parameters() if parameter.requires_grad]
+    torch_epoch(twin, torch.optim.Adam(trained, lr=args.lr), torch.from_numpy(images),
                 torch.from_numpy(labels), args.batch_size, torch.from_numpy(order))
 
 
@@ -148,9 +152,9 @@ def xpnn_accuracy(net, images, labels):
     return float(np.mean(np.concatenate(predictions) == labels))
 
 
-def initial_difference(net, model, images):
-    """Largest difference of the two models' class probabilities on ``images`` before
-    training: ~1e-7 (float32 rounding) when the weights were copied right."""
+def probability_difference(net, model, images):
+    """Largest difference of the two models' class probabilities on ``images``: before
+    training ~1e-7 (float32 rounding) when the weights were copied right."""
     import torch
 
     with torch.no_grad():
@@ -195,8 +199,9 @@ def build_both(args, torch, test_images):
     net = recurrent.build(args.cell, args.hidden_size, args.output_size, args.lr)
     model = torch_model(args)
     copy_weights(net, model, args.cell)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    difference = initial_difference(net, model, test_images[:100])
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    difference = probability_difference(net, model, test_images[:100])
     print(f"{args.cell}: initial probabilities differ by at most {difference:.2g}", flush=True)
     if difference > 1e-4:
         raise SystemExit("the two models do not start from the same weights")

@@ -87,6 +87,15 @@ def test_options_that_do_not_fit_the_model_are_usage_errors(data_dir, tmp_path):
     assert "--model lenet differs from the checkpoint's --model lstm" in result.stderr
 
 
+def test_a_last_batch_of_one_image_is_fine_without_batch_norm(data_dir, tmp_path):
+    """(LeNet's batch normalization refuses one; the recurrent models have none.)"""
+    out = tmp_path / "one"
+    result = run_cli(data_dir, out, "--model", "rnn", "--limit-train", "65", "--limit-test", "64")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert not settings["batch_norm"] and not settings["dropout"]
+
+
 def test_the_default_output_directory_is_named_after_the_model(data_dir, tmp_path):
     command = [sys.executable, "-m", "xpnn.train", "--model", "rnn", "--dataset", "mnist",
                "--data-dir", data_dir, *SMALL]

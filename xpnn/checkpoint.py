@@ -51,6 +51,9 @@ PERSISTENT_ATTRIBUTES = ("weights", "bias", "running_mean", "running_variance",
 #: A layer's optimizers: the weights' and the bias's own copy (a recurrent layer's output part's).
 OPTIMIZER_SLOTS = (("optimizer", "_optimizer"), ("bias_optimizer", "_bias_optimizer"),
                    ("output_optimizer", "_output_optimizer"))
+#: The parameter each optimizer slot steps (its state arrays have that parameter's shape).
+SLOT_PARAMETERS = {"optimizer": "weights", "bias_optimizer": "bias",
+                   "output_optimizer": "output_weights"}
 
 
 class NonFiniteState(CheckpointError):
@@ -182,7 +185,7 @@ def restore_network_arrays(net, arrays, meta=None):
             else:
                 setattr(layer, name, backend.asarray(value, dtype=backend.dtype))
         for slot, optimizer in optimizers_of(layer):
-            parameter = getattr(layer, "bias" if slot == "bias_optimizer" else "weights", None)
+            parameter = getattr(layer, SLOT_PARAMETERS[slot], None)
             _restore_optimizer(f"layers.{index}.{slot}", optimizer, arrays, backend, parameter)
 
 

@@ -56,11 +56,11 @@ def build(cell="lstm", hidden_size=128, output_size=64, learning_rate=1e-3, weig
     return net
 
 
-def build_lstm(**options):
+def build_lstm(hidden_size=128, output_size=64, learning_rate=1e-3, weight_decay=0.0):
     """:func:`build` with an LSTM (the checkpoint's builder for model ``lstm``)."""
-    return build(cell="lstm", **options)
+    return build("lstm", hidden_size, output_size, learning_rate, weight_decay)
 
 
-def build_rnn(**options):
+def build_rnn(hidden_size=128, output_size=64, learning_rate=1e-3, weight_decay=0.0):
     """:func:`build` with an Elman RNN (the checkpoint's builder for model ``rnn``)."""
-    return build(cell="rnn", **options)
+    return build("rnn", hidden_size, output_size, learning_rate, weight_decay)

@@ -3,14 +3,18 @@ from xpnn import checkpoint
 from xpnn.layers.base import TrainableLayer
 from xpnn.layers.batch_normalization import BatchNormalization
 from xpnn.layers.dropout import Dropout
+from xpnn.layers.recurrent import RecurrentLayer
 from xpnn.parallel.layers import MultiNodeBatchNormalization, MultiNodeDropout
 from xpnn.parallel.optimizer import MultiNodeOptimizer
 from xpnn.parallel.launcher import world
 
 #: The plain layers that couple a batch's samples, and what stands in for them over ranks.
 OVER_RANKS = {BatchNormalization: MultiNodeBatchNormalization, Dropout: MultiNodeDropout}
-#: A trainable layer's optimizers (the weights' and the bias's own copy).
-OPTIMIZER_ATTRIBUTES = ("_optimizer", "_bias_optimizer")
+#: A trainable layer's optimizers (the weights' and the bias's own copy; a recurrent layer's
+#: output part's).
+OPTIMIZER_ATTRIBUTES = ("_optimizer", "_bias_optimizer", "_output_optimizer")
+#: The xpnn layers whose every optimizer step goes through OPTIMIZER_ATTRIBUTES.
+XPNN_TRAINABLE = (TrainableLayer, RecurrentLayer)
 
 
 def distribute(net, communicator=None):
@@ -39,7 +43,10 @@ def distribute(net, communicator=None):
     :mod:`xpnn.checkpoint`) it is the plain network, which loads in one process
     without MPI. A layer of a subclass of BatchNormalization or Dropout is refused
     (its batch would be the rank's rows only), as is a trainable layer of your own
-    (its gradient would not be summed).
+    (its gradient would not be summed). A recurrent layer (RNN, LSTM) takes its rows of
+    the network's input: batches of sequences behind :class:`~xpnn.layers.ImageRows`
+    (each rank its images' sequences), not the course's 2-D single sequence, whose rows
+    are time steps.
     """
     communicator = world() if communicator is None else communicator
     if communicator.size == 1:
@@ -70,7 +77,7 @@ def _check_layers(layers):
             raise TypeError(f"xpnn.parallel.distribute: layer {index} ({kind.__name__}) is a "
                             f"subclass of {coupled[0].__name__}, whose batch would be this rank's "
                             f"rows only; use {coupled[0].__name__} itself")
-        if getattr(layer, "trainable", False) and not isinstance(layer, TrainableLayer):
+        if getattr(layer, "trainable", False) and not isinstance(layer, XPNN_TRAINABLE):
             raise TypeError(f"xpnn.parallel.distribute: layer {index} ({kind.__name__}) is "
                             f"trainable but not an xpnn layer (xpnn.layers.base.TrainableLayer): "
                             f"its gradient would not be summed over the ranks")

@@ -194,9 +194,9 @@ def load(args):
 
 def build_both(args, torch, test_images):
     """xpnn's model (float32, CPU), the PyTorch one with its weights, and PyTorch's Adam."""
-    xpnn.set_backend("cpu", dtype="float32")
     xpnn.seed(args.seed)
-    net = recurrent.build(args.cell, args.hidden_size, args.output_size, args.lr)
+    with xpnn.use_backend("cpu", dtype="float32"):  # (the network keeps it; nothing global)
+        net = recurrent.build(args.cell, args.hidden_size, args.output_size, args.lr)
     model = torch_model(args)
     copy_weights(net, model, args.cell)
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]

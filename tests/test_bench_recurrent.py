@@ -35,6 +35,7 @@ def test_both_models_start_alike_train_and_report(bench, cell, tmp_path):
     epochs = bench.main(["--cell", cell, "--data-dir", str(tmp_path), "--epochs", "2",
                          "--batch-size", "32", "--hidden-size", "6", "--output-size", "5",
                          "--threads", "1", "--json", str(out)])
+    assert xpnn.get_backend().dtype_name == "float64"  # (the script changed no global backend)
     written = json.loads(out.read_text())
     assert written["epochs"] == epochs and len(epochs) == 2
     settings = written["settings"]

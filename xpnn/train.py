@@ -42,7 +42,8 @@ from xpnn.backend import BackendUnavailableError, canonical_name, make_backend
 from xpnn.datasets import DataLayer, DatasetNotFoundError, IdxError, load_dataset
 from xpnn.parallel import MPIUnavailableError, distribute, world
 from xpnn.reports import describe_model, summary_line
-from xpnn.train_ranks import FailedElsewhere, agreed, rank_device, root_voice, stop_all_on_error
+from xpnn.train_ranks import (FailedElsewhere, agreed, one_thread_per_rank, rank_device, root_voice,
+                              stop_all_on_error)
 from xpnn.resume_checks import check_against_data, check_resume_state
 from xpnn.train_checks import (UsageError, check_batches, check_no_checkpoint, check_room,
                                check_writable, take_lock)
@@ -389,7 +390,8 @@ def main(argv=None):
     if args.out is None:
         args.out = os.path.join("runs", given.get("model", DEFAULTS["model"]))
     try:
-        return execute(args, given, communicator)
+        with one_thread_per_rank(communicator):
+            return execute(args, given, communicator)
     except FailedElsewhere as error:  # (another rank printed why)
         described = None if error.cause is None else describe_error(error.cause, args)
         return EXIT_ERROR if described is None else described[0]

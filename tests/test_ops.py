@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import xpnn
+from xpnn.ops import Ops
+from xpnn.ops import conv as _conv
 import conv_reference as ref
 from conftest import assert_close
 
@@ -47,6 +49,8 @@ def test_col2im_is_adjoint_of_im2col(backend, shape, kernel_shape, strides):
     ((3, 2), (2, 1), ((1, 1), (0, 1))),      # overlapping, padded
     ((2, 2), (2, 2), ((0, 0), (0, 0))),      # tiling
     ((2, 2), (3, 3), ((0, 0), (0, 0))),      # gaps between windows
+    ((2, 3), (2, 3), ((0, 1), (1, 1))),      # tiling a padded array
+    ((7, 6), (7, 6), ((0, 0), (0, 0))),      # one window, the whole array
 ])
 def test_accumulate_windows_is_adjoint_of_extract_windows(backend, window_shape, strides, padding):
     x = np.random.standard_normal((2, 3, 7, 6))
@@ -83,6 +87,36 @@ def test_conv_forward_and_backward_match_reference(backend, shape, kernel_shape,
     for actual, wanted in zip(gradients, ref.conv_backward(x, weights, strides, error)):
         assert backend.owns(actual)
         assert ref.relative_error(xpnn.to_numpy(actual), wanted) <= 1e-12
+
+
+CORRELATION_CASES = IM2COL_CASES + [
+    ((2, 2, 8, 7), (5, 5), (1, 1)),          # LeNet's kernel
+    ((2, 3, 7, 5), (2, 2), (3, 2)),          # even kernel, strides that leave a remainder
+    ((1, 2, 6, 6), (2, 2), (4, 4)),          # gaps between windows
+    ((2, 2, 5, 4, 3), (3, 2, 2), (2, 1, 2)),  # three spatial axes
+]
+
+
+@pytest.mark.parametrize("shape, kernel_shape, strides", CORRELATION_CASES)
+def test_input_gradient_by_correlation_is_col2im_of_the_column_gradient(backend, shape,
+                                                                         kernel_shape, strides):
+    # The generic input gradient (a correlation of the spread error with the flipped kernels)
+    # against the route it replaced, the column gradient summed back by col2im, and against
+    # the loop reference; Ops(backend) is the generic path on every backend, NumPy's included.
+    generic = Ops(backend)
+    x = np.random.standard_normal(shape)
+    weights = np.random.standard_normal((3, shape[1]) + kernel_shape)
+    _, cache = generic.conv_forward(backend.asarray(x), backend.asarray(weights),
+                                    backend.asarray(np.zeros(3)), strides)
+    error_shape = (shape[0], 3) + tuple(-(-n // s) for n, s in zip(shape[2:], strides))
+    error = np.random.standard_normal(error_shape)
+    by_correlation = generic.conv_backward(backend.asarray(error), backend.asarray(weights), cache)[0]
+    by_col2im = _conv.conv_backward(backend.xp, backend.device, backend.asarray(error),
+                                    backend.asarray(weights), cache, sum_columns=generic.col2im)[0]
+    assert backend.owns(by_correlation) and by_correlation.dtype == backend.dtype
+    assert_close(by_correlation, xpnn.to_numpy(by_col2im), rtol=1e-12, atol=1e-13)
+    assert ref.relative_error(xpnn.to_numpy(by_correlation),
+                              ref.conv_backward(x, weights, strides, error)[0]) <= 1e-12
 
 
 def test_conv_backward_can_skip_the_input_gradient(backend):

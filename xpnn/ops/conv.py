@@ -12,17 +12,26 @@ offset ``w`` (row-major over the kernel), column ``p`` is output position
 * forward:          ``(k, c*K) @ (b, c*K, P) -> (b, k, P)``, reshaped to
   ``(b, k, *output_shape)`` with no transpose;
 * weight gradient:  ``(b, k, P) @ (b, P, c*K) -> (b, k, c*K)``, summed over b;
-* column gradient:  ``(c*K, k) @ (b, k, P) -> (b, c*K, P)``, then col2im.
+* input gradient:   the "full" correlation of the error with the kernels
+  flipped and their channel axes swapped: the error spread onto a zero grid
+  (entry ``p`` at ``after + s*p`` per axis), its stride-1 columns
+  ``(b, k*K, N)`` (``N = prod(spatial_shape)``), then
+  ``(c, k*K) @ (b, k*K, N) -> (b, c, N)``.
 
 Each is a single (batched) ``xp.matmul``; no Python loop over the batch or
-over output positions. A backend may override these functions (through
-:class:`xpnn.ops.Ops`) with another internal layout, e.g. batch-innermost.
+over output positions. The input gradient by correlation takes a few array
+operations where col2im, the adjoint of im2col, takes two per kernel offset
+(the standard has no scatter-add), at the cost of multiplying the zeros
+between a strided error's entries. A backend may override these functions
+(through :class:`xpnn.ops.Ops`) with another internal layout, e.g.
+batch-innermost, or pass its own col2im to :func:`conv_backward`.
 """
 import math
 
 from xpnn.ops.windows import (
     accumulate_windows,
     extract_windows,
+    no_padding,
     same_padding,
     window_output_shape,
 )
@@ -111,7 +120,9 @@ def conv_backward(xp, device, error, weights, cache, input_gradient=True, sum_co
         Compute the gradient with respect to the input (a first layer does
         not need it).
     sum_columns : callable ``(columns, spatial_shape, kernel_shape, strides) -> image``, optional
-        A backend's own :func:`col2im`; by default this module's.
+        A backend's own :func:`col2im` (one kernel on a GPU), applied to the
+        column gradient ``(c*K, k) @ (b, k, P)``; by default the input
+        gradient is :func:`input_gradient_by_correlation`.
 
     Returns
     -------
@@ -127,11 +138,48 @@ def conv_backward(xp, device, error, weights, cache, input_gradient=True, sum_co
     gradient_weights = xp.reshape(xp.sum(per_sample, axis=0), tuple(weights.shape))
     if not input_gradient:
         return None, gradient_weights, gradient_bias
+    if sum_columns is None:
+        return (input_gradient_by_correlation(xp, device, error, weights, spatial_shape, strides),
+                gradient_weights, gradient_bias)
     flat_weights = xp.reshape(weights, (kernels, columns.shape[1]))
     column_gradient = xp.matmul(xp.permute_dims(flat_weights, (1, 0)), flat_error)
-    if sum_columns is None:
-        gradient_input = col2im(xp, device, column_gradient, spatial_shape,
-                                tuple(weights.shape[2:]), strides)
-    else:
-        gradient_input = sum_columns(column_gradient, spatial_shape, tuple(weights.shape[2:]), strides)
+    gradient_input = sum_columns(column_gradient, spatial_shape, tuple(weights.shape[2:]), strides)
     return gradient_input, gradient_weights, gradient_bias
+
+
+def input_gradient_by_correlation(xp, device, error, weights, spatial_shape, strides):
+    """Gradient of :func:`conv_forward` with respect to its input, as one correlation.
+
+    Input entry ``i`` received ``W[w] * e[p]`` wherever ``s*p + w - before = i``
+    (per axis, ``before``/``after`` the "same" padding). Put ``e[p]`` at
+    ``after + s*p`` of a zero grid of ``n + K - 1`` entries; then entry ``i``
+    is the valid, stride-1 correlation of that grid with the kernel flipped,
+    ``sum_w' W[K-1-w'] grid[i + w']``, summed over the kernels (their channel
+    axes swapped with the input's).
+
+    Parameters
+    ----------
+    error : array, shape ``(b, k, *output_shape)``
+    weights : array, shape ``(k, c, *kernel_shape)``
+    spatial_shape, strides : tuple of int
+        The forward input's spatial shape and the strides.
+
+    Returns
+    -------
+    array, shape ``(b, c, *spatial_shape)``
+    """
+    kernels, channels = weights.shape[0], weights.shape[1]
+    kernel_shape = tuple(weights.shape[2:])
+    rank = len(kernel_shape)
+    batch, output_shape = error.shape[0], tuple(error.shape[2:])
+    grid = xp.zeros((batch, kernels) + tuple([n + k - 1 for n, k in zip(spatial_shape, kernel_shape)]),
+                    dtype=error.dtype, device=device)
+    spread = tuple([slice(after, after + s * (m - 1) + 1, s) for (_, after), s, m
+                    in zip(same_padding(kernel_shape), strides, output_shape)])
+    grid[(slice(None), slice(None)) + spread] = error
+    windows = extract_windows(xp, device, grid, kernel_shape, (1,) * rank, no_padding(kernel_shape))
+    columns = xp.reshape(windows, (batch, kernels * math.prod(kernel_shape), math.prod(spatial_shape)))
+    flipped = xp.flip(weights, axis=tuple(range(2, 2 + rank)))
+    flipped = xp.permute_dims(xp.reshape(flipped, (kernels, channels, -1)), (1, 0, 2))
+    products = xp.matmul(xp.reshape(flipped, (channels, columns.shape[1])), columns)
+    return xp.reshape(products, (batch, channels) + tuple(spatial_shape))

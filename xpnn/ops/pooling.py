@@ -3,8 +3,8 @@
 Forward stacks every window offset's strided slice into ``(b, c, K, *output)``
 (``K = prod(pool_shape)``) and reduces over the window axis. Backward sends
 each error to its window's FIRST maximum (``argmax`` returns the first
-occurrence, as the standard requires): a one-hot of the arg-max along the
-window axis times the error, then the windows' adjoint (``+=`` into strided
+occurrence, as the standard requires): the error where the window offset is
+the arg-max, zero elsewhere, then the windows' adjoint (``+=`` into strided
 slices) sums where windows overlap. Scatter-add is not in the standard, and an
 equality mask would send the error to every tied maximum (real images with
 zero backgrounds tie), so both are avoided.
@@ -51,6 +51,6 @@ def max_pool_backward(xp, device, error, cache):
     offsets = xp.arange(window_size, dtype=first_max.dtype, device=device)
     offsets = xp.reshape(offsets, (1,) * lead + (window_size,) + (1,) * rank)
     is_first_max = xp.expand_dims(first_max, axis=lead) == offsets
-    routed = xp.astype(is_first_max, error.dtype) * xp.expand_dims(error, axis=lead)
+    routed = xp.where(is_first_max, xp.expand_dims(error, axis=lead), 0.0)
     return accumulate_windows(xp, device, routed, spatial_shape, pool_shape, strides,
                               no_padding(pool_shape))

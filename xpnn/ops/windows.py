@@ -8,7 +8,9 @@ pooling, written against the array API standard only: the standard has no
 * window extraction loops over the (few) window offsets, takes one strided
   slice of the padded input per offset and stacks them,
 * the adjoint (accumulation) adds each offset's values back with ``+=`` into
-  the same strided slice of a zero buffer, which sums where windows overlap.
+  the same strided slice of a zero buffer, which sums where windows overlap;
+  windows that tile the array (strides equal to the window, as 2x2 pooling
+  with stride 2) are put back by one transposing copy instead.
 
 The loops run over window offsets (e.g. 25 for a 5x5 kernel), never over the
 batch or over output positions.
@@ -144,12 +146,46 @@ def accumulate_windows(xp, device, windows, spatial_shape, window_shape, strides
     if len(output_shape) != rank or windows.shape[lead] != math.prod(window_shape):
         raise ValueError(f"windows of shape {tuple(windows.shape)} do not match "
                          f"window_shape {tuple(window_shape)}")
-    padded = xp.zeros(_padded_shape(lead_shape + tuple(spatial_shape), padding),
-                      dtype=windows.dtype, device=device)
+    padded_shape = _padded_shape(lead_shape + tuple(spatial_shape), padding)
+    if tuple(strides) == tuple(window_shape):
+        padded = _untile(xp, device, windows, padded_shape, window_shape)
+    else:
+        padded = _sum_back(xp, device, windows, padded_shape, window_shape, strides)
+    if _is_unpadded(padding):
+        return padded
+    return padded[_interior(lead, tuple(spatial_shape), padding)]
+
+
+def _sum_back(xp, device, windows, padded_shape, window_shape, strides):
+    """Windows added back into a zero array of ``padded_shape``, one offset at a time."""
+    lead = windows.ndim - len(window_shape) - 1
+    output_shape = tuple(windows.shape[lead + 1:])
+    padded = xp.zeros(padded_shape, dtype=windows.dtype, device=device)
     keep = (slice(None),) * lead
     for offset, spatial in enumerate(_offset_slices(window_shape, strides, output_shape)):
         # Slices of different offsets overlap when windows do: += sums them.
         padded[keep + spatial] += windows[keep + (offset, ...)]
-    if _is_unpadded(padding):
-        return padded
-    return padded[_interior(lead, tuple(spatial_shape), padding)]
+    return padded
+
+
+def _untile(xp, device, windows, padded_shape, window_shape):
+    """Windows that tile the array (strides equal to the window) put back in place.
+
+    No two windows share an entry, so nothing is summed: the window axis is
+    unfolded next to the output axes it belongs to, ``(..., o1, w1, o2, w2)``,
+    and merged with them (one copy instead of two operations per offset); the
+    rows and columns past the last whole window get zeros.
+    """
+    rank = len(window_shape)
+    lead = windows.ndim - rank - 1
+    lead_shape, output_shape = tuple(windows.shape[:lead]), tuple(windows.shape[lead + 1:])
+    unfolded = xp.reshape(windows, lead_shape + tuple(window_shape) + output_shape)
+    order = list(range(lead)) + [lead + axis for pair in
+                                 zip(range(rank, 2 * rank), range(rank)) for axis in pair]
+    covered = tuple([o * w for o, w in zip(output_shape, window_shape)])
+    tiles = xp.reshape(xp.permute_dims(unfolded, tuple(order)), lead_shape + covered)
+    if covered == tuple(padded_shape[lead:]):
+        return tiles
+    padded = xp.zeros(padded_shape, dtype=windows.dtype, device=device)
+    padded[(slice(None),) * lead + tuple([slice(0, n) for n in covered])] = tiles
+    return padded

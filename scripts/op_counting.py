@@ -11,6 +11,7 @@ import collections
 import sys
 
 import array_api_strict
+import numpy
 
 #: Array operations that make no new values (the rest of the strict namespace computes).
 VIEWS = {"reshape", "permute_dims", "matrix_transpose", "expand_dims", "squeeze",
@@ -104,10 +105,20 @@ def operation_kind(name, args, kwargs, result):
         copied = kwargs.get("copy") is True
         return "alloc" if moved else ("compute" if copied else "view")
     if name in VIEWS:
-        return "view"
+        # A reshape that cannot be a view (of a transposed array, say) copies: a kernel.
+        return "view" if _shares_memory(args[0], result) else "compute"
     if name in ALLOCATIONS:
         return "alloc"
     return "compute"
+
+
+def _shares_memory(source, result):
+    """Whether ``result`` (an array or a list of them) views ``source``'s memory."""
+    Array = array_api_strict._array_object.Array
+    first = result[0] if isinstance(result, (tuple, list)) else result
+    if not isinstance(source, Array):
+        return True  # (broadcast_arrays and the like: counted as views)
+    return bool(numpy.may_share_memory(source._array, first._array))
 
 
 def owners_of(net):

@@ -19,16 +19,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: (variant, pass) -> most (computing calls, views, allocations) allowed; measured at batch 64.
 BOUNDS = {
-    ("lenet-bn-dropout", "train_batch"): (453, 187, 9),  # (+4: ReLU keeps NaN, issue 20)
+    # (conv input gradient by correlation, tiling windows put back by one copy: 453 -> 388)
+    ("lenet-bn-dropout", "train_batch"): (388, 150, 7),
     ("lenet-bn-dropout", "norm"): (20, 9, 0),
     ("lenet-bn-dropout", "inference"): (61, 97, 2),  # (+4: ReLU keeps NaN)
-    ("lenet", "train_batch"): (235, 159, 7),  # (+4: ReLU keeps NaN)
+    ("lenet", "train_batch"): (170, 122, 5),
     ("lenet", "norm"): (12, 5, 0),
     ("lenet", "inference"): (37, 73, 2),  # (+4: ReLU keeps NaN)
 }
 #: Most Python frames entered in xpnn's files for one train_batch of the BN + dropout LeNet
-#: on the generic path (array-api-strict), and in array-api-compat's.
-PYTHON_CALLS_BOUND = (544, 42)
+#: on the generic path (array-api-strict), and in array-api-compat's (508 and 42 reached;
+#: the first has some room for a branch taken on one Python version and not another).
+PYTHON_CALLS_BOUND = (520, 42)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,13 @@ def test_the_counter_sorts_known_operations_and_restores_the_namespace(count_ops
             _ = z[:, 1:]                                          # view
             strict.asarray(z)                                     # view (no copy)
             strict.astype(z, strict.float32)                      # compute
+            strict.reshape(z.mT, (4,))                            # view, compute (a copy)
     kinds = [record[0] for record in counter.records]
     names = [record[1] for record in counter.records]
     assert names == ["zeros", "reshape", "mT", "matmul", "__add__", "sum", "__setitem__",
-                     "__getitem__", "asarray", "astype"]
+                     "__getitem__", "asarray", "astype", "mT", "reshape"]
     assert kinds == ["alloc", "view", "view", "compute", "compute", "compute", "compute",
-                     "view", "view", "compute"]
+                     "view", "view", "compute", "view", "compute"]
     assert strict.add is add and array_class.__add__ is add_operator
     assert array_class.__dict__["mT"] is mt
 
